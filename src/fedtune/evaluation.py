@@ -1,0 +1,44 @@
+"""Score a model on an encoded eval set with the task's official metric."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedtune.batching import EncodedDataset, iterate_batches
+from fedtune.precision import autocast
+from fedtune.tasks.metrics import compute_metrics
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, data: EncodedDataset, *, batch_size: int, pad_id: int, device: torch.device, precision: str = "fp32"
+) -> tuple[torch.Tensor, float]:
+    """Model outputs for every example (class ids, or floats for regression) and the mean loss."""
+    model.eval()
+    outputs, loss_sum = [], 0.0
+    for batch in iterate_batches(data, batch_size, pad_id):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast(precision, device):
+            out = model(**batch)
+        loss_sum += float(out.loss) * len(batch["labels"])
+        logits = out.logits.float()
+        outputs.append(logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1))
+    return torch.cat(outputs).cpu(), loss_sum / len(data)
+
+
+def evaluate_classifier(
+    model: nn.Module,
+    data: EncodedDataset,
+    metric: str,
+    *,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    precision: str = "fp32",
+) -> dict[str, float]:
+    """The official metric(s) plus the mean loss on ``data``."""
+    preds, loss = predict(model, data, batch_size=batch_size, pad_id=pad_id, device=device, precision=precision)
+    result = compute_metrics(metric, preds.tolist(), data.labels.tolist())
+    result["loss"] = loss
+    return result

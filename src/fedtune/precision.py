@@ -1,0 +1,32 @@
+"""Device and mixed-precision choices, the same code on CPU and CUDA."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(precision: str, device: torch.device):
+    """Autocast context for ``precision`` (fp32 = no autocast); weights stay float32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision not in _DTYPES:
+        raise ValueError(f"unknown precision {precision!r} (fp32, bf16, fp16)")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device; on the CPU use bf16")
+    return torch.autocast(device.type, dtype=_DTYPES[precision])
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """A loss scaler for fp16 on CUDA; None otherwise."""
+    if precision == "fp16" and device.type == "cuda":
+        return torch.amp.GradScaler("cuda")
+    return None

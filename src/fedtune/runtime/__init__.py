@@ -1,0 +1,1 @@
+"""Transports under the round loop: the in-process simulation (and Flower, later)."""

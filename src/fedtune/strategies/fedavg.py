@@ -1,0 +1,39 @@
+"""FedAvg (McMahan et al. 2017): the example-weighted mean of client updates."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from fedtune import tensors
+from fedtune.aggregate import WeightedMean
+from fedtune.types import ClientObjective, ClientUpdate, LocalTrainConfig, Metrics, RoundPlan, ServerState, TensorDict
+
+
+@dataclass
+class FedAvg:
+    """Average the clients' deltas weighted by their example counts; add to the global tensors."""
+
+    local: LocalTrainConfig = field(default_factory=lambda: LocalTrainConfig(1.0, 0, 5e-4, 16))
+
+    def objective(self) -> ClientObjective | None:
+        """The client-side term this strategy declares (none for FedAvg)."""
+        return None
+
+    def init(self, params: TensorDict) -> ServerState:
+        """Round 0 state: the initial tensors."""
+        return ServerState(round=0, params=tensors.clone(params))
+
+    def configure(self, rnd: int, state: ServerState, clients: Sequence[str]) -> RoundPlan:
+        """Every client gets the global tensors, the local config and the objective."""
+        return RoundPlan(round=rnd, params=state.params, local=self.local, objective=self.objective())
+
+    def aggregate(self, rnd: int, state: ServerState, updates: Iterable[ClientUpdate]) -> tuple[ServerState, Metrics]:
+        """Streamed weighted mean of deltas (memory independent of the number of clients)."""
+        mean = WeightedMean()
+        for update in updates:
+            mean.add(update.delta, float(update.num_examples))
+        if mean.count == 0:
+            raise ValueError(f"round {rnd}: no client updates to aggregate")
+        new_params = tensors.add(state.params, mean.result())
+        return ServerState(round=rnd, params=new_params, buffers=state.buffers), {"clients_aggregated": float(mean.count)}

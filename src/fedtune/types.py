@@ -1,0 +1,68 @@
+"""The typed data that crosses between server and clients."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+TensorDict = dict[str, torch.Tensor]
+"""Trainable tensors only (LoRA factors, task head, unfrozen layers), by stable name."""
+
+Metrics = dict[str, float]
+"""Scalar metrics reported by a client or by aggregation."""
+
+
+@dataclass(frozen=True)
+class LocalTrainConfig:
+    """How a client trains in one round."""
+
+    epochs: float
+    max_steps: int
+    lr: float
+    batch_size: int
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0
+    precision: str = "fp32"
+
+
+@dataclass(frozen=True)
+class ProxTerm:
+    """FedProx: add ``mu / 2 * ||w - w_global||^2`` to the local loss."""
+
+    mu: float
+
+
+ClientObjective = ProxTerm
+"""Client-side part of a strategy, declared as data (more kinds join this union)."""
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What the server sends to each sampled client for one round."""
+
+    round: int
+    params: TensorDict
+    local: LocalTrainConfig
+    objective: ClientObjective | None = None
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a client sends back: the change of its trainable tensors after local training."""
+
+    client_id: str
+    delta: TensorDict
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    extras: Mapping[str, TensorDict] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """Everything a strategy needs between rounds (checkpointed whole)."""
+
+    round: int
+    params: TensorDict
+    buffers: Mapping[str, TensorDict] = field(default_factory=dict)

@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny config-built models, a tiny learnable dataset, the shared data folder."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FEDTUNE_DATA_DIR", REPO.parent / "shared" / "data"))
+
+WORDS = {
+    "sports": ["goal", "match", "team", "score", "coach", "league"],
+    "tech": ["chip", "software", "robot", "cloud", "code", "laptop"],
+    "money": ["bank", "stock", "price", "market", "trade", "fund"],
+}
+FILLER = ["the", "a", "today", "new", "big", "report", "says", "after", "with", "on"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer BERT (hidden 32) with a word-level tokenizer, saved as an HF folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    d = tmp_path_factory.mktemp("tiny_bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + FILLER + [w for ws in WORDS.values() for w in ws]
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    hf_logging.disable_progress_bar()
+    BertModel(cfg).save_pretrained(d)
+    hf_logging.enable_progress_bar()
+    return d
+
+
+def make_rows(n: int, seed: int) -> list[tuple[str, str]]:
+    """Keyword-labelled sentences: learnable by a tiny model in a few steps."""
+    rng = random.Random(seed)
+    labels = sorted(WORDS)
+    rows = []
+    for i in range(n):
+        label = labels[i % len(labels)]
+        words = rng.sample(WORDS[label], 2) + rng.sample(FILLER, 4)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_csv(tmp_path_factory) -> tuple[Path, Path]:
+    """train.csv (240 rows) and eval.csv (60 rows) with columns text,label."""
+    d = tmp_path_factory.mktemp("tiny_data")
+    for name, n, seed in (("train.csv", 240, 1), ("eval.csv", 60, 2)):
+        lines = ["text,label"] + [f"{t},{lab}" for t, lab in make_rows(n, seed)]
+        (d / name).write_text("\n".join(lines) + "\n")
+    return d / "train.csv", d / "eval.csv"
+
+
+@pytest.fixture
+def tiny_experiment(tiny_model_dir, tiny_csv, tmp_path):
+    """An Experiment on the tiny model and tiny CSV data (fast: seconds)."""
+    from fedtune.config import Experiment
+
+    train, evalf = tiny_csv
+
+    def make(*overrides: str) -> Experiment:
+        base = [
+            f'model.name="{tiny_model_dir}"', "data.dataset=\"files\"", f'data.train_file="{train}"',
+            f'data.eval_file="{evalf}"', 'data.text_column="text"', 'data.label_column="label"',
+            "data.max_length=16", "partition.num_clients=3", "partition.method=\"iid\"",
+            "partition.min_examples=5", "federation.rounds=2", "train.batch_size=16", "train.lr=0.02", "train.epochs=6",
+            "model.lora.r=4", f'output_dir="{tmp_path / "run"}"',
+        ]
+        return Experiment.from_overrides(base + list(overrides))
+
+    return make
+
+
+def shared_data_or_skip() -> Path:
+    """The shared data folder, or skip the test when it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} not present")
+    return SHARED_DATA

@@ -1,0 +1,104 @@
+"""Config loading: types, unknown keys, overrides, round trip."""
+
+import pytest
+
+from fedtune.config import ConfigError, Experiment, default_experiment
+
+
+def write(tmp_path, text):
+    p = tmp_path / "exp.toml"
+    p.write_text(text)
+    return p
+
+
+def test_loads_sections_and_types(tmp_path):
+    p = write(tmp_path, 'name = "x"\n[federation]\nrounds = 3\n[train]\nlr = 1\n[model.lora]\nr = 4\n')
+    exp = Experiment.from_toml(p)
+    assert exp.name == "x" and exp.federation.rounds == 3
+    assert exp.train.lr == 1.0 and isinstance(exp.train.lr, float)
+    assert exp.model.lora.r == 4
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "[federation]\nroundz = 3\n")
+    with pytest.raises(ConfigError) as err:
+        Experiment.from_toml(p)
+    assert "federation.roundz" in str(err.value) and str(p) in str(err.value)
+
+
+def test_unknown_section(tmp_path):
+    p = write(tmp_path, "[fedaration]\nrounds = 3\n")
+    with pytest.raises(ConfigError, match="fedaration"):
+        Experiment.from_toml(p)
+
+
+def test_wrong_type_names_key(tmp_path):
+    p = write(tmp_path, '[federation]\nrounds = "three"\n')
+    with pytest.raises(ConfigError, match=r"federation\.rounds.*integer"):
+        Experiment.from_toml(p)
+
+
+def test_bool_is_not_an_int(tmp_path):
+    p = write(tmp_path, "[train]\nbatch_size = true\n")
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        Experiment.from_toml(p)
+
+
+def test_literal_choices(tmp_path):
+    p = write(tmp_path, '[strategy]\nname = "fedmagic"\n')
+    with pytest.raises(ConfigError, match="fedmagic.*fedavg"):
+        Experiment.from_toml(p)
+
+
+def test_invalid_value_in_post_init(tmp_path):
+    p = write(tmp_path, "[partition]\nalpha = -1.0\n")
+    with pytest.raises(ConfigError, match="partition.alpha"):
+        Experiment.from_toml(p)
+
+
+def test_malformed_toml_names_file(tmp_path):
+    p = write(tmp_path, "[federation\nrounds = 3\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        Experiment.from_toml(p)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        Experiment.from_toml("/nonexistent/exp.toml")
+
+
+def test_overrides_apply_with_same_checks(tmp_path):
+    p = write(tmp_path, "[federation]\nrounds = 3\n")
+    exp = Experiment.from_toml(p, ["federation.rounds=7", "strategy.name=fedprox", "strategy.mu=0.1"])
+    assert exp.federation.rounds == 7 and exp.strategy.name == "fedprox" and exp.strategy.mu == 0.1
+    with pytest.raises(ConfigError, match="federation.roundz"):
+        Experiment.from_toml(p, ["federation.roundz=7"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        Experiment.from_overrides(["rounds"])
+
+
+def test_list_override():
+    exp = Experiment.from_overrides(['model.lora.target_modules=["query", "key"]'])
+    assert exp.model.lora.target_modules == ["query", "key"]
+
+
+def test_toml_round_trip(tmp_path):
+    exp = Experiment.from_overrides(["federation.rounds=4", "model.mode=partial"])
+    p = write(tmp_path, exp.to_toml())
+    assert Experiment.from_toml(p) == exp
+
+
+def test_shipped_default_experiment_equals_defaults():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "default.toml"
+    assert Experiment.from_toml(path) == default_experiment()
+
+
+def test_shipped_experiments_load():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.toml"))
+    assert len(files) >= 2
+    for f in files:
+        Experiment.from_toml(f)

@@ -8,6 +8,9 @@ import sys
 from pathlib import Path
 
 from fedtune.config import ConfigError, Experiment, default_experiment
+from fedtune.models import ModelLoadError
+from fedtune.partition import PartitionError
+from fedtune.tasks.data import DataError
 
 
 def _load(args: argparse.Namespace) -> Experiment:
@@ -92,9 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fedtune: config error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, KeyError, OSError, RuntimeError) as exc:
-        # Data, partition and model errors carry messages that name the file/field/value.
-        print(f"fedtune: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+    except (DataError, PartitionError, ModelLoadError) as exc:
+        # These carry messages that name the file, field or value; a traceback would add nothing.
+        print(f"fedtune: error: {exc}", file=sys.stderr)
         return 1
 
 

@@ -181,6 +181,7 @@ class EvalConfig:
     every: int = field(default=1, metadata=_help("Evaluate every N rounds (the last round always)."))
     batch_size: int = field(default=128, metadata=_help("Evaluation batch size."))
     per_client: bool = field(default=False, metadata=_help("Also evaluate on each client's own training shard."))
+    initial: bool = field(default=False, metadata=_help("Also evaluate the starting model (recorded as round 0)."))
 
     def __post_init__(self) -> None:
         if self.every < 1:

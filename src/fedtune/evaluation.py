@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedtune.batching import EncodedDataset, iterate_batches
+from fedtune.batching import EncodedDataset, collate
 from fedtune.precision import autocast
 from fedtune.tasks.metrics import compute_metrics
 
@@ -16,15 +16,20 @@ def predict(
 ) -> tuple[torch.Tensor, float]:
     """Model outputs for every example (class ids, or floats for regression) and the mean loss."""
     model.eval()
+    # Batches of similar length waste little padding; results go back to the original order.
+    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
     outputs, loss_sum = [], 0.0
-    for batch in iterate_batches(data, batch_size, pad_id):
+    for start in range(0, len(order), batch_size):
+        batch = collate(data, order[start : start + batch_size], pad_id)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast(precision, device):
             out = model(**batch)
         loss_sum += float(out.loss) * len(batch["labels"])
         logits = out.logits.float()
         outputs.append(logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1))
-    return torch.cat(outputs).cpu(), loss_sum / len(data)
+    result = torch.empty_like(torch.cat(outputs).cpu())
+    result[torch.as_tensor(order)] = torch.cat(outputs).cpu()
+    return result, loss_sum / len(data)
 
 
 def evaluate_classifier(

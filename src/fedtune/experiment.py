@@ -205,14 +205,14 @@ def run_experiment(exp: Experiment, *, quiet: bool = False, device: torch.device
             strategy, transport, clients, strategy.init(initial),
             rounds=rounds, per_round=per_round, seed=exp.seed, evaluate=evaluate, eval_every=exp.eval.every,
             callbacks=[JsonlWriter(out / "metrics.jsonl"), progress.round_done],
-            on_client_done=progress.client_done,
+            on_client_done=progress.client_done, eval_initial=exp.eval.initial,
         )
         progress.close()
         final = {k[len("eval_"):]: v for k, v in history[-1].items() if k.startswith("eval_")}
         set_trainable(model, state.params)
         save_model(model, tokenizer, out / "model")
-        summary["bytes_up_total"] = sum(r["bytes_up"] for r in history)
-        summary["bytes_down_total"] = sum(r["bytes_down"] for r in history)
+        summary["bytes_up_total"] = sum(r.get("bytes_up", 0) for r in history)
+        summary["bytes_down_total"] = sum(r.get("bytes_down", 0) for r in history)
         summary["clients_per_round"] = per_round
 
     summary["final_metrics"] = final
@@ -241,6 +241,7 @@ def _run_local(exp, strategy, model, train, shards, ids, initial, evaluate, pad_
             strategy, transport, [cid], strategy.init(initial),
             rounds=exp.federation.rounds, per_round=1, seed=exp.seed, evaluate=evaluate,
             eval_every=exp.eval.every, callbacks=[JsonlWriter(out / "metrics.jsonl", {"client": cid})],
+            eval_initial=exp.eval.initial and cid == ids[0],
         )
         history.extend({"client": cid, **r} for r in hist)
         per_client[cid] = {k[len("eval_"):]: v for k, v in hist[-1].items() if k.startswith("eval_")}

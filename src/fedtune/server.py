@@ -77,11 +77,21 @@ def run_rounds(
     eval_every: int = 1,
     callbacks: Sequence[RoundCallback] = (),
     on_client_done: Callable[[str], None] | None = None,
+    eval_initial: bool = False,
 ) -> tuple[ServerState, list[dict]]:
-    """Run rounds ``initial.round + 1 .. rounds``; return the final state and one record per round."""
+    """Run rounds ``initial.round + 1 .. rounds``; return the final state and one record per round.
+
+    With ``eval_initial`` the starting model is evaluated first and recorded as round ``initial.round``.
+    """
     state = initial
     history: list[dict] = []
     start = time.perf_counter()
+    if eval_initial and evaluate is not None:
+        record = {"round": initial.round, "clients": 0, **{f"eval_{k}": v for k, v in evaluate(state).items()}}
+        record["eval_time"] = record["wall_time"] = time.perf_counter() - start
+        history.append(record)
+        for cb in callbacks:
+            cb(state, record)
     for rnd in range(initial.round + 1, rounds + 1):
         t0 = time.perf_counter()
         sampled = sample_clients(clients, rnd, per_round, seed)

@@ -1,0 +1,96 @@
+"""Model loading, fine-tuning modes, trainable-tensor transfer."""
+
+import pytest
+import torch
+
+from fedtune.config import LoraConfig, ModelConfig
+from fedtune.models import (
+    ModelLoadError,
+    get_trainable,
+    load_classifier,
+    resolve_model_path,
+    set_trainable,
+    trainable_names,
+)
+
+
+def test_lora_trains_adapters_and_head_only(tiny_model_dir):
+    m = load_classifier(ModelConfig(name=str(tiny_model_dir), mode="lora", lora=LoraConfig(r=2)), 3, False, 0)
+    names = trainable_names(m)
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    assert any("classifier" in n for n in names)
+    assert not any("embeddings" in n or "intermediate" in n for n in names)
+    a = [p for n, p in m.named_parameters() if n.endswith("query.lora_A.default.weight")][0]
+    assert a.shape == (2, 32)
+
+
+def test_lora_target_modules(tiny_model_dir):
+    cfg = ModelConfig(name=str(tiny_model_dir), mode="lora", lora=LoraConfig(r=2, target_modules=["key"]))
+    names = trainable_names(load_classifier(cfg, 3, False, 0))
+    assert any(".key.lora_A" in n for n in names) and not any(".query.lora_A" in n for n in names)
+
+
+def test_lora_bad_target_module_is_clear(tiny_model_dir):
+    cfg = ModelConfig(name=str(tiny_model_dir), mode="lora", lora=LoraConfig(target_modules=["nope_proj"]))
+    with pytest.raises(ModelLoadError, match="LoRA could not be applied"):
+        load_classifier(cfg, 3, False, 0)
+
+
+def test_partial_trains_last_layers_and_head(tiny_model_dir):
+    m = load_classifier(ModelConfig(name=str(tiny_model_dir), mode="partial", last_layers=1), 3, False, 0)
+    names = trainable_names(m)
+    assert any("encoder.layer.1." in n for n in names)
+    assert not any("encoder.layer.0." in n for n in names)
+    assert any(n.startswith("classifier") for n in names) and any("pooler" in n for n in names)
+    assert not any("embeddings" in n for n in names)
+
+
+def test_full_trains_everything(tiny_model_dir):
+    m = load_classifier(ModelConfig(name=str(tiny_model_dir), mode="full"), 3, False, 0)
+    assert len(trainable_names(m)) == len(list(m.parameters()))
+
+
+def test_regression_head(tiny_model_dir):
+    m = load_classifier(ModelConfig(name=str(tiny_model_dir), mode="full"), 1, True, 0)
+    assert m.config.problem_type == "regression" and m.config.num_labels == 1
+
+
+def test_same_seed_same_head(tiny_model_dir):
+    cfg = ModelConfig(name=str(tiny_model_dir))
+    a, b = get_trainable(load_classifier(cfg, 3, False, 5)), get_trainable(load_classifier(cfg, 3, False, 5))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_set_trainable_round_trip_and_errors(tiny_model_dir):
+    m = load_classifier(ModelConfig(name=str(tiny_model_dir)), 3, False, 0)
+    params = {k: torch.randn_like(v) for k, v in get_trainable(m).items()}
+    set_trainable(m, params)
+    assert all(torch.equal(get_trainable(m)[k], params[k]) for k in params)
+    name = next(iter(params))
+    with pytest.raises(ValueError, match="shape"):
+        set_trainable(m, {**params, name: torch.zeros(1)})
+    with pytest.raises(KeyError, match="missing"):
+        set_trainable(m, {k: v for k, v in params.items() if k != name})
+
+
+def test_embedded_model_resolves_to_installed_folder():
+    from pathlib import Path
+
+    path = Path(resolve_model_path("embedded"))
+    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+def test_missing_local_folder_and_non_model_folder(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_model_path("./no/such/model")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve_model_path(str(tmp_path))
+
+
+def test_unreachable_hub_id_names_the_id(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True, raising=False)
+    with pytest.raises(ModelLoadError, match="some-org/some-model-that-is-not-cached.*hub"):
+        load_classifier(ModelConfig(name="some-org/some-model-that-is-not-cached"), 2, False, 0)

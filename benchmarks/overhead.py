@@ -70,8 +70,9 @@ def plain_loop(model, client_data, initial, rounds, local, pad_id):
             with torch.no_grad():
                 for n, p in named.items():
                     p.copy_(global_params[n])
-            opt = torch.optim.AdamW(named.values(), lr=local.lr)
+            opt = torch.optim.AdamW(named.values(), lr=local.lr, weight_decay=local.weight_decay)
             gen = torch.Generator().manual_seed(client_seed(0, rnd, cid))
+            torch.manual_seed(client_seed(0, rnd, cid))  # dropout masks, as fedtune seeds them
             model.train()
             for batch in iterate_batches(data, local.batch_size, pad_id, gen):
                 loss = model(**batch).loss

@@ -51,9 +51,20 @@ def local_train(
     seed: int,
     device: torch.device,
 ) -> ClientUpdate:
-    """Load the plan's tensors, train on ``data`` as the plan says, return the change (delta)."""
+    """Load the plan's tensors, train on ``data`` as the plan says, return the change (delta).
+
+    ``seed`` fixes both the data order and the dropout masks, so a client's update depends only on
+    (plan, data, seed): the same in any process, in any order of clients.
+    """
     if len(data) == 0:
         raise ValueError(f"client {client_id} has no training examples")
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return _train(model, data, plan, client_id, pad_id=pad_id, seed=seed, device=device)
+
+
+def _train(model, data, plan, client_id, *, pad_id, seed, device) -> ClientUpdate:
     cfg = plan.local
     set_trainable(model, plan.params)
     reference = {k: v.to(device) for k, v in plan.params.items()}

@@ -112,3 +112,9 @@ def test_impossible_partition_is_explained(tiny_experiment):
 
     with pytest.raises(PartitionError, match="100"):
         run_experiment(tiny_experiment("partition.num_clients=100", "partition.min_examples=10"), quiet=True)
+
+
+def test_per_client_evaluation(tiny_experiment):
+    res = run_experiment(tiny_experiment("federation.rounds=1", "eval.per_client=true"), quiet=True)
+    m = res.final_metrics
+    assert 0.0 <= m["client_accuracy_min"] <= m["client_accuracy_mean"] <= 1.0

@@ -11,7 +11,7 @@ from fedtune import tensors
 from fedtune.batching import EncodedDataset, iterate_batches
 from fedtune.models import get_trainable, set_trainable
 from fedtune.precision import autocast, grad_scaler
-from fedtune.types import ClientUpdate, ProxTerm, RoundPlan, TensorDict
+from fedtune.types import ClientState, ClientUpdate, ProxTerm, RoundPlan, TensorDict
 
 
 def planned_steps(num_examples: int, batch_size: int, epochs: float, max_steps: int) -> int:
@@ -50,8 +50,13 @@ def local_train(
     pad_id: int,
     seed: int,
     device: torch.device,
+    state: ClientState | None = None,
 ) -> ClientUpdate:
     """Load the plan's tensors, train on ``data`` as the plan says, return the change (delta).
+
+    ``state`` is this client's own persistent memory across rounds (e.g. SCAFFOLD's control
+    variate, a codec's error-feedback residual). It lives with the client — the simulation keeps
+    one per client id, a Flower ClientApp keeps it in its context — and is never sent as a whole.
 
     ``seed`` fixes both the data order and the dropout masks, so a client's update depends only on
     (plan, data, seed): the same in any process, in any order of clients.
@@ -61,10 +66,11 @@ def local_train(
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        return _train(model, data, plan, client_id, pad_id=pad_id, seed=seed, device=device)
+        return _train(model, data, plan, client_id, pad_id=pad_id, seed=seed, device=device,
+                      state=state if state is not None else {})
 
 
-def _train(model, data, plan, client_id, *, pad_id, seed, device) -> ClientUpdate:
+def _train(model, data, plan, client_id, *, pad_id, seed, device, state: ClientState) -> ClientUpdate:
     cfg = plan.local
     set_trainable(model, plan.params)
     reference = {k: v.to(device) for k, v in plan.params.items()}

@@ -10,6 +10,9 @@ import torch
 TensorDict = dict[str, torch.Tensor]
 """Trainable tensors only (LoRA factors, task head, unfrozen layers), by stable name."""
 
+ClientState = dict[str, TensorDict]
+"""A client's own memory across rounds, by purpose (e.g. "scaffold_c", "codec_residual"); stays on the client."""
+
 Metrics = dict[str, float]
 """Scalar metrics reported by a client or by aggregation."""
 

@@ -11,7 +11,7 @@ from torch import nn
 from fedtune.batching import EncodedDataset
 from fedtune.client import local_train
 from fedtune.payload import CommStats, payload_bytes
-from fedtune.types import ClientUpdate, RoundPlan
+from fedtune.types import ClientState, ClientUpdate, RoundPlan
 
 
 def client_seed(seed: int, rnd: int, client_id: str) -> int:
@@ -40,6 +40,8 @@ class SimulationTransport:
         self.pad_id = pad_id
         self.seed = seed
         self.device = device
+        self.client_states: dict[str, ClientState] = {}
+        """Each client's persistent state (kept here because in a simulation the client is us)."""
 
     def run_round(self, plan: RoundPlan, clients: Sequence[str], stats: CommStats) -> Iterator[ClientUpdate]:
         """Train each client on the plan; count the bytes each payload would take on the wire."""
@@ -54,6 +56,7 @@ class SimulationTransport:
                 pad_id=self.pad_id,
                 seed=client_seed(self.seed, plan.round, cid),
                 device=self.device,
+                state=self.client_states.setdefault(cid, {}),
             )
             stats.bytes_up += payload_bytes(update.delta)
             yield update

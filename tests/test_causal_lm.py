@@ -1,0 +1,80 @@
+"""Causal LM pieces on the tiny pretrained Llama (stories260K)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from fedtune.tasks.causal_lm import (
+    IGNORE_INDEX,
+    Instruction,
+    collate_lm,
+    encode_instructions,
+    load_instructions,
+    perplexity,
+    score_candidates,
+)
+
+STORIES = REPO.parent / "shared" / "models" / "stories260K"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    if not STORIES.is_dir():
+        pytest.skip("stories260K not present")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(STORIES).eval(), AutoTokenizer.from_pretrained(STORIES)
+
+
+def test_loss_only_on_response(lm):
+    _, tok = lm
+    ex = Instruction("Say hi.", "", "Hi there.")
+    enc = encode_instructions(tok, [ex], max_length=512)
+    ids, labels = enc.input_ids[0], enc.labels[0]
+    n_prompt = len(tok(ex.prompt(), add_special_tokens=False)["input_ids"]) + 1  # + bos
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:]
+    batch = collate_lm(enc, [0], pad_id=0)
+    assert batch["labels"].shape == batch["input_ids"].shape
+
+
+def test_truncation_and_padding_labels(lm):
+    _, tok = lm
+    exs = [Instruction("a", "", "b c d e f g"), Instruction("a much longer instruction here", "x", "y")]
+    enc = encode_instructions(tok, exs, max_length=12)
+    assert all(len(x) <= 12 for x in enc.input_ids)
+    batch = collate_lm(enc, [0, 1], pad_id=0)
+    short = min(range(2), key=lambda i: len(enc.input_ids[i]))
+    assert (batch["labels"][short, len(enc.input_ids[short]):] == IGNORE_INDEX).all()
+
+
+def test_likelihood_scoring_prefers_the_story(lm):
+    model, tok = lm
+    scores = score_candidates(model, tok, ["Once upon a time, there was a little"], [" girl", " spreadsheet"])
+    assert scores.shape == (1, 2) and scores[0, 0] > scores[0, 1]
+
+
+def test_perplexity_of_story_text_is_lower_than_of_noise(lm):
+    model, tok = lm
+    story = encode_instructions(tok, [Instruction("Tell a story.", "", "Once upon a time, there was a little girl named Lily.")], 512)
+    noise = encode_instructions(tok, [Instruction("Tell a story.", "", "zq xv kk qq jj vv zz xx pp")], 512)
+    assert perplexity(model, story, pad_id=0)["perplexity"] < perplexity(model, noise, pad_id=0)["perplexity"]
+
+
+def test_code_alpaca_loads():
+    path = REPO.parent / "shared" / "data" / "code_alpaca" / "code_alpaca_2k.json"
+    if not path.is_file():
+        pytest.skip("code alpaca not present")
+    rows = load_instructions(path)
+    assert len(rows) == 2017 and sum(1 for r in rows if r.input.strip()) == 1006
+    assert rows[0].instruction.startswith("What are the distinct values")
+
+
+def test_bad_instruction_file_names_row(tmp_path):
+    p = tmp_path / "i.json"
+    p.write_text('[{"instruction": "x", "output": "y"}, {"instruction": "x"}]')
+    with pytest.raises(ValueError, match="row 1"):
+        load_instructions(p)

@@ -68,15 +68,48 @@ def collate(ds: EncodedDataset, indices: Sequence[int], pad_id: int, pad_to: int
     return batch
 
 
+BUCKET_BATCHES = 16
+"""Length bucketing: one bucket holds this many batches' worth of examples."""
+
+
+def epoch_batches(
+    ds: EncodedDataset, batch_size: int, generator: torch.Generator | None = None, bucketing: bool = False
+) -> list[list[int]]:
+    """The batches (lists of example indices) of one pass over ``ds``; every example exactly once.
+
+    Plain: a permutation drawn from ``generator`` (in order when None), cut into batches.
+    ``bucketing``: that permutation is cut into buckets of ``BUCKET_BATCHES * batch_size``
+    examples, each bucket is sorted by length (ties keep the random order) and cut into batches,
+    and the order of all the batches is shuffled with ``generator``: similar lengths share a
+    batch, so dynamic padding wastes little, while batch order and bucket contents stay random.
+    Buckets are whole multiples of ``batch_size``, so the number of batches is unchanged.
+    """
+    n = len(ds)
+    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+    if not bucketing:
+        return [order[start : start + batch_size] for start in range(0, n, batch_size)]
+    size = BUCKET_BATCHES * batch_size
+    batches: list[list[int]] = []
+    for b in range(0, n, size):
+        bucket = sorted(order[b : b + size], key=lambda i: len(ds.input_ids[i]))  # stable
+        batches.extend(bucket[start : start + batch_size] for start in range(0, len(bucket), batch_size))
+    if generator is not None:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
 def iterate_batches(
     ds: EncodedDataset,
     batch_size: int,
     pad_id: int,
     generator: torch.Generator | None = None,
     pad_to: int = 0,
+    bucketing: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """One pass over ``ds``: shuffled with ``generator`` when given, in order otherwise."""
-    n = len(ds)
-    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
-    for start in range(0, n, batch_size):
-        yield collate(ds, order[start : start + batch_size], pad_id, pad_to)
+    """One pass over ``ds``: shuffled with ``generator`` when given, in order otherwise.
+
+    Batches are padded to their longest example, or to ``pad_to`` when set; ``bucketing`` groups
+    examples of similar length (see :func:`epoch_batches`).
+    """
+    for indices in epoch_batches(ds, batch_size, generator, bucketing):
+        yield collate(ds, indices, pad_id, pad_to)

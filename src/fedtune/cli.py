@@ -55,6 +55,47 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run (or with --dry-run, list) a grid of experiments; exit 1 when any run failed."""
+    from fedtune import sweep as sw
+
+    if args.sweep_file:
+        spec = sw.load_sweep(args.sweep_file)
+    elif args.grid or args.run_set:
+        spec = sw.Sweep(base=None, output_dir=Path("runs") / "sweep", source="--grid")
+    else:
+        raise ConfigError("fedtune sweep: give a sweep file, or --grid key=v1,v2 (with --base FILE)")
+    if args.base:
+        spec.base = Path(args.base).resolve()
+    for item in args.grid or []:
+        key, values = sw.parse_grid_arg(item)
+        spec.grid[key] = values
+    spec.common += list(args.run_set or [])
+    if args.output:
+        spec.output_dir = Path(args.output)
+    if args.dry_run:
+        runs = sw.plan(spec)
+        sw.describe(runs, spec)
+        print(f"(dry run: nothing started; outputs would go to {spec.output_dir})")
+        return 0
+    records = sw.run_sweep(spec, quiet=args.quiet)
+    return 1 if any(r["status"] == "failed" for r in records) else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write report.md and plots comparing run folders and sweep folders."""
+    from fedtune.report import ReportError, build_report
+
+    try:
+        path = build_report(args.dirs, args.out)
+    except ReportError as exc:
+        print(f"fedtune: error: {exc}", file=sys.stderr)
+        return 1
+    print(path.read_text().split("\n## ", 1)[0].rstrip())
+    print(f"\nreport written to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fedtune`` argument parser."""
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
@@ -79,6 +120,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config", help="print the resolved configuration")
     add_config_args(p)
     p.set_defaults(fn=cmd_config)
+
+    p = sub.add_parser("sweep", help="run a grid of experiments (resumable)")
+    p.add_argument("sweep_file", nargs="?", help="sweep TOML file (base, output_dir, [grid], [[runs]])")
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                   help="add a grid axis, e.g. strategy.name=fedavg,fedprox")
+    p.add_argument("--set", dest="run_set", action="append", metavar="KEY=VALUE", help="override applied to every run")
+    p.add_argument("--base", help="base experiment file (overrides the sweep file's; default experiment when none)")
+    p.add_argument("--output", help="sweep output folder (default the file's output_dir, or runs/<sweep name>)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their overrides; run nothing")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-run tables")
+    p.set_defaults(fn=cmd_sweep)
+
+    p = sub.add_parser("report", help="Markdown table and plots comparing runs")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run folders and/or sweep folders")
+    p.add_argument("--out", help="where report.md and the PNGs go (default the folder given, or the common parent)")
+    p.set_defaults(fn=cmd_report)
     return parser
 
 

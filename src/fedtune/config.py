@@ -55,6 +55,10 @@ class DataConfig:
     train_size: int = field(default=0, metadata=_help("Use a seeded stratified subset of this many training rows (0 = all)."))
     eval_size: int = field(default=0, metadata=_help("Use a seeded subset of this many eval rows (0 = all)."))
     max_length: int = field(default=64, metadata=_help("Maximum tokens per example (truncation)."))
+    pad_to_max_length: bool = field(
+        default=False,
+        metadata=_help("Pad every training batch to max_length (false = pad each batch to its longest example)."),
+    )
 
     def __post_init__(self) -> None:
         if self.max_length < 8:
@@ -126,12 +130,60 @@ class PartitionConfig:
 class StrategyConfig:
     """Server-side algorithm."""
 
-    name: Literal["fedavg", "fedprox"] = field(default="fedavg", metadata=_help("Aggregation strategy."))
+    name: Literal[
+        "fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
+        "median", "trimmed_mean", "krum", "multikrum",
+    ] = field(default="fedavg", metadata=_help("Aggregation strategy."))
     mu: float = field(default=0.0, metadata=_help("fedprox: proximal coefficient mu."))
+    server_lr: float = field(
+        default=0.0,
+        metadata=_help("scaffold, fedavgm, fedadam, fedyogi, fedadagrad: server learning rate "
+                       "(0 = the strategy's default: 1.0 for scaffold/fedavgm, 0.01 for the adaptive ones)."),
+    )
+    momentum: float = field(default=0.9, metadata=_help("fedavgm: server momentum beta, in [0, 1)."))
+    beta1: float = field(default=0.9, metadata=_help("fedadam, fedyogi, fedadagrad: first-moment decay, in [0, 1)."))
+    beta2: float = field(default=0.99, metadata=_help("fedadam, fedyogi: second-moment decay, in [0, 1)."))
+    tau: float = field(default=1e-3, metadata=_help("fedadam, fedyogi, fedadagrad: adaptivity epsilon tau (> 0)."))
+    trim_beta: float = field(default=0.1, metadata=_help("trimmed_mean: fraction trimmed from each end, in [0, 0.5)."))
+    krum_f: int = field(default=0, metadata=_help("krum, multikrum: number of Byzantine clients tolerated."))
+    krum_m: int = field(default=1, metadata=_help("multikrum: number of best-scored updates averaged."))
 
     def __post_init__(self) -> None:
         if self.mu < 0:
             raise ConfigError(f"strategy.mu must be >= 0, got {self.mu}")
+        if self.server_lr < 0:
+            raise ConfigError(f"strategy.server_lr must be >= 0 (0 = default), got {self.server_lr}")
+        for key in ("momentum", "beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"strategy.{key} must be in [0, 1), got {getattr(self, key)}")
+        if not self.tau > 0:
+            raise ConfigError(f"strategy.tau must be > 0, got {self.tau}")
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ConfigError(f"strategy.trim_beta must be in [0, 0.5), got {self.trim_beta}")
+        if self.krum_f < 0:
+            raise ConfigError(f"strategy.krum_f must be >= 0, got {self.krum_f}")
+        if self.krum_m < 1:
+            raise ConfigError(f"strategy.krum_m must be >= 1, got {self.krum_m}")
+
+
+@dataclass
+class PrivacyConfig:
+    """Central differential privacy (DP-FedAvg): clip each delta, noise the sum, account epsilon."""
+
+    enabled: bool = field(default=False, metadata=_help("Turn central DP on (fedavg, fedprox and the FedOpt family)."))
+    clip: float = field(default=1.0, metadata=_help("L2 norm every client delta is clipped to (> 0)."))
+    noise_multiplier: float = field(
+        default=1.0, metadata=_help("Noise std on the sum of clipped deltas, in units of clip (>= 0).")
+    )
+    delta: float = field(default=1e-5, metadata=_help("delta at which epsilon is reported each round, in (0, 1)."))
+
+    def __post_init__(self) -> None:
+        if not self.clip > 0:
+            raise ConfigError(f"privacy.clip must be > 0, got {self.clip}")
+        if self.noise_multiplier < 0:
+            raise ConfigError(f"privacy.noise_multiplier must be >= 0, got {self.noise_multiplier}")
+        if not 0.0 < self.delta < 1.0:
+            raise ConfigError(f"privacy.delta must be in (0, 1), got {self.delta}")
 
 
 @dataclass
@@ -164,6 +216,13 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = field(
         default="fp32", metadata=_help("Autocast precision for forward/backward; weights stay float32.")
     )
+    optimizer: Literal["adamw", "sgd"] = field(
+        default="adamw", metadata=_help("Local optimizer; sgd is what SCAFFOLD's control-variate update assumes.")
+    )
+    length_bucketing: bool = field(
+        default=False,
+        metadata=_help("Draw batches from length-sorted buckets (seeded shuffles) so dynamic padding wastes less."),
+    )
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 and self.max_steps <= 0:
@@ -189,6 +248,105 @@ class EvalConfig:
 
 
 @dataclass
+class PersonalizationConfig:
+    """Per-client models, scored on each client's own held-out rows."""
+
+    method: Literal["none", "fedper", "finetune"] = field(
+        default="none",
+        metadata=_help("fedper: the task head stays on each client; finetune: k local steps before scoring."),
+    )
+    holdout: float = field(default=0.2, metadata=_help("Fraction of each client's shard held out as its test set."))
+    finetune_steps: int = field(default=5, metadata=_help("finetune: local steps from the global model."))
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.holdout < 1.0:
+            raise ConfigError(f"personalization.holdout must be in (0, 1), got {self.holdout}")
+        if self.finetune_steps < 1:
+            raise ConfigError(f"personalization.finetune_steps must be >= 1, got {self.finetune_steps}")
+
+
+@dataclass
+class AttackConfig:
+    """Simulated byzantine clients (for studying robust aggregation)."""
+
+    kind: Literal["none", "sign_flip", "scale", "noise", "label_flip"] = field(
+        default="none", metadata=_help("What malicious clients do (none = no attack).")
+    )
+    fraction: float = field(default=0.0, metadata=_help("Fraction of clients that are malicious (seeded choice)."))
+    clients: list[str] = field(default_factory=list, metadata=_help("Explicit malicious client ids (overrides fraction)."))
+    scale: float = field(default=1.0, metadata=_help("sign_flip sends -scale*delta; scale sends scale*delta."))
+    noise_std: float = field(default=1.0, metadata=_help("noise: standard deviation of the sent noise."))
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ConfigError(f"attack.fraction must be in [0, 1], got {self.fraction}")
+        if self.noise_std < 0:
+            raise ConfigError(f"attack.noise_std must be >= 0, got {self.noise_std}")
+        if self.kind != "none" and self.fraction == 0.0 and not self.clients:
+            raise ConfigError(f"attack.kind = {self.kind!r} needs attack.fraction > 0 or attack.clients")
+
+
+@dataclass
+class SimulationConfig:
+    """How the in-process simulation runs the sampled clients."""
+
+    parallel_clients: int = field(
+        default=1,
+        metadata=_help(
+            "Train up to this many sampled clients together on one frozen base model (LoRA on sequence "
+            "classification: each row goes through its own client's adapter and head, each client keeps its "
+            "own optimizer, objective, data order and step count); 1 = one client after the other. "
+            "Other modes fall back to one client at a time."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.parallel_clients < 1:
+            raise ConfigError(f"simulation.parallel_clients must be >= 1, got {self.parallel_clients}")
+
+
+@dataclass
+class RuntimeConfig:
+    """Where clients train: in this process, under Flower's simulation engine, or on Flower SuperNodes."""
+
+    mode: Literal["simulation", "flower-simulation", "flower"] = field(
+        default="simulation",
+        metadata=_help(
+            "simulation: in-process, one resident model (fastest on one machine); flower-simulation: the same "
+            "Flower ClientApp on Flower's Ray simulation engine; flower: real SuperNodes behind a SuperLink."
+        ),
+    )
+    superlink: str = field(
+        default="127.0.0.1:8000",
+        metadata=_help("flower: the SuperLink's address (host:port of `flower-superlink --port`) that `fedtune run` submits to."),
+    )
+    insecure: bool = field(default=False, metadata=_help("flower: talk to the SuperLink without TLS (local tests only)."))
+    root_certificates: str = field(
+        default="", metadata=_help("flower: CA certificate (PEM) that signed the SuperLink's TLS certificate.")
+    )
+    min_clients: int = field(
+        default=0, metadata=_help("flower: SuperNodes to wait for before round 1 (0 = partition.num_clients).")
+    )
+    connect_timeout: float = field(
+        default=120.0, metadata=_help("flower: seconds to wait for min_clients SuperNodes to connect and identify.")
+    )
+    round_timeout: float = field(
+        default=600.0, metadata=_help("flower: seconds to wait for the sampled clients' replies in one round.")
+    )
+    cpus_per_client: float = field(
+        default=1.0, metadata=_help("flower-simulation: CPUs Ray reserves per ClientApp (fewer = more in parallel).")
+    )
+
+    def __post_init__(self) -> None:
+        if self.min_clients < 0:
+            raise ConfigError(f"runtime.min_clients must be >= 0, got {self.min_clients}")
+        if self.connect_timeout <= 0 or self.round_timeout <= 0:
+            raise ConfigError("runtime.connect_timeout and runtime.round_timeout must be > 0")
+        if self.cpus_per_client <= 0:
+            raise ConfigError(f"runtime.cpus_per_client must be > 0, got {self.cpus_per_client}")
+
+
+@dataclass
 class Experiment:
     """A whole experiment: one TOML file."""
 
@@ -206,6 +364,11 @@ class Experiment:
     federation: FederationConfig = field(default_factory=FederationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     @property
     def resolved_output_dir(self) -> Path:

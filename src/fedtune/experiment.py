@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -12,19 +13,27 @@ from typing import Any
 import torch
 
 from fedtune import tensors
+from fedtune.attacks import DATA_ATTACKS, UPDATE_ATTACKS, Attack, AttackedTransport, flip_labels, malicious_clients
 from fedtune.batching import EncodedDataset, encode_texts
-from fedtune.config import Experiment
+from fedtune.config import ConfigError, Experiment
 from fedtune.evaluation import evaluate_classifier
-from fedtune.models import get_trainable, load_classifier, load_tokenizer, save_model, set_trainable
+from fedtune.client import local_train
+from fedtune.models import get_trainable, head_param_names, load_classifier, load_tokenizer, save_model, set_trainable
 from fedtune.outputs import JsonlWriter, prepare_output_dir, print_table, write_summary
+from fedtune.personalization import PERSONAL_STATE_KEY, per_client_report, split_holdout, with_personal
 from fedtune.partition import client_ids, partition_indices, read_manifests, write_manifests
 from fedtune.precision import default_device
-from fedtune.runtime.simulation import SimulationTransport
+from fedtune.runtime.parallel import ParallelSimulationTransport
+from fedtune.runtime.simulation import SimulationTransport, client_seed
+from fedtune.runtime.remote import RemoteClients
 from fedtune.server import clients_per_round, run_rounds
-from fedtune.strategies import FedAvg, FedProx, Strategy
+from fedtune.strategies import (
+    DifferentiallyPrivate, PersonalLayers, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Krum, Median, MultiKrum,
+    Scaffold, Strategy, TrimmedMean,
+)
 from fedtune.tasks.data import TaskData, load_task_data
 from fedtune.tasks.metrics import primary_metric
-from fedtune.types import LocalTrainConfig, ServerState
+from fedtune.types import LocalTrainConfig, RoundPlan, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +59,69 @@ def local_train_config(exp: Experiment) -> LocalTrainConfig:
         weight_decay=t.weight_decay,
         grad_clip=t.grad_clip,
         precision=t.precision,
+        optimizer=t.optimizer,
+        pad_to=exp.data.max_length if exp.data.pad_to_max_length else 0,
+        length_bucketing=t.length_bucketing,
     )
 
 
-def build_strategy(exp: Experiment) -> Strategy:
-    """Resolve ``[strategy]`` to a Strategy object (the only place names become classes)."""
+def simulation_transport(exp: Experiment, model, client_data, *, pad_id: int, device) -> SimulationTransport:
+    """The in-process transport ``[simulation]`` asks for: clients in turn, or up to K at once."""
+    k = exp.simulation.parallel_clients
+    if k > 1:
+        return ParallelSimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device,
+                                           parallel_clients=k)
+    return SimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device)
+
+
+def build_strategy(exp: Experiment, num_clients: int | None = None) -> Strategy:
+    """Resolve ``[strategy]`` (and ``[privacy]``) to a Strategy object (the only place names become classes).
+
+    ``num_clients`` is the federation's size (the partition's when None); the centralized and
+    local baselines train one client at a time, so for them it is 1.
+    """
+    n = 1 if exp.mode != "federated" else (num_clients if num_clients is not None else exp.partition.num_clients)
+    strategy = _base_strategy(exp, n)
+    p = exp.privacy
+    if not p.enabled:
+        return strategy
+    per_round = 1 if exp.mode != "federated" else clients_per_round(
+        n, exp.federation.clients_per_round, exp.federation.fraction)
+    try:
+        return DifferentiallyPrivate(strategy, clip=p.clip, noise_multiplier=p.noise_multiplier, delta=p.delta,
+                                     num_clients=n, clients_per_round=per_round, seed=exp.seed)
+    except ValueError as exc:
+        raise ConfigError(f"[privacy] with strategy.name = {exp.strategy.name!r}: {exc}") from None
+
+
+def _base_strategy(exp: Experiment, num_clients: int) -> Strategy:
     local = local_train_config(exp)
-    name = exp.strategy.name
+    s = exp.strategy
+    name = s.name
+    lr = {"server_lr": s.server_lr} if s.server_lr > 0 else {}
+    adaptive = dict(beta1=s.beta1, beta2=s.beta2, tau=s.tau, **lr)
     if name == "fedavg":
         return FedAvg(local=local)
     if name == "fedprox":
-        return FedProx(local=local, mu=exp.strategy.mu)
+        return FedProx(local=local, mu=s.mu)
+    if name == "scaffold":
+        return Scaffold(local=local, num_clients=num_clients, **lr)
+    if name == "fedavgm":
+        return FedAvgM(local=local, momentum=s.momentum, **lr)
+    if name == "fedadam":
+        return FedAdam(local=local, **adaptive)
+    if name == "fedyogi":
+        return FedYogi(local=local, **adaptive)
+    if name == "fedadagrad":
+        return FedAdagrad(local=local, **adaptive)
+    if name == "median":
+        return Median(local=local)
+    if name == "trimmed_mean":
+        return TrimmedMean(local=local, beta=s.trim_beta)
+    if name == "krum":
+        return Krum(local=local, f=s.krum_f)
+    if name == "multikrum":
+        return MultiKrum(local=local, f=s.krum_f, m=s.krum_m)
     raise ValueError(f"unknown strategy {name!r}")
 
 
@@ -132,25 +193,49 @@ class _Progress:
             self.rounds.close()
 
 
-def run_experiment(exp: Experiment, *, quiet: bool = False, device: torch.device | None = None) -> RunResult:
-    """Run ``exp`` (federated, or the centralized/local baseline) and write its outputs."""
+def run_experiment(
+    exp: Experiment, *, quiet: bool = False, device: torch.device | None = None, remote: RemoteClients | None = None
+) -> RunResult:
+    """Run ``exp`` (federated, or the centralized/local baseline) and write its outputs.
+
+    ``exp.runtime.mode`` chooses where clients train: ``simulation`` in this process; ``flower`` and
+    ``flower-simulation`` hand the run to Flower (:mod:`fedtune.runtime.flower.launch`), whose ServerApp
+    calls back here with ``remote``: clients that hold their own data and train behind a Transport.
+    """
     t_start = time.perf_counter()
+    personal_tests: dict[str, EncodedDataset] = {}
+    if exp.personalization.method != "none" and (exp.mode != "federated" or exp.runtime.mode != "simulation"):
+        raise ConfigError("personalization runs in federated mode on the in-process simulation (runtime.mode = "
+                          f"'simulation'), not mode={exp.mode!r} / runtime.mode={exp.runtime.mode!r}")
+    if remote is None and exp.runtime.mode != "simulation":
+        from fedtune.runtime.flower.launch import run_on_flower  # Flower is imported only when asked for
+
+        return run_on_flower(exp, quiet=quiet)
     device = device or default_device()
     torch.manual_seed(exp.seed)
     out = prepare_output_dir(exp)
 
-    task = load_task_data(exp.data, seed=exp.seed)
+    task = remote.load_task(exp) if remote is not None else load_task_data(exp.data, seed=exp.seed)
     tokenizer = load_tokenizer(exp.model.name)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def encode(ds) -> EncodedDataset:
         return encode_texts(tokenizer, ds.texts, ds.text_pairs, ds.labels, exp.data.max_length, task.is_regression)
 
-    train = encode(task.train)
     evals = {name: encode(ds) for name, ds in task.evals.items()}
-    shards = make_shards(exp, task, out)
-    ids = client_ids(len(shards))
-    log.info("%s: %d train rows over %d clients; eval %s", task.name, len(train), len(ids),
+    if remote is None:
+        train = encode(task.train)
+        shards = make_shards(exp, task, out)
+        ids = client_ids(len(shards))
+        train_rows = len(train)
+        if exp.personalization.method != "none":
+            shards, held_out = split_holdout(shards, exp.personalization.holdout, exp.seed)
+            personal_tests = {cid: train.subset(rows) for cid, rows in zip(ids, held_out)}
+    else:  # the training data stays on the clients' nodes; they only say who they are and how much they hold
+        train, shards = None, []
+        sizes = remote.connect(task)
+        ids, train_rows = sorted(sizes), sum(sizes.values())
+    log.info("%s: %d train rows over %d clients; eval %s", task.name, train_rows, len(ids),
              {k: len(v) for k, v in evals.items()})
 
     model = load_classifier(exp.model, task.num_labels, task.is_regression, exp.seed).to(device)
@@ -178,12 +263,14 @@ def run_experiment(exp: Experiment, *, quiet: bool = False, device: torch.device
         return result
 
     headline_key = f"{next(iter(evals))}_{headline}" if multi else headline
-    strategy = build_strategy(exp)
+    strategy = build_strategy(exp, num_clients=len(ids))
+    if exp.personalization.method == "fedper":
+        strategy = PersonalLayers(strategy, head_param_names(model))
     rounds = exp.federation.rounds
     summary: dict[str, Any] = {
         "name": exp.name, "mode": exp.mode, "dataset": task.name, "model": exp.model.name,
         "finetuning": exp.model.mode, "strategy": exp.strategy.name, "rounds": rounds,
-        "num_clients": len(ids), "train_rows": len(train), "trainable_params": tensors.numel(initial),
+        "num_clients": len(ids), "train_rows": train_rows, "trainable_params": tensors.numel(initial),
         "device": str(device), "headline_metric": headline_key,
     }
 
@@ -197,9 +284,21 @@ def run_experiment(exp: Experiment, *, quiet: bool = False, device: torch.device
             clients, per_round = ["centralized"], 1
         else:
             client_data = {cid: train.subset(s) for cid, s in zip(ids, shards)}
+            attackers = malicious_clients(ids, exp.attack.fraction, exp.attack.clients, exp.seed) \
+                if exp.attack.kind != "none" else []
+            if exp.attack.kind in DATA_ATTACKS:
+                client_data.update({c: flip_labels(client_data[c], task.num_labels) for c in attackers})
             clients = ids
             per_round = clients_per_round(len(ids), exp.federation.clients_per_round, exp.federation.fraction)
-        transport = SimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device)
+        transport = remote.transport if remote is not None else \
+            simulation_transport(exp, model, client_data, pad_id=pad_id, device=device)
+        simulation = transport
+        if exp.mode == "federated" and exp.attack.kind in UPDATE_ATTACKS:
+            a = exp.attack
+            transport = AttackedTransport(transport, attackers, Attack(a.kind, a.scale, a.noise_std), exp.seed)
+        if exp.mode == "federated" and exp.attack.kind != "none":
+            summary["attackers"] = attackers
+            log.info("attack %s by %d clients: %s", exp.attack.kind, len(attackers), attackers)
         progress = _Progress(quiet, rounds, per_round)
         state, history = run_rounds(
             strategy, transport, clients, strategy.init(initial),
@@ -209,6 +308,12 @@ def run_experiment(exp: Experiment, *, quiet: bool = False, device: torch.device
         )
         progress.close()
         final = {k[len("eval_"):]: v for k, v in history[-1].items() if k.startswith("eval_")}
+        if personal_tests:
+            report = _personalization_report(exp, model, state.params, simulation, client_data, personal_tests,
+                                             task.metric, headline, pad_id, device)
+            summary["personalization"] = report
+            for which in ("global", "personalized"):
+                final.update({f"clients_{which}_{headline}_{k}": v for k, v in report[which].items()})
         set_trainable(model, state.params)
         save_model(model, tokenizer, out / "model")
         summary["bytes_up_total"] = sum(r.get("bytes_up", 0) for r in history)
@@ -227,6 +332,31 @@ def run_experiment(exp: Experiment, *, quiet: bool = False, device: torch.device
         print(f"final {headline_key}: {shown:.4f}   "
               f"wall time {summary['wall_time']:.1f}s   outputs in {out}", file=sys.stdout)
     return RunResult(output_dir=out, history=history, final_metrics=final, summary=summary)
+
+
+def _personalization_report(exp, model, global_params, simulation, client_data, tests, metric, headline,
+                            pad_id, device) -> dict[str, Any]:
+    """Score the global and each client's personalized model on that client's held-out rows."""
+    cfg = exp.personalization
+
+    def score(cid: str, params) -> float:
+        set_trainable(model, params)
+        return evaluate_classifier(model, tests[cid], metric, batch_size=exp.eval.batch_size, pad_id=pad_id,
+                                   device=device, precision=exp.train.precision)[headline]
+
+    def personal(cid: str):
+        if cfg.method == "fedper":
+            own = simulation.client_states.get(cid, {}).get(PERSONAL_STATE_KEY)
+            return with_personal(global_params, own)
+        local = dataclasses.replace(local_train_config(exp), epochs=0.0, max_steps=cfg.finetune_steps)
+        plan = RoundPlan(round=exp.federation.rounds + 1, params=global_params, local=local)
+        update = local_train(model, client_data[cid], plan, cid, pad_id=pad_id, device=device,
+                             seed=client_seed(exp.seed, plan.round, cid))
+        return tensors.add(global_params, update.delta)
+
+    report = per_client_report(sorted(tests), score, global_params, personal)
+    report["method"] = cfg.method
+    return report
 
 
 def _run_local(exp, strategy, model, train, shards, ids, initial, evaluate, pad_id, device, out, quiet,

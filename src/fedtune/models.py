@@ -144,6 +144,13 @@ def apply_finetuning_mode(model: nn.Module, cfg: ModelConfig, task_type: str) ->
     raise ModelLoadError(f"unknown model.mode {cfg.mode!r}")
 
 
+def head_param_names(model: nn.Module) -> frozenset[str]:
+    """Trainable tensors that belong to the task head (classifier, pooler, ...)."""
+    return frozenset(
+        n for n, p in model.named_parameters() if p.requires_grad and set(n.split(".")) & set(HEAD_MODULE_NAMES)
+    )
+
+
 def trainable_names(model: nn.Module) -> list[str]:
     """Names of the parameters that train (and travel between server and clients)."""
     return [n for n, p in model.named_parameters() if p.requires_grad]

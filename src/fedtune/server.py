@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from fedtune.divergence import Divergence
 from fedtune.payload import CommStats
 from fedtune.strategies.base import Strategy
 from fedtune.types import ClientUpdate, Metrics, RoundPlan, ServerState
@@ -52,10 +53,16 @@ class _ClientMetricsTap:
 
     rows: list[tuple[str, int, dict]] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
+    divergence: Divergence = field(default_factory=Divergence)
 
     def tap(self, updates: Iterable[ClientUpdate]) -> Iterator[ClientUpdate]:
         for u in updates:
             self.rows.append((u.client_id, u.num_examples, dict(u.metrics)))
+            yield u
+
+    def tap_accepted(self, updates: Iterable[ClientUpdate]) -> Iterator[ClientUpdate]:
+        for u in updates:
+            self.divergence.add(u.delta)
             yield u
 
     def weighted(self, key: str) -> float | None:
@@ -105,7 +112,7 @@ def run_rounds(
         stream = transport.run_round(plan, sampled, stats)
         if on_client_done is not None:
             stream = _notify(stream, on_client_done)
-        valid = accepted_updates(tap.tap(stream), state.params, reject)
+        valid = tap.tap_accepted(accepted_updates(tap.tap(stream), state.params, reject))
         state, agg_metrics = strategy.aggregate(rnd, state, valid)
         train_time = time.perf_counter() - t0
         record: dict = {
@@ -115,6 +122,7 @@ def run_rounds(
             "train_loss": tap.weighted("train_loss"),
             "bytes_down": stats.bytes_down,
             "bytes_up": stats.bytes_up,
+            "divergence": tap.divergence.result(),
         }
         record.update({k: v for k, v in agg_metrics.items() if k not in record})
         if tap.rejected:

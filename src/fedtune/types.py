@@ -28,6 +28,12 @@ class LocalTrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 0.0
     precision: str = "fp32"
+    optimizer: str = "adamw"
+    """Local optimizer: "adamw" or "sgd" (plain SGD, the optimizer SCAFFOLD's derivation assumes)."""
+    pad_to: int = 0
+    """Pad every training batch to this many tokens (0 = to the batch's longest example)."""
+    length_bucketing: bool = False
+    """Draw training batches from length-sorted buckets (see fedtune.batching.epoch_batches)."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,23 @@ class ProxTerm:
     mu: float
 
 
-ClientObjective = ProxTerm
+@dataclass(frozen=True, eq=False)
+class ControlVariate:
+    """SCAFFOLD (Karimireddy et al. 2020): the server control variate ``c``.
+
+    Every local step adds ``c - c_i`` to the gradient (``c_i`` is the client's own control
+    variate, kept in its ClientState); the client returns its control change under the extras
+    name :data:`CONTROL_DELTA`.
+    """
+
+    c: TensorDict
+
+
+CONTROL_DELTA = "scaffold_delta_c"
+"""Name of the ClientUpdate extras entry carrying a SCAFFOLD client's change of control variate."""
+
+
+ClientObjective = ProxTerm | ControlVariate
 """Client-side part of a strategy, declared as data (more kinds join this union)."""
 
 
@@ -49,6 +71,8 @@ class RoundPlan:
     params: TensorDict
     local: LocalTrainConfig
     objective: ClientObjective | None = None
+    personal: frozenset[str] = frozenset()
+    """Tensors each client keeps to itself (FedPer's head): trained from its own copy, sent as zero change."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +84,7 @@ class ClientUpdate:
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
     extras: Mapping[str, TensorDict] = field(default_factory=dict)
+    """Named per-client tensors a strategy asks for (e.g. :data:`CONTROL_DELTA`), each shaped like ``delta``."""
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from torch import nn
 from fedtune.batching import EncodedDataset
 from fedtune.client import local_train
 from fedtune.payload import CommStats, payload_bytes
-from fedtune.types import ClientState, ClientUpdate, RoundPlan
+from fedtune.types import ClientState, ClientUpdate, ControlVariate, RoundPlan
 
 
 def client_seed(seed: int, rnd: int, client_id: str) -> int:
@@ -46,6 +46,8 @@ class SimulationTransport:
     def run_round(self, plan: RoundPlan, clients: Sequence[str], stats: CommStats) -> Iterator[ClientUpdate]:
         """Train each client on the plan; count the bytes each payload would take on the wire."""
         down = payload_bytes(plan.params)
+        if isinstance(plan.objective, ControlVariate):
+            down += payload_bytes(plan.objective.c)
         for cid in clients:
             stats.bytes_down += down
             update = local_train(
@@ -58,5 +60,5 @@ class SimulationTransport:
                 device=self.device,
                 state=self.client_states.setdefault(cid, {}),
             )
-            stats.bytes_up += payload_bytes(update.delta)
+            stats.bytes_up += payload_bytes(update.delta) + sum(payload_bytes(t) for t in update.extras.values())
             yield update

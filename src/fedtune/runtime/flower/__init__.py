@@ -1,0 +1,9 @@
+"""fedtune on Flower: a ServerApp running fedtune's round loop and a ClientApp running local_train.
+
+- :mod:`.messages`: the one typed (de)serializer between RoundPlan/ClientUpdate and Flower records.
+- :mod:`.node`: what a SuperNode's node config means (its client id and its own data).
+- :mod:`.client_app`: the ClientApp (local training on the node's data, state in ``context.state``).
+- :mod:`.transport`: :class:`FlowerTransport`, the round loop's Transport over a Flower ``Grid``.
+- :mod:`.server_app`: the ServerApp (``fedtune.experiment.run_experiment`` with a FlowerTransport).
+- :mod:`.launch`: ``fedtune run`` with ``runtime.mode = "flower"`` or ``"flower-simulation"``.
+"""

@@ -1,0 +1,109 @@
+"""The Flower ClientApp: ``fedtune.client.local_train`` on the node's own data.
+
+Two message handlers:
+
+- ``query.identify``: answer which fedtune client this node is (node config, see
+  :mod:`fedtune.runtime.flower.node`) and how many training rows it holds.
+- ``train``: decode the RoundPlan, train on the node's rows with the seed the simulation would use
+  for (seed, round, client id), reply with the ClientUpdate. The client's persistent state
+  (``ClientState``: SCAFFOLD's control variate, codec residuals, ...) lives in ``context.state``
+  as ArrayRecords, so it survives between rounds on this node and never leaves it.
+
+Loaded models and encoded rows are cached per process (Flower's simulation engine reuses its
+workers; a deployed SuperNode starts a fresh ClientApp process per message).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from fedtune.batching import EncodedDataset, encode_texts
+from fedtune.client import local_train
+from fedtune.config import Experiment
+from fedtune.models import load_classifier, load_tokenizer
+from fedtune.precision import default_device
+from fedtune.runtime.flower import messages
+from fedtune.runtime.flower.experiment_source import ExperimentSource
+from fedtune.runtime.flower.node import NodeData
+from fedtune.runtime.simulation import client_seed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Model:
+    model: torch.nn.Module
+    tokenizer: Any
+    pad_id: int
+
+
+_MODELS: dict[tuple, _Model] = {}
+_ROWS: dict[tuple, EncodedDataset] = {}
+
+
+def _model(exp: Experiment, task: messages.TaskInfo, device: torch.device) -> _Model:
+    key = (exp.to_toml(), task, str(device))
+    if key not in _MODELS:
+        _MODELS.clear()  # one resident model per process
+        tokenizer = load_tokenizer(exp.model.name)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        model = load_classifier(exp.model, task.num_labels, task.label_names is None, exp.seed).to(device)
+        _MODELS[key] = _Model(model, tokenizer, pad_id)
+    return _MODELS[key]
+
+
+def _rows(exp: Experiment, node: NodeData, task: messages.TaskInfo, resident: _Model) -> EncodedDataset:
+    key = (exp.to_toml(), node, task)
+    if key not in _ROWS:
+        rows = node.load_rows(exp, task.label_names)
+        _ROWS[key] = encode_texts(resident.tokenizer, rows.texts, rows.text_pairs, rows.labels,
+                                  exp.data.max_length, task.label_names is None)
+    return _ROWS[key]
+
+
+def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | None = None) -> ClientApp:
+    """A ClientApp training fedtune clients; ``experiment`` builds the Experiment from the run config.
+
+    ``manifest_dir`` is the partition folder for Flower-simulation virtual nodes (``partition-id``).
+    """
+    app = ClientApp()
+
+    def node_of(context: Context) -> NodeData:
+        return NodeData.from_node_config(context.node_config, manifest_dir)
+
+    @app.query("identify")
+    def identify(msg: Message, context: Context) -> Message:
+        exp = experiment(context.run_config)
+        task = messages.decode_identify_request(msg.content)
+        node = node_of(context)
+        rows = _rows(exp, node, task, _model(exp, task, default_device()))
+        log.info("node %s is client %s with %d rows", context.node_id, node.client_id, len(rows))
+        return Message(messages.encode_identity(messages.Identity(node.client_id, len(rows))), reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        exp = experiment(context.run_config)
+        request = messages.decode_train_request(msg.content)
+        node = node_of(context)
+        if request.client_id != node.client_id:
+            raise ValueError(f"node {context.node_id} is client {node.client_id!r}, "
+                             f"but the server addressed client {request.client_id!r}")
+        device = default_device()
+        resident = _model(exp, request.task, device)
+        data = _rows(exp, node, request.task, resident)
+        state = messages.load_client_state(context.state)
+        update = local_train(
+            resident.model, data, request.plan, node.client_id, pad_id=resident.pad_id,
+            seed=client_seed(exp.seed, request.plan.round, node.client_id), device=device, state=state,
+        )
+        messages.save_client_state(state, context.state)
+        return Message(messages.encode_update(update), reply_to=msg)
+
+    return app

@@ -1,0 +1,186 @@
+"""``fedtune run`` with ``runtime.mode = "flower-simulation"`` or ``"flower"``.
+
+- ``flower-simulation``: the same ServerApp and ClientApp under Flower's simulation engine (Ray),
+  in this process; one virtual SuperNode per client, each reading its shard of the partition.
+- ``flower``: submit the Flower App to the SuperLink at ``runtime.superlink`` (what ``flwr run``
+  does), with the experiment shipped inside the app, and stream the run's logs. The SuperNodes
+  must already be running, each with its own data (:mod:`fedtune.runtime.flower.node`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from fedtune.config import Experiment
+
+APP_MODULE = "fedtune_app"
+"""Module (inside the app folder) binding the ServerApp and ClientApp to the app's experiment."""
+EXPERIMENT_FILE = "experiment.toml"
+
+_PYPROJECT = """\
+# A Flower App running fedtune (written by fedtune.runtime.flower.launch.write_app).
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedtune-flower-app"
+version = "0.1.0"
+description = "fedtune federated fine-tuning as a Flower App"
+license = "Apache-2.0"
+dependencies = ["fedtune", "flwr==1.41.0"]
+
+[tool.flwr.app]
+publisher = "fedtune"
+
+[tool.flwr.app.components]
+serverapp = "{module}:server_app"
+clientapp = "{module}:client_app"
+
+[tool.flwr.app.config]
+# The fedtune experiment (inside this folder); any other key is a fedtune override,
+# e.g. `flwr run . my-superlink -c 'federation.rounds=3'` once declared here.
+experiment = "{experiment}"
+"""
+
+_MODULE = '''\
+"""fedtune's Flower apps, bound to the experiment TOML shipped in this folder (see pyproject.toml)."""
+
+from pathlib import Path
+
+from fedtune.runtime.flower.client_app import make_client_app
+from fedtune.runtime.flower.experiment_source import from_app_dir
+from fedtune.runtime.flower.server_app import make_server_app
+
+_experiment = from_app_dir(Path(__file__).parent)
+server_app = make_server_app(_experiment)
+client_app = make_client_app(_experiment)
+'''
+
+
+def app_files(experiment_file: str = EXPERIMENT_FILE) -> dict[str, str]:
+    """The files of a fedtune Flower App folder (besides the experiment TOML itself)."""
+    return {
+        "pyproject.toml": _PYPROJECT.format(module=APP_MODULE, experiment=experiment_file),
+        f"{APP_MODULE}.py": _MODULE,
+    }
+
+
+def write_app(directory: str | Path, exp: Experiment) -> Path:
+    """Write a Flower App folder running ``exp`` (its TOML as ``experiment.toml``); return the folder."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in app_files().items():
+        (directory / name).write_text(text)
+    (directory / EXPERIMENT_FILE).write_text(exp.to_toml())
+    return directory
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Raise ConnectionError naming ``address`` when no SuperLink listens there within ``timeout`` seconds."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"runtime.superlink = {address!r}: expected host:port")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise ConnectionError(
+            f"cannot reach the Flower SuperLink at {address} (runtime.superlink) within {timeout:g}s: {exc}. "
+            "Is flower-superlink running there, and is the port open?"
+        ) from None
+
+
+def flwr_home(directory: str | Path, exp: Experiment, connection: str = "fedtune") -> Path:
+    """A Flower CLI home (``FLWR_HOME``) whose config names one SuperLink connection from ``[runtime]``."""
+    import tomli_w
+
+    r = exp.runtime
+    conn: dict = {"address": r.superlink}
+    if r.insecure:
+        conn["insecure"] = True
+    if r.root_certificates:
+        conn["root-certificates"] = str(Path(r.root_certificates).expanduser().resolve())
+    home = Path(directory)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": connection, connection: conn}}))
+    return home
+
+
+def submit(exp: Experiment, *, timeout: float | None = None) -> int:
+    """Submit ``exp`` to the SuperLink at ``runtime.superlink`` and stream its logs; return flwr's exit code."""
+    check_reachable(exp.runtime.superlink)
+    with tempfile.TemporaryDirectory(prefix="fedtune-flwr-") as tmp:
+        app = write_app(Path(tmp) / "app", exp)
+        env = {**os.environ, "FLWR_HOME": str(flwr_home(Path(tmp) / "home", exp))}
+        cmd = [_flwr(), "run", str(app), "fedtune", "--stream"]
+        return subprocess.run(cmd, env=env, timeout=timeout, check=False).returncode
+
+
+def _flwr() -> str:
+    exe = Path(sys.executable).parent / "flwr"
+    return str(exe) if exe.exists() else "flwr"
+
+
+def run_on_flower(exp: Experiment, *, quiet: bool = False):
+    """Run ``exp`` on Flower as ``exp.runtime.mode`` says; return the RunResult (read back from the outputs)."""
+    from fedtune.experiment import RunResult
+
+    out = exp.resolved_output_dir.resolve()
+    if exp.runtime.mode == "flower-simulation":
+        return _simulate(exp, quiet=quiet)
+    # The ServerApp runs next to the SuperLink: pin the output folder to an absolute path.
+    import dataclasses
+
+    shipped = dataclasses.replace(exp, output_dir=str(out))
+    r = exp.runtime  # generous bound so a stuck run can never hang `fedtune run` forever
+    limit = r.connect_timeout + exp.federation.rounds * r.round_timeout + 300
+    try:
+        code = submit(shipped, timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"the Flower run on {r.superlink} did not finish within {limit:g}s") from None
+    if code != 0:
+        raise RuntimeError(f"flwr run exited with code {code} (SuperLink {exp.runtime.superlink})")
+    return _read_result(out) if (out / "summary.json").exists() else RunResult(out, [], {}, {})
+
+
+def _read_result(out: Path):
+    import json
+
+    from fedtune.experiment import RunResult
+
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = out / "metrics.jsonl"
+    history = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.exists() else []
+    return RunResult(out, history, summary.get("final_metrics", {}), summary)
+
+
+def _simulate(exp: Experiment, *, quiet: bool):
+    """Flower's simulation engine (Ray) in this process, one virtual SuperNode per client."""
+    from flwr.simulation import run_simulation
+
+    from fedtune.experiment import make_shards
+    from fedtune.runtime.flower.client_app import make_client_app
+    from fedtune.runtime.flower.experiment_source import fixed
+    from fedtune.runtime.flower.server_app import make_server_app
+    from fedtune.tasks.data import load_task_data
+
+    out = exp.resolved_output_dir
+    make_shards(exp, load_task_data(exp.data, seed=exp.seed), out)  # the virtual nodes' manifests
+    results: list = []
+    server = make_server_app(fixed(exp), on_result=results.append, quiet=quiet)
+    client = make_client_app(fixed(exp), manifest_dir=out / "partition")
+    backend = {
+        "client_resources": {"num_cpus": exp.runtime.cpus_per_client, "num_gpus": 0.0},
+        "init_args": {"logging_level": "error", "log_to_driver": True},
+    }
+    run_simulation(server_app=server, client_app=client, num_supernodes=exp.partition.num_clients,
+                   backend_name="ray", backend_config=backend)
+    if not results:
+        raise RuntimeError("the Flower simulation ended without a result (see the ServerApp's log above)")
+    return results[0]

@@ -1,0 +1,332 @@
+"""The one typed (de)serializer between fedtune's payloads and Flower records.
+
+Every record name and config key that crosses the wire is defined here and nowhere else:
+the ServerApp and the ClientApp only call ``encode_*`` / ``decode_*``. Tensors travel as
+Flower ``ArrayRecord`` s (NumPy ``.npy`` bytes, never pickle); scalars as ``ConfigRecord`` /
+``MetricRecord`` values. A message that does not match the schema is a :class:`MessageError`
+naming the record and key.
+
+Layout of a train request (server -> node) ``RecordDict``::
+
+    "fedtune.plan"    ConfigRecord  schema, client_id, round, local.<LocalTrainConfig field>,
+                                    objective.kind, objective.<field>, task.label_names, task.regression
+    "fedtune.params"  ArrayRecord   RoundPlan.params
+    "fedtune.objective.<field>"  ArrayRecord   a tensor field of the objective (SCAFFOLD's ``c``)
+
+an IDENTIFY request carries ``"fedtune.task"`` (schema, task.*), its reply ``"fedtune.identity"``
+(schema, client_id, num_examples); a train reply (node -> server)::
+
+    "fedtune.update"  ConfigRecord  schema, client_id, num_examples, extras (names)
+    "fedtune.delta"   ArrayRecord   ClientUpdate.delta
+    "fedtune.metrics" MetricRecord  ClientUpdate.metrics
+    "fedtune.extra.<name>" ArrayRecord   ClientUpdate.extras[name]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedtune.types import (
+    ClientObjective, ClientState, ClientUpdate, ControlVariate, LocalTrainConfig, ProxTerm, RoundPlan, TensorDict,
+)
+
+SCHEMA = 1
+"""Version of this layout; a peer speaking another version is refused with a clear error."""
+
+TRAIN = "train"
+"""Flower message type of a training round."""
+IDENTIFY = "query.identify"
+"""Flower message type asking a node which fedtune client it is."""
+
+_PLAN, _PARAMS = "fedtune.plan", "fedtune.params"
+_UPDATE, _DELTA, _METRICS, _EXTRA = "fedtune.update", "fedtune.delta", "fedtune.metrics", "fedtune.extra."
+_IDENTITY, _TASK = "fedtune.identity", "fedtune.task"
+_OBJECTIVE = "fedtune.objective."
+_STATE = "fedtune.state."
+
+_OBJECTIVES: dict[str, type] = {"prox": ProxTerm, "scaffold": ControlVariate}
+"""Client objectives by wire name; a new kind registers here (its TensorDict fields travel as ArrayRecords)."""
+
+
+class MessageError(ValueError):
+    """A Flower message does not follow fedtune's schema (names the record and key)."""
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What every client must agree on with the server to build the same model head."""
+
+    label_names: tuple[str, ...] | None
+    """Class names in id order; ``None`` for regression."""
+
+    @property
+    def num_labels(self) -> int:
+        """Number of output units of the head."""
+        return 1 if self.label_names is None else len(self.label_names)
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """A RoundPlan addressed to one client, plus the task it trains on."""
+
+    client_id: str
+    plan: RoundPlan
+    task: TaskInfo
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A node's answer to IDENTIFY: which fedtune client it is and how much data it holds."""
+
+    client_id: str
+    num_examples: int
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def tensors_to_record(tensors: TensorDict) -> ArrayRecord:
+    """A TensorDict as an ArrayRecord (float32/int tensors; names kept, order kept)."""
+    bad = [k for k, v in tensors.items() if v.dtype in (torch.bfloat16,)]
+    if bad:
+        raise MessageError(f"tensor {bad[0]!r} has dtype bfloat16, which Flower arrays (NumPy) cannot carry")
+    return ArrayRecord(torch_state_dict={k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+def record_to_tensors(record: ArrayRecord) -> TensorDict:
+    """Inverse of :func:`tensors_to_record` (tensors own their memory)."""
+    return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- config helpers
+
+
+def _get(record: ConfigRecord | MetricRecord, name: str, key: str, types: type | tuple[type, ...]):
+    if key not in record:
+        raise MessageError(f"record {name!r} has no key {key!r}")
+    value = record[key]
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise MessageError(f"record {name!r} key {key!r}: expected {types}, got {value!r}")
+    if not isinstance(value, types):
+        raise MessageError(f"record {name!r} key {key!r}: expected {types}, got {value!r}")
+    return value
+
+
+def _record(content: RecordDict, name: str, kind: type):
+    if name not in content:
+        raise MessageError(f"message has no record {name!r} (records: {sorted(content.keys())})")
+    rec = content[name]
+    if not isinstance(rec, kind):
+        raise MessageError(f"record {name!r} is a {type(rec).__name__}, expected {kind.__name__}")
+    return rec
+
+
+def _check_schema(record: ConfigRecord, name: str) -> None:
+    got = _get(record, name, "schema", int)
+    if got != SCHEMA:
+        raise MessageError(f"record {name!r} uses fedtune message schema {got}, this side speaks {SCHEMA}")
+
+
+def _encode_dataclass(prefix: str, obj) -> dict:
+    return {f"{prefix}.{f.name}": getattr(obj, f.name) for f in dataclasses.fields(obj)}
+
+
+def _scalar(record: ConfigRecord, name: str, key: str, type_name: str):
+    expected = {"int": int, "float": (float, int), "str": str, "bool": bool}.get(type_name)
+    if expected is None:
+        raise MessageError(f"record {name!r} key {key!r}: field type {type_name} has no wire encoding")
+    value = _get(record, name, key, expected)
+    return float(value) if type_name == "float" else value
+
+
+def _decode_dataclass(cls: type, prefix: str, record: ConfigRecord, name: str):
+    return cls(**{f.name: _scalar(record, name, f"{prefix}.{f.name}", str(f.type)) for f in dataclasses.fields(cls)})
+
+
+def _tensor_fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls) if str(f.type) == "TensorDict"}
+
+
+def _encode_objective(objective: ClientObjective | None) -> tuple[dict, dict[str, ArrayRecord]]:
+    """Scalar fields into the plan's ConfigRecord, TensorDict fields as ArrayRecords of their own."""
+    if objective is None:
+        return {"objective.kind": ""}, {}
+    for kind, cls in _OBJECTIVES.items():
+        if type(objective) is cls:
+            tensor_fields = _tensor_fields(cls)
+            scalars = {f"objective.{f.name}": getattr(objective, f.name)
+                       for f in dataclasses.fields(cls) if f.name not in tensor_fields}
+            arrays = {_OBJECTIVE + name: tensors_to_record(getattr(objective, name)) for name in tensor_fields}
+            return {"objective.kind": kind, **scalars}, arrays
+    raise MessageError(f"client objective {type(objective).__name__} has no wire encoding")
+
+
+def _decode_objective(content: RecordDict, record: ConfigRecord, name: str) -> ClientObjective | None:
+    kind = _get(record, name, "objective.kind", str)
+    if not kind:
+        return None
+    if kind not in _OBJECTIVES:
+        raise MessageError(f"record {name!r}: unknown objective kind {kind!r} (known: {sorted(_OBJECTIVES)})")
+    cls = _OBJECTIVES[kind]
+    tensor_fields = _tensor_fields(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in tensor_fields:
+            kwargs[f.name] = record_to_tensors(_record(content, _OBJECTIVE + f.name, ArrayRecord))
+        else:
+            kwargs[f.name] = _scalar(record, name, f"objective.{f.name}", str(f.type))
+    return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- train request / reply
+
+
+def _encode_task(task: TaskInfo) -> dict:
+    return {"task.regression": task.label_names is None, "task.label_names": list(task.label_names or [])}
+
+
+def _decode_task(record: ConfigRecord, name: str) -> TaskInfo:
+    regression = _get(record, name, "task.regression", bool)
+    names = record.get("task.label_names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise MessageError(f"record {name!r} key 'task.label_names': expected a list of strings, got {names!r}")
+    return TaskInfo(label_names=None if regression else tuple(names))
+
+
+def encode_train_request(request: TrainRequest) -> RecordDict:
+    """RecordDict of a train message (see the module docstring for the layout)."""
+    plan = request.plan
+    objective, objective_arrays = _encode_objective(plan.objective)
+    config = {
+        "schema": SCHEMA,
+        "client_id": request.client_id,
+        "round": plan.round,
+        **_encode_dataclass("local", plan.local),
+        **objective,
+        **_encode_task(request.task),
+    }
+    return RecordDict({_PLAN: ConfigRecord(config), _PARAMS: tensors_to_record(plan.params), **objective_arrays})
+
+
+def decode_train_request(content: RecordDict) -> TrainRequest:
+    """Inverse of :func:`encode_train_request`."""
+    rec = _record(content, _PLAN, ConfigRecord)
+    _check_schema(rec, _PLAN)
+    plan = RoundPlan(
+        round=_get(rec, _PLAN, "round", int),
+        params=record_to_tensors(_record(content, _PARAMS, ArrayRecord)),
+        local=_decode_dataclass(LocalTrainConfig, "local", rec, _PLAN),
+        objective=_decode_objective(content, rec, _PLAN),
+    )
+    return TrainRequest(
+        client_id=_get(rec, _PLAN, "client_id", str),
+        plan=plan,
+        task=_decode_task(rec, _PLAN),
+    )
+
+
+def encode_update(update: ClientUpdate) -> RecordDict:
+    """RecordDict of a train reply carrying ``update``."""
+    config = {
+        "schema": SCHEMA,
+        "client_id": update.client_id,
+        "num_examples": int(update.num_examples),
+        "extras": sorted(update.extras),
+    }
+    content = RecordDict({
+        _UPDATE: ConfigRecord(config),
+        _DELTA: tensors_to_record(update.delta),
+        _METRICS: MetricRecord({k: float(v) for k, v in update.metrics.items()}),
+    })
+    for name, tensors in update.extras.items():
+        content[_EXTRA + name] = tensors_to_record(tensors)
+    return content
+
+
+def decode_update(content: RecordDict) -> ClientUpdate:
+    """Inverse of :func:`encode_update`."""
+    rec = _record(content, _UPDATE, ConfigRecord)
+    _check_schema(rec, _UPDATE)
+    extras_names = rec.get("extras", [])
+    if not isinstance(extras_names, list):
+        raise MessageError(f"record {_UPDATE!r} key 'extras': expected a list of names, got {extras_names!r}")
+    metrics = _record(content, _METRICS, MetricRecord)
+    return ClientUpdate(
+        client_id=_get(rec, _UPDATE, "client_id", str),
+        delta=record_to_tensors(_record(content, _DELTA, ArrayRecord)),
+        num_examples=_get(rec, _UPDATE, "num_examples", int),
+        metrics={k: float(v) for k, v in metrics.items()},
+        extras={n: record_to_tensors(_record(content, _EXTRA + n, ArrayRecord)) for n in extras_names},
+    )
+
+
+# ----------------------------------------------------------------------------- identify
+
+
+def encode_identify_request(task: TaskInfo) -> RecordDict:
+    """RecordDict of an IDENTIFY request: the task, so the node can check its data against the labels."""
+    return RecordDict({_TASK: ConfigRecord({"schema": SCHEMA, **_encode_task(task)})})
+
+
+def decode_identify_request(content: RecordDict) -> TaskInfo:
+    """Inverse of :func:`encode_identify_request`."""
+    rec = _record(content, _TASK, ConfigRecord)
+    _check_schema(rec, _TASK)
+    return _decode_task(rec, _TASK)
+
+
+def encode_identity(identity: Identity) -> RecordDict:
+    """RecordDict of an IDENTIFY reply."""
+    return RecordDict({_IDENTITY: ConfigRecord({
+        "schema": SCHEMA, "client_id": identity.client_id, "num_examples": int(identity.num_examples),
+    })})
+
+
+def decode_identity(content: RecordDict) -> Identity:
+    """Inverse of :func:`encode_identity`."""
+    rec = _record(content, _IDENTITY, ConfigRecord)
+    _check_schema(rec, _IDENTITY)
+    return Identity(client_id=_get(rec, _IDENTITY, "client_id", str),
+                    num_examples=_get(rec, _IDENTITY, "num_examples", int))
+
+
+# ----------------------------------------------------------------------------- client state
+
+
+def save_client_state(state: ClientState, store: RecordDict) -> None:
+    """Write a client's persistent state into a Flower ``context.state`` (one ArrayRecord per purpose)."""
+    for key in [k for k in store.keys() if k.startswith(_STATE)]:
+        if key[len(_STATE):] not in state:
+            del store[key]
+    for purpose, tensors in state.items():
+        store[_STATE + purpose] = tensors_to_record(tensors)
+
+
+def load_client_state(store: RecordDict) -> ClientState:
+    """Inverse of :func:`save_client_state`; ``{}`` on a node's first round."""
+    return {
+        key[len(_STATE):]: record_to_tensors(rec)
+        for key, rec in store.items()
+        if key.startswith(_STATE) and isinstance(rec, ArrayRecord)
+    }
+
+
+# ----------------------------------------------------------------------------- byte accounting
+
+
+def encoded_size(content: RecordDict) -> int:
+    """Exact bytes of the serialized records Flower ships for ``content``.
+
+    Flower deflates a message's RecordDict into content-addressed objects (records, arrays,
+    array chunks) and uploads each one; this is the sum of their serialized sizes (HTTP/TLS
+    framing and the message envelope excluded).
+    """
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
+

@@ -1,0 +1,131 @@
+"""What a SuperNode's node config means: which fedtune client it is and where its own data is.
+
+A SuperNode is started with ``--node-config`` (space-separated ``key=value``, TOML values)::
+
+    flower-supernode ... --node-config 'client-id="hospital_a" train-file="/data/a.csv"'
+    flower-supernode ... --node-config 'manifest="runs/x/partition/client_001.json"'
+
+Keys (all optional, but the node must end up with a client id and exactly one data source):
+
+``client-id``
+    The fedtune client id of this node. It names the node in sampling, metrics and logs, and
+    seeds its local training (``seed``, round, client id), so the same id on the same rows gives
+    the same update as the in-process simulation. Defaults to the manifest's ``client_id``.
+``train-file``
+    This node's own training rows (CSV/TSV/JSON/JSONL/Parquet with the experiment's
+    ``data.text_column`` / ``data.label_column``). Labels are mapped with the server's label names.
+``manifest``
+    A partition manifest (``client_NNN.json`` from ``fedtune partition``): the node reads the
+    experiment's training set from its own copy (``data.train_file`` or ``$FEDTUNE_DATA_DIR``)
+    and keeps the listed rows. This reproduces a simulation's shards on real nodes.
+``data-dir``
+    Use this folder as ``FEDTUNE_DATA_DIR`` (GLUE / AG News layouts) on this node.
+``partition-id`` / ``num-partitions``
+    Set by Flower's simulation engine for virtual nodes; the node becomes client
+    ``client_{partition-id:03d}`` and reads that manifest from the run's partition folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import Experiment
+from fedtune.partition import client_ids
+from fedtune.tasks.data import DataError, TextDataset, load_task_data
+
+CLIENT_ID, TRAIN_FILE, MANIFEST, DATA_DIR = "client-id", "train-file", "manifest", "data-dir"
+PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
+KNOWN_KEYS = (CLIENT_ID, TRAIN_FILE, MANIFEST, DATA_DIR, PARTITION_ID, NUM_PARTITIONS)
+
+
+class NodeConfigError(ValueError):
+    """A SuperNode's node config does not say which client it is or where its data is."""
+
+
+@dataclass(frozen=True)
+class NodeData:
+    """This node's identity and its data source, resolved from the node config."""
+
+    client_id: str
+    train_file: str = ""
+    manifest: str = ""
+    data_dir: str = ""
+
+    @classmethod
+    def from_node_config(cls, raw: Mapping[str, Any], manifest_dir: str | Path | None = None) -> "NodeData":
+        """Parse a Flower ``context.node_config`` (see the module docstring for the keys).
+
+        ``manifest_dir`` is the partition folder used for Flower-simulation virtual nodes
+        (``partition-id``); deployed nodes name their data themselves.
+        """
+        unknown = sorted(set(raw) - set(KNOWN_KEYS))
+        if unknown:
+            raise NodeConfigError(f"unknown node-config key(s) {unknown}; known: {list(KNOWN_KEYS)}")
+
+        def text(key: str) -> str:
+            value = raw.get(key, "")
+            if not isinstance(value, str):
+                raise NodeConfigError(f"node-config {key}: expected a string, got {value!r}")
+            return value.strip()
+
+        client_id, train_file, manifest, data_dir = text(CLIENT_ID), text(TRAIN_FILE), text(MANIFEST), text(DATA_DIR)
+        if PARTITION_ID in raw and not (client_id or train_file or manifest):
+            pid, num = raw[PARTITION_ID], raw.get(NUM_PARTITIONS)
+            if not isinstance(pid, int) or not isinstance(num, int) or not 0 <= pid < num:
+                raise NodeConfigError(f"node-config partition-id={pid!r} num-partitions={num!r} are not valid")
+            if manifest_dir is None:
+                raise NodeConfigError("node-config partition-id needs the run's partition folder (Flower simulation)")
+            client_id = client_ids(num)[pid]
+            manifest = str(Path(manifest_dir) / f"{client_id}.json")
+        if bool(train_file) == bool(manifest):
+            raise NodeConfigError(
+                f"node-config must name exactly one data source: {TRAIN_FILE}=<file> or {MANIFEST}=<client_NNN.json> "
+                f"(got {dict(raw)})"
+            )
+        if manifest and not client_id:
+            client_id = _manifest(manifest).get("client_id", "")
+        if not client_id:
+            raise NodeConfigError(f"node-config needs {CLIENT_ID}=<name> with {TRAIN_FILE} (got {dict(raw)})")
+        return cls(client_id=client_id, train_file=train_file, manifest=manifest, data_dir=data_dir)
+
+    def load_rows(self, exp: Experiment, label_names: tuple[str, ...] | None) -> TextDataset:
+        """This node's training rows, with labels mapped to the server's ``label_names``."""
+        if self.data_dir:
+            os.environ["FEDTUNE_DATA_DIR"] = self.data_dir
+        if self.train_file:
+            cfg = dataclasses.replace(
+                exp.data, dataset="files", train_file=self.train_file, eval_file=self.train_file, eval_split="",
+                label_names=list(label_names or []), regression=label_names is None, train_size=0, eval_size=0,
+            )
+            return load_task_data(cfg, seed=exp.seed).train
+        task = load_task_data(exp.data, seed=exp.seed)
+        if (tuple(task.label_names) if task.label_names is not None else None) != label_names:
+            raise DataError(
+                f"client {self.client_id}: this node's copy of the training set has labels {task.label_names}, "
+                f"the server's are {list(label_names) if label_names else None}"
+            )
+        indices = _manifest(self.manifest).get("indices")
+        if not isinstance(indices, list):
+            raise NodeConfigError(f"manifest {self.manifest}: no 'indices' list")
+        try:
+            return task.train.subset(indices)
+        except IndexError as exc:
+            raise NodeConfigError(f"manifest {self.manifest} does not fit this node's training set: {exc}") from None
+
+
+def _manifest(path: str) -> dict:
+    try:
+        value = json.loads(Path(path).expanduser().read_text())
+    except FileNotFoundError:
+        raise NodeConfigError(f"manifest {path} does not exist on this node") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise NodeConfigError(f"manifest {path} is not readable JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise NodeConfigError(f"manifest {path} must hold a JSON object")
+    return value

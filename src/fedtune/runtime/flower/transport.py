@@ -1,0 +1,176 @@
+"""FlowerTransport: the round loop's Transport over a Flower ``Grid`` (SuperLink or simulation engine).
+
+Client ids are the nodes' own: at start the server sends every connected node an IDENTIFY
+query, and each node answers with the client id from its node config
+(:mod:`fedtune.runtime.flower.node`). The server keeps ``client id -> node id`` and addresses
+each sampled client's RoundPlan to its node. Replies are yielded as they arrive, so the
+strategy's streaming aggregate consumes them one by one, in sampled order (see ``run_round``). ``bytes_down`` / ``bytes_up`` count
+the serialized records of every message actually sent (:func:`messages.encoded_size`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedtune.config import ConfigError, Experiment, RuntimeConfig
+from fedtune.payload import CommStats
+from fedtune.runtime.flower import messages
+from fedtune.tasks.data import TaskData, load_task_data
+from fedtune.types import ClientUpdate, RoundPlan
+
+log = logging.getLogger(__name__)
+
+
+class FederationError(RuntimeError):
+    """The federation cannot proceed: too few nodes, a node that cannot identify, clashing client ids."""
+
+
+def server_task(exp: Experiment) -> TaskData:
+    """The task as the server needs it: label vocabulary and eval split, never the clients' training rows.
+
+    For local files with ``data.label_names`` set (or regression) only ``data.eval_file`` is read;
+    otherwise the label vocabulary is inferred from ``data.train_file`` as in the simulation.
+    """
+    d = exp.data
+    if (d.dataset.strip() == "files" or d.train_file) and d.eval_file and (d.label_names or d.regression):
+        return load_task_data(dataclasses.replace(d, train_file=d.eval_file, train_size=0), seed=exp.seed)
+    if d.dataset.strip() == "files" or d.train_file:
+        log.warning("data.label_names is empty: the server reads %s only to infer the label names; "
+                    "set data.label_names so it needs no training file", d.train_file)
+    return load_task_data(d, seed=exp.seed)
+
+
+class FlowerTransport:
+    """Reaches fedtune clients running the ClientApp on Flower nodes (a RemoteClients and a Transport)."""
+
+    def __init__(self, grid: Grid, runtime: RuntimeConfig, expected_clients: int, *, poll: float = 0.2) -> None:
+        self.grid = grid
+        self.runtime = runtime
+        self.needed = runtime.min_clients or expected_clients
+        self.poll = poll
+        self.nodes: dict[str, int] = {}
+        """client id -> Flower node id, from the nodes' IDENTIFY replies."""
+        self.task = messages.TaskInfo(label_names=None)
+        self.failures: list[tuple[int, str, str]] = []
+        """(round, client id, reason) of every client that failed or timed out."""
+        self.missing: list = []
+        """Keys of the messages that got no reply in the last exchange."""
+
+    @property
+    def transport(self) -> "FlowerTransport":
+        """This object (RemoteClients protocol)."""
+        return self
+
+    def load_task(self, exp: Experiment) -> TaskData:
+        """See :func:`server_task`; refuses experiment options that need the clients' data on the server."""
+        if exp.mode != "federated":
+            raise ConfigError(f"mode = {exp.mode!r} needs every client's data in one place; use runtime.mode = 'simulation'")
+        if exp.eval.per_client:
+            raise ConfigError("eval.per_client needs the clients' shards on the server; not available on Flower")
+        if exp.attack.kind != "none":
+            raise ConfigError("attack.* is a simulation-only study tool; not available on Flower")
+        return server_task(exp)
+
+    def connect(self, task: TaskData) -> dict[str, int]:
+        """Wait for enough SuperNodes, ask each which client it is; return ``{client_id: num_examples}``."""
+        self.task = messages.TaskInfo(tuple(task.label_names) if task.label_names is not None else None)
+        deadline = time.monotonic() + self.runtime.connect_timeout
+        nodes = list(self.grid.get_node_ids())
+        while len(nodes) < self.needed:
+            if time.monotonic() > deadline:
+                raise FederationError(
+                    f"only {len(nodes)} of {self.needed} SuperNodes connected within "
+                    f"runtime.connect_timeout = {self.runtime.connect_timeout:g}s"
+                )
+            time.sleep(self.poll * 5)
+            nodes = list(self.grid.get_node_ids())
+        log.info("%d SuperNodes connected; identifying them", len(nodes))
+        content = messages.encode_identify_request(self.task)
+        out = [Message(content, dst_node_id=n, message_type=messages.IDENTIFY) for n in nodes]
+        sizes: dict[str, int] = {}
+        for node_id, reply in self._exchange(out, deadline, nodes, "identify"):
+            if reply.has_error():
+                raise FederationError(f"SuperNode {node_id} could not identify: {reply.error.reason}")
+            ident = messages.decode_identity(reply.content)
+            if ident.client_id in self.nodes:
+                raise FederationError(f"SuperNodes {self.nodes[ident.client_id]} and {node_id} both claim "
+                                      f"client id {ident.client_id!r}; give each node its own client-id")
+            self.nodes[ident.client_id] = int(node_id)
+            sizes[ident.client_id] = ident.num_examples
+        if len(sizes) < self.needed:
+            raise FederationError(f"only {len(sizes)} of {self.needed} SuperNodes identified within "
+                                  f"runtime.connect_timeout = {self.runtime.connect_timeout:g}s")
+        log.info("clients: %s", ", ".join(f"{c} (node {self.nodes[c]}, {sizes[c]} rows)" for c in sorted(sizes)))
+        return sizes
+
+    def run_round(self, plan: RoundPlan, clients: Sequence[str], stats: CommStats) -> Iterator[ClientUpdate]:
+        """Send each sampled client its plan; yield the updates in sampled order as they arrive.
+
+        Replies are decoded as they come in, but handed on in the order of ``clients``, so the
+        aggregate sums in the same order as the simulation (float sums are order-sensitive; this
+        is what makes the two runtimes agree to 1e-6 and runs reproducible). An update waits only
+        for the earlier clients' replies; a client that fails or times out is skipped and logged.
+        """
+        unknown = [c for c in clients if c not in self.nodes]
+        if unknown:
+            raise FederationError(f"round {plan.round}: no SuperNode serves client(s) {unknown}")
+        out = []
+        for cid in clients:
+            content = messages.encode_train_request(messages.TrainRequest(cid, plan, self.task))
+            stats.bytes_down += messages.encoded_size(content)
+            out.append(Message(content, dst_node_id=self.nodes[cid], message_type=messages.TRAIN,
+                               group_id=str(plan.round)))
+        deadline = time.monotonic() + self.runtime.round_timeout
+        arrived: dict[int, ClientUpdate | None] = {}
+        next_up = 0
+        for i, reply in self._exchange(out, deadline, list(range(len(clients))), f"round {plan.round}"):
+            arrived[i] = self._decode(plan.round, clients[i], reply, stats)
+            while next_up in arrived:
+                update = arrived.pop(next_up)
+                next_up += 1
+                if update is not None:
+                    yield update
+        self.failures.extend((plan.round, clients[i], "timeout") for i in self.missing)
+        for i in sorted(arrived):  # replies queued behind a client that never answered
+            if arrived[i] is not None:
+                yield arrived[i]
+
+    def _decode(self, rnd: int, cid: str, reply: Message, stats: CommStats) -> ClientUpdate | None:
+        if reply.has_error():
+            log.error("round %d: client %s failed: %s", rnd, cid, reply.error.reason)
+            self.failures.append((rnd, cid, reply.error.reason))
+            return None
+        update = messages.decode_update(reply.content)
+        stats.bytes_up += messages.encoded_size(reply.content)
+        if update.client_id != cid:
+            log.error("round %d: the node of client %s answered as %s; dropped", rnd, cid, update.client_id)
+            self.failures.append((rnd, cid, f"answered as {update.client_id}"))
+            return None
+        return update
+
+    def _exchange(self, out: list[Message], deadline: float, keys: list, what: str) -> Iterator[tuple[Any, Message]]:
+        """Push ``out`` (``keys[i]`` names ``out[i]``); yield ``(key, reply)`` as replies arrive until ``deadline``.
+
+        Keys without a reply by the deadline are left in ``self.missing`` (and logged).
+        """
+        self.missing: list = []
+        pending = dict(zip(self.grid.push_messages(out), keys))
+        while pending:
+            for reply in self.grid.pull_messages(list(pending)):
+                key = pending.pop(reply.metadata.reply_to_message_id, None)
+                if key is not None:
+                    yield key, reply
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                self.missing = sorted(pending.values())
+                log.error("%s: no reply from %s before the timeout", what, ", ".join(map(str, self.missing)))
+                return
+            time.sleep(self.poll)

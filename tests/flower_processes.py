@@ -1,0 +1,127 @@
+"""Start and stop real Flower processes (SuperLink, SuperNodes) on localhost for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+
+def free_port() -> int:
+    """A TCP port that is free right now on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _exe(name: str) -> str:
+    path = Path(sys.executable).parent / name
+    return str(path) if path.exists() else name
+
+
+def wait_for_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    """Wait until something listens on ``port``; fail with the process log if it dies or times out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@dataclass
+class Federation:
+    """A SuperLink and its SuperNodes running as child processes (each in its own process group)."""
+
+    workdir: Path
+    superlink_port: int = 0
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        """The SuperLink's address (Fleet and Control API share one port in Flower 1.41)."""
+        return f"127.0.0.1:{self.superlink_port}"
+
+    def env(self) -> dict[str, str]:
+        """Environment of the processes: a private FLWR_HOME (never the user's ~/.flwr)."""
+        return {**os.environ, "FLWR_HOME": str(self.workdir / "flwr-home"), "PYTHONUNBUFFERED": "1"}
+
+    def _start(self, name: str, args: list[str]) -> subprocess.Popen:
+        log = self.workdir / f"{name}.log"
+        proc = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, env=self.env(),
+                                cwd=self.workdir, start_new_session=True)
+        self.procs.append(proc)
+        self.logs.append(log)
+        return proc
+
+    def start_superlink(self, tls: list[str] | None = None, timeout: float = 30) -> None:
+        """``flower-superlink`` on a free port (insecure unless ``tls`` flags are given)."""
+        self.superlink_port = free_port()
+        flags = tls if tls is not None else ["--insecure"]
+        proc = self._start("superlink", [_exe("flower-superlink"), *flags, "--port", str(self.superlink_port),
+                                         "--disable-runtime-dependency-installation"])
+        wait_for_port(self.superlink_port, timeout, proc, self.logs[-1])
+
+    def start_supernode(self, name: str, node_config: str, tls: list[str] | None = None) -> None:
+        """``flower-supernode`` connected to the SuperLink with ``--node-config node_config``."""
+        flags = tls if tls is not None else ["--insecure"]
+        self._start(name, [_exe("flower-supernode"), *flags, "--superlink", self.address,
+                           "--port", str(free_port()), "--node-config", node_config, "--max-wait-time", "60"])
+
+    def stop(self) -> None:
+        """Kill every process we started and all of its descendants (Flower detaches some into new sessions)."""
+        victims: list[psutil.Process] = []
+        for proc in self.procs:
+            try:
+                victims.append(psutil.Process(proc.pid))
+                victims.extend(psutil.Process(proc.pid).children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+        for proc in self.procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for v in victims:
+            try:
+                v.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(victims, timeout=5)
+        for v in alive:
+            try:
+                v.kill()
+            except psutil.NoSuchProcess:
+                pass
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def tail(self, chars: int = 2500) -> str:
+        """The end of every process log (for failure messages)."""
+        return "\n".join(f"--- {p.name}\n{p.read_text()[-chars:]}" for p in self.logs if p.exists())
+
+
+@contextmanager
+def federation(workdir: Path):
+    """A :class:`Federation` that is always stopped on exit."""
+    fed = Federation(workdir)
+    try:
+        yield fed
+    finally:
+        fed.stop()

@@ -1,0 +1,112 @@
+"""Flower runtime pieces that need no SuperLink: message codec, node config, errors, Ray simulation."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("flwr")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from fedtune.config import Experiment  # noqa: E402
+from fedtune.experiment import run_experiment  # noqa: E402
+from fedtune.runtime.flower import messages  # noqa: E402
+from fedtune.runtime.flower.launch import app_files, check_reachable  # noqa: E402
+from fedtune.runtime.flower.node import NodeConfigError, NodeData  # noqa: E402
+from fedtune.types import ClientUpdate, ControlVariate, LocalTrainConfig, ProxTerm, RoundPlan  # noqa: E402
+
+from flower_processes import free_port  # noqa: E402
+
+
+@pytest.mark.parametrize("objective", [None, ProxTerm(0.25), ControlVariate({"w": torch.ones(2, 3)})])
+def test_train_request_round_trip(objective):
+    """RoundPlan, task and objective survive encoding bit for bit; tensors keep dtype and shape."""
+    plan = RoundPlan(4, {"w": torch.randn(2, 3), "i": torch.arange(5)}, LocalTrainConfig(1.5, 7, 0.01, 8), objective)
+    content = messages.encode_train_request(messages.TrainRequest("client_002", plan, messages.TaskInfo(("a", "b"))))
+    back = messages.decode_train_request(content)
+    assert back.client_id == "client_002" and back.task.label_names == ("a", "b")
+    assert back.plan.round == 4 and back.plan.local == plan.local
+    assert all(torch.equal(back.plan.params[k], plan.params[k]) for k in plan.params)
+    assert back.plan.params["i"].dtype == torch.int64
+    if isinstance(objective, ControlVariate):
+        assert torch.equal(back.plan.objective.c["w"], objective.c["w"])
+    else:
+        assert back.plan.objective == objective
+    assert messages.encoded_size(content) > plan.params["w"].numel() * 4
+
+
+def test_update_round_trip_and_schema_errors():
+    """ClientUpdate (with extras) round-trips; a missing record or a foreign schema is a clear error."""
+    u = ClientUpdate("client_001", {"w": torch.randn(3)}, 12, {"train_loss": 0.5}, {"scaffold_delta_c": {"w": torch.ones(3)}})
+    back = messages.decode_update(messages.encode_update(u))
+    assert back.client_id == u.client_id and back.num_examples == 12 and back.metrics == {"train_loss": 0.5}
+    assert torch.equal(back.delta["w"], u.delta["w"]) and torch.equal(back.extras["scaffold_delta_c"]["w"], torch.ones(3))
+    content = messages.encode_update(u)
+    del content["fedtune.delta"]
+    with pytest.raises(messages.MessageError, match="fedtune.delta"):
+        messages.decode_update(content)
+    content = messages.encode_update(u)
+    content["fedtune.update"]["schema"] = 99
+    with pytest.raises(messages.MessageError, match="schema 99"):
+        messages.decode_update(content)
+
+
+def test_client_state_lives_in_context_state():
+    """ClientState is stored as ArrayRecords in a RecordDict and read back; dropped purposes disappear."""
+    from flwr.app import RecordDict
+
+    store = RecordDict()
+    messages.save_client_state({"c_i": {"w": torch.ones(2)}, "residual": {"w": torch.zeros(2)}}, store)
+    assert set(messages.load_client_state(store)) == {"c_i", "residual"}
+    messages.save_client_state({"c_i": {"w": torch.full((2,), 3.0)}}, store)
+    state = messages.load_client_state(store)
+    assert set(state) == {"c_i"} and torch.equal(state["c_i"]["w"], torch.full((2,), 3.0))
+
+
+def test_node_config(tmp_path):
+    """Client id and data source come from the node config; mistakes name the key."""
+    manifest = tmp_path / "client_004.json"
+    manifest.write_text('{"client_id": "client_004", "indices": [0, 1]}')
+    assert NodeData.from_node_config({"manifest": str(manifest)}).client_id == "client_004"
+    assert NodeData.from_node_config({"client-id": "a", "train-file": "x.csv"}).train_file == "x.csv"
+    sim = NodeData.from_node_config({"partition-id": 1, "num-partitions": 3}, manifest_dir=tmp_path)
+    assert sim.client_id == "client_001" and sim.manifest.endswith("client_001.json")
+    with pytest.raises(NodeConfigError, match="client-id"):
+        NodeData.from_node_config({"train-file": "x.csv"})
+    with pytest.raises(NodeConfigError, match="exactly one data source"):
+        NodeData.from_node_config({"client-id": "a"})
+    with pytest.raises(NodeConfigError, match="unknown node-config"):
+        NodeData.from_node_config({"client-id": "a", "trian-file": "x.csv"})
+
+
+def test_unreachable_superlink_names_the_address():
+    """Submitting to a SuperLink nobody runs fails fast with the address in the message."""
+    port = free_port()
+    with pytest.raises(ConnectionError, match=f"127.0.0.1:{port}"):
+        check_reachable(f"127.0.0.1:{port}", timeout=2)
+    exp = Experiment.from_overrides(['runtime.mode="flower"', f'runtime.superlink="127.0.0.1:{port}"'])
+    with pytest.raises(ConnectionError, match="runtime.superlink"):
+        run_experiment(exp, quiet=True)
+
+
+def test_shipped_app_folder_is_current():
+    """flower_app/ (the README walk-through's app) is what write_app generates."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "flower_app"
+    for name, text in app_files().items():
+        assert (folder / name).read_text() == text, f"flower_app/{name} is stale; regenerate with write_app"
+
+
+def test_flower_simulation_matches_simulation(tiny_experiment, tmp_path):
+    """runtime.mode = "flower-simulation" (Ray) gives the in-process simulation's global model."""
+    pytest.importorskip("ray")
+    base = ["partition.num_clients=2", "federation.rounds=2", "train.epochs=2"]
+    sim = run_experiment(tiny_experiment(*base, f'output_dir="{tmp_path / "sim"}"'), quiet=True)
+    ray = run_experiment(tiny_experiment(*base, f'output_dir="{tmp_path / "ray"}"', 'runtime.mode="flower-simulation"',
+                                         "runtime.cpus_per_client=1"), quiet=True)
+    a = load_file(sim.output_dir / "model" / "adapter_model.safetensors")
+    b = load_file(ray.output_dir / "model" / "adapter_model.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert [r["clients"] for r in ray.history] == [2, 2]

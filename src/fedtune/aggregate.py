@@ -6,7 +6,17 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from fedtune.types import TensorDict
+from fedtune.types import ClientUpdate, TensorDict
+
+
+def mean_delta(rnd: int, updates: Iterable[ClientUpdate]) -> tuple[TensorDict, int]:
+    """Streamed example-weighted mean of the updates' deltas and how many there were; error when none."""
+    mean = WeightedMean()
+    for update in updates:
+        mean.add(update.delta, float(update.num_examples))
+    if mean.count == 0:
+        raise ValueError(f"round {rnd}: no client updates to aggregate")
+    return mean.result(), mean.count
 
 
 def weighted_mean(items: Sequence[TensorDict], weights: Sequence[float]) -> TensorDict:

@@ -379,12 +379,7 @@ class Experiment:
     def from_toml(cls, path: str | Path, overrides: typing.Sequence[str] = ()) -> "Experiment":
         """Load an experiment file, then apply ``section.key=value`` overrides."""
         path = Path(path)
-        try:
-            raw = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        raw = read_toml(path, "config")
         apply_overrides(raw, overrides)
         return from_dict(cls, raw, source=str(path))
 
@@ -419,6 +414,16 @@ def default_experiment() -> Experiment:
         train=TrainConfig(epochs=1.0, lr=1e-3, batch_size=16, grad_clip=1.0, precision="fp32"),
         eval=EvalConfig(every=2, batch_size=128),
     )
+
+
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """Parse a TOML file; a missing file or bad TOML is a ConfigError naming the file."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{what} file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: typing.Sequence[str]) -> None:

@@ -40,7 +40,7 @@ from typing import Any, TextIO
 
 import tomli_w
 
-from fedtune.config import ConfigError, Experiment, default_experiment, from_dict
+from fedtune.config import ConfigError, Experiment, default_experiment, from_dict, read_toml
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +133,7 @@ def parse_grid_arg(item: str) -> tuple[str, list[Any]]:
 def load_sweep(path: str | Path) -> Sweep:
     """Read a sweep file; errors name the file and the offending key."""
     path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"sweep file not found: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, "sweep")
     unknown = sorted(set(raw) - SWEEP_KEYS)
     if unknown:
         raise ConfigError(f"{path}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(SWEEP_KEYS))})")

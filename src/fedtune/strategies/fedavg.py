@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from fedtune import tensors
-from fedtune.aggregate import WeightedMean
+from fedtune.aggregate import mean_delta
 from fedtune.types import ClientObjective, ClientUpdate, LocalTrainConfig, Metrics, RoundPlan, ServerState, TensorDict
 
 
@@ -30,10 +30,6 @@ class FedAvg:
 
     def aggregate(self, rnd: int, state: ServerState, updates: Iterable[ClientUpdate]) -> tuple[ServerState, Metrics]:
         """Streamed weighted mean of deltas (memory independent of the number of clients)."""
-        mean = WeightedMean()
-        for update in updates:
-            mean.add(update.delta, float(update.num_examples))
-        if mean.count == 0:
-            raise ValueError(f"round {rnd}: no client updates to aggregate")
-        new_params = tensors.add(state.params, mean.result())
-        return ServerState(round=rnd, params=new_params, buffers=state.buffers), {"clients_aggregated": float(mean.count)}
+        mean, count = mean_delta(rnd, updates)
+        new_params = tensors.add(state.params, mean)
+        return ServerState(round=rnd, params=new_params, buffers=state.buffers), {"clients_aggregated": float(count)}

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from fedtune import server_opt, tensors
-from fedtune.aggregate import WeightedMean
+from fedtune.aggregate import mean_delta
 from fedtune.strategies.fedavg import FedAvg
 from fedtune.types import ClientUpdate, Metrics, ServerState, TensorDict
 
@@ -38,14 +38,10 @@ class _FedOpt(FedAvg):
 
     def aggregate(self, rnd: int, state: ServerState, updates: Iterable[ClientUpdate]) -> tuple[ServerState, Metrics]:
         """Streamed example-weighted mean of deltas, then the optimizer step on its negation."""
-        mean = WeightedMean()
-        for update in updates:
-            mean.add(update.delta, float(update.num_examples))
-        if mean.count == 0:
-            raise ValueError(f"round {rnd}: no client updates to aggregate")
-        grad = server_opt.pseudo_gradient(mean.result())
+        mean, count = mean_delta(rnd, updates)
+        grad = server_opt.pseudo_gradient(mean)
         params, moments = self._step(state.params, grad, dict(state.buffers))
-        metrics = {"clients_aggregated": float(mean.count), "pseudo_grad_norm": tensors.norm(grad)}
+        metrics = {"clients_aggregated": float(count), "pseudo_grad_norm": tensors.norm(grad)}
         return ServerState(round=rnd, params=params, buffers={**state.buffers, **moments}), metrics
 
 

@@ -9,7 +9,6 @@ highest (optionally length-normalized) log-likelihood.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from fedtune.tasks.json_files import read_json
 
 IGNORE_INDEX = -100
 """Label value that the loss skips (prompt tokens, padding)."""
@@ -43,12 +44,7 @@ class Instruction:
 def load_instructions(path: str | Path) -> list[Instruction]:
     """Read an Alpaca-style JSON list (instruction, input, output); errors name the file and row."""
     path = Path(path)
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"instruction file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    rows = read_json(path, "instruction")
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{path}: expected a non-empty JSON list of objects")
     out = []

@@ -9,12 +9,13 @@ n best start and end logits of every window of a question for the best valid spa
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from fedtune.tasks.json_files import read_json
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,7 @@ class QAFeatures:
 def load_squad_json(path: str | Path) -> list[QAExample]:
     """Read a SQuAD v1.1 JSON file into examples (an error names the file and what is wrong)."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"SQuAD file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    raw = read_json(path, "SQuAD")
     if not isinstance(raw, dict) or "data" not in raw:
         raise ValueError(f"{path}: no top-level 'data' list (not SQuAD format)")
     examples = []

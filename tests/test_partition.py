@@ -28,6 +28,8 @@ def make_labels(n: int = 1000, num_classes: int = 10, seed: int = 0) -> list[int
 
 
 LABELS = make_labels()
+LABEL_METHODS = [m for m in METHODS if m not in ("group", "contiguous")]
+"""Methods that need only labels and a seed (group needs group ids; contiguous ignores the seed)."""
 
 
 def flat(shards):
@@ -53,21 +55,21 @@ def labelled_data(draw, min_rows=40, max_rows=400):
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", LABEL_METHODS)
 def test_same_seed_same_partition(method):
     a = partition_indices(LABELS, 10, method, seed=7)
     b = partition_indices(LABELS, 10, method, seed=7)
     assert a == b
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", LABEL_METHODS)
 def test_other_seed_other_partition(method):
     a = partition_indices(LABELS, 10, method, seed=7)
     b = partition_indices(LABELS, 10, method, seed=8)
     assert a != b
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", LABEL_METHODS)
 def test_output_is_sorted_python_ints(method):
     shards = partition_indices(LABELS, 5, method, seed=1)
     assert len(shards) == 5
@@ -273,7 +275,7 @@ def test_quantity_is_stratified_within_clients(data, skew):
 
 
 @PROPERTY
-@given(labelled_data(min_rows=100), st.sampled_from(METHODS), st.integers(0, 10))
+@given(labelled_data(min_rows=100), st.sampled_from(LABEL_METHODS), st.integers(0, 10))
 def test_min_examples_satisfied_or_error(data, method, min_examples):
     labels, k, seed = data
     num_classes = len(set(labels))
@@ -516,3 +518,32 @@ def test_partition_is_stable_across_calls_with_numpy_labels():
     arr = np.asarray(LABELS, dtype=np.int32)
     assert partition_indices(arr, 4, "dirichlet", seed=2) == partition_indices(LABELS, 4, "dirichlet", seed=2)
     assert sum(len(s) for s in partition_indices(arr, 4, "iid", seed=2)) == 1000
+
+
+# --------------------------------------------------------------------------- #
+# group and contiguous
+# --------------------------------------------------------------------------- #
+
+
+def test_group_keeps_every_group_on_one_client_and_balances_rows():
+    groups = [g for g in range(7) for _ in range(10 + 3 * g)]  # 7 groups of 10..28 rows
+    shards = partition_indices(None, 3, "group", seed=0, num_rows=len(groups), groups=groups, min_examples=0)
+    assert sorted(flat(shards)) == list(range(len(groups)))
+    owner = {g: {i for i, s in enumerate(shards) for r in s if groups[r] == g} for g in set(groups)}
+    assert all(len(o) == 1 for o in owner.values())
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= max(Counter(groups).values())
+    again = partition_indices(None, 3, "group", seed=0, num_rows=len(groups), groups=groups, min_examples=0)
+    assert again == shards
+
+
+def test_group_needs_groups_and_enough_of_them():
+    with pytest.raises(PartitionError, match="group: needs a group id per row"):
+        partition_indices(LABELS, 2, "group", seed=0)
+    with pytest.raises(PartitionError, match="group: 2 groups cannot be split across 3 clients"):
+        partition_indices(None, 3, "group", seed=0, num_rows=4, groups=[0, 0, 1, 1], min_examples=0)
+
+
+def test_contiguous_cuts_in_order():
+    shards = partition_indices(None, 2, "contiguous", seed=5, num_rows=7, min_examples=0)
+    assert shards == [[0, 1, 2, 3], [4, 5, 6]]

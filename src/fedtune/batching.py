@@ -8,13 +8,26 @@ from dataclasses import dataclass
 import torch
 
 
+IGNORE_INDEX = -100
+"""Per-token label that the loss skips (prompt tokens, padding)."""
+
+
 @dataclass(frozen=True)
 class EncodedDataset:
-    """Token ids of every example (unpadded) and their labels."""
+    """Token ids of every example (unpadded) and their targets, whatever the task.
+
+    ``labels`` holds one row per example: a class id or float (classification, regression), a
+    0/1 vector (multi-label) or several columns that ``label_keys`` names one by one (extractive
+    QA: ``("start_positions", "end_positions")``). Causal language modelling has per-token
+    targets instead, in ``token_labels`` (unpadded, ``IGNORE_INDEX`` where no loss is taken).
+    """
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
     labels: torch.Tensor
+    label_keys: tuple[str, ...] = ("labels",)
+    """Model keyword(s) the label columns are passed as (one key: the whole row)."""
+    token_labels: list[list[int]] | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -26,7 +39,14 @@ class EncodedDataset:
             input_ids=[self.input_ids[i] for i in idx],
             token_type_ids=None if self.token_type_ids is None else [self.token_type_ids[i] for i in idx],
             labels=self.labels[torch.as_tensor(idx, dtype=torch.long)] if idx else self.labels[:0],
+            label_keys=self.label_keys,
+            token_labels=None if self.token_labels is None else [self.token_labels[i] for i in idx],
         )
+
+    @property
+    def is_single_label(self) -> bool:
+        """One class id (or regression float) per example: what the batched multi-client trainer handles."""
+        return self.token_labels is None and self.label_keys == ("labels",) and self.labels.dim() == 1
 
 
 def encode_texts(
@@ -64,7 +84,19 @@ def collate(ds: EncodedDataset, indices: Sequence[int], pad_id: int, pad_to: int
             t = ds.token_type_ids[i]
             tt[j, : len(t)] = torch.as_tensor(t, dtype=torch.long)
         batch["token_type_ids"] = tt
-    batch["labels"] = ds.labels[torch.as_tensor(list(indices), dtype=torch.long)]
+    if ds.token_labels is not None:
+        targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        for j, i in enumerate(indices):
+            t = ds.token_labels[i]
+            targets[j, : len(t)] = torch.as_tensor(t, dtype=torch.long)
+        batch["labels"] = targets
+        return batch
+    picked = ds.labels[torch.as_tensor(list(indices), dtype=torch.long)]
+    if len(ds.label_keys) == 1:
+        batch[ds.label_keys[0]] = picked
+    else:
+        for j, key in enumerate(ds.label_keys):
+            batch[key] = picked[:, j]
     return batch
 
 

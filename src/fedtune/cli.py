@@ -38,12 +38,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_partition(args: argparse.Namespace) -> int:
     """Partition an experiment's training set and write the manifests, without training."""
     from fedtune.experiment import make_shards
+    from fedtune.models import load_tokenizer
+    from fedtune.tasks.classification_task import classification_units
     from fedtune.tasks.data import load_task_data
+    from fedtune.tasks.registry import build_task, task_kind
 
     exp = _load(args)
-    task = load_task_data(exp.data, seed=exp.seed)
+    if task_kind(exp) == "classification":  # no tokenizer needed
+        data = load_task_data(exp.data, seed=exp.seed)
+        units, name = classification_units(data), data.name
+    else:
+        task = build_task(exp, load_tokenizer(exp.model.name))
+        units, name = task.units, task.name
     out = Path(args.out) if args.out else exp.resolved_output_dir
-    shards = make_shards(exp, task, out)
+    shards = make_shards(exp, units, name, out)
     sizes = [len(s) for s in shards]
     print(f"{len(shards)} clients, sizes min {min(sizes)} / max {max(sizes)}; manifests in {out / 'partition'}")
     return 0

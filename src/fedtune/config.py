@@ -59,10 +59,28 @@ class DataConfig:
         default=False,
         metadata=_help("Pad every training batch to max_length (false = pad each batch to its longest example)."),
     )
+    task: Literal["auto", "classification", "multilabel", "qa", "causal_lm", "generative_classification"] = field(
+        default="auto",
+        metadata=_help(
+            "What is learned: classification (single label or regression), multilabel, qa (extractive), causal_lm "
+            "(instruction tuning), generative_classification (a causal LM scores each label's text). 'auto' picks "
+            "from the dataset: squad -> qa, goemotions -> multilabel, code_alpaca -> causal_lm, else classification."
+        ),
+    )
+    doc_stride: int = field(default=128, metadata=_help("qa: tokens of overlap between windows of a long context."))
+    prompt_template: str = field(
+        default="{text}\nLabel:",
+        metadata=_help("generative_classification: the prompt; {text} (and {text_pair}) are filled in; "
+                       "the target is ' ' + the label's name."),
+    )
 
     def __post_init__(self) -> None:
         if self.max_length < 8:
             raise ConfigError(f"data.max_length must be >= 8, got {self.max_length}")
+        if self.doc_stride < 0:
+            raise ConfigError(f"data.doc_stride must be >= 0, got {self.doc_stride}")
+        if "{text}" not in self.prompt_template:
+            raise ConfigError(f"data.prompt_template must contain '{{text}}', got {self.prompt_template!r}")
         if self.train_size < 0 or self.eval_size < 0:
             raise ConfigError("data.train_size and data.eval_size must be >= 0")
 
@@ -106,8 +124,10 @@ class ModelConfig:
 class PartitionConfig:
     """How the training set is split across clients."""
 
-    method: Literal["iid", "overlap", "label", "dirichlet", "quantity"] = field(
-        default="iid", metadata=_help("Partitioning scheme.")
+    method: Literal["iid", "overlap", "label", "dirichlet", "quantity", "group", "contiguous"] = field(
+        default="iid",
+        metadata=_help("Partitioning scheme. group: whole groups per client (qa: articles); contiguous: the "
+                       "training set cut in order into equal blocks (client 0 holds the first block)."),
     )
     num_clients: int = field(default=10, metadata=_help("Number of clients in the federation."))
     alpha: float = field(default=0.5, metadata=_help("dirichlet: concentration (smaller = more skewed)."))
@@ -241,10 +261,28 @@ class EvalConfig:
     batch_size: int = field(default=128, metadata=_help("Evaluation batch size."))
     per_client: bool = field(default=False, metadata=_help("Also evaluate on each client's own training shard."))
     initial: bool = field(default=False, metadata=_help("Also evaluate the starting model (recorded as round 0)."))
+    threshold: float = field(default=0.5, metadata=_help("multilabel: a label is predicted at probability >= this."))
+    tune_threshold: bool = field(
+        default=False,
+        metadata=_help("multilabel: choose the threshold with the best micro F1 on the first eval split, "
+                       "then apply it to every split (reported as 'threshold')."),
+    )
+    n_best: int = field(default=20, metadata=_help("qa: start and end candidates searched per window."))
+    max_answer_length: int = field(default=30, metadata=_help("qa: longest answer span in tokens."))
+    samples: int = field(default=3, metadata=_help("causal_lm: prompts whose generations are written each eval."))
+    max_new_tokens: int = field(default=48, metadata=_help("causal_lm: tokens generated per sample (greedy)."))
 
     def __post_init__(self) -> None:
         if self.every < 1:
             raise ConfigError(f"eval.every must be >= 1, got {self.every}")
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"eval.threshold must be in (0, 1), got {self.threshold}")
+        if self.n_best < 1 or self.max_answer_length < 1:
+            raise ConfigError(f"eval.n_best and eval.max_answer_length must be >= 1, got {self.n_best}, "
+                              f"{self.max_answer_length}")
+        if self.samples < 0 or self.max_new_tokens < 1:
+            raise ConfigError(f"eval.samples must be >= 0 and eval.max_new_tokens >= 1, got {self.samples}, "
+                              f"{self.max_new_tokens}")
 
 
 @dataclass

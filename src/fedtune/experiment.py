@@ -14,11 +14,10 @@ import torch
 
 from fedtune import tensors
 from fedtune.attacks import DATA_ATTACKS, UPDATE_ATTACKS, Attack, AttackedTransport, flip_labels, malicious_clients
-from fedtune.batching import EncodedDataset, encode_texts
+from fedtune.batching import EncodedDataset
 from fedtune.config import ConfigError, Experiment
-from fedtune.evaluation import evaluate_classifier
 from fedtune.client import local_train
-from fedtune.models import get_trainable, head_param_names, load_classifier, load_tokenizer, save_model, set_trainable
+from fedtune.models import get_trainable, head_param_names, load_tokenizer, save_model, set_trainable
 from fedtune.outputs import JsonlWriter, prepare_output_dir, print_table, write_summary
 from fedtune.personalization import PERSONAL_STATE_KEY, per_client_report, split_holdout, with_personal
 from fedtune.partition import client_ids, partition_indices, read_manifests, write_manifests
@@ -31,8 +30,9 @@ from fedtune.strategies import (
     DifferentiallyPrivate, PersonalLayers, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Krum, Median, MultiKrum,
     Scaffold, Strategy, TrimmedMean,
 )
-from fedtune.tasks.data import TaskData, load_task_data
-from fedtune.tasks.metrics import primary_metric
+from fedtune.tasks.classification_task import ClassificationTask
+from fedtune.tasks.registry import build_task, task_kind
+from fedtune.tasks.task import EvalContext, PartitionUnits, Task
 from fedtune.types import LocalTrainConfig, RoundPlan, ServerState
 
 log = logging.getLogger(__name__)
@@ -125,12 +125,14 @@ def _base_strategy(exp: Experiment, num_clients: int) -> Strategy:
     raise ValueError(f"unknown strategy {name!r}")
 
 
-def make_shards(exp: Experiment, task: TaskData, out: Path) -> list[list[int]]:
-    """Client shards from a manifest folder, or by partitioning; manifests written to ``out/partition``."""
-    labels = None if task.is_regression else list(task.train.labels)
+def make_shards(exp: Experiment, units: PartitionUnits, dataset: str, out: Path) -> list[list[int]]:
+    """Client shards (of the task's partitioning units) from a manifest folder, or by partitioning.
+
+    The manifests are written to ``out/partition``.
+    """
     if exp.partition.manifest_dir:
         shards, _ = read_manifests(exp.partition.manifest_dir)
-        n = len(task.train)
+        n = units.count
         bad = [i for s in shards for i in s if i >= n]
         if bad:
             raise ValueError(
@@ -139,21 +141,22 @@ def make_shards(exp: Experiment, task: TaskData, out: Path) -> list[list[int]]:
     else:
         p = exp.partition
         shards = partition_indices(
-            labels,
+            units.labels,
             p.num_clients,
             p.method,
             seed=exp.seed,
-            num_rows=len(task.train),
+            num_rows=units.count,
             alpha=p.alpha,
             overlap=p.overlap,
             labels_per_client=p.labels_per_client,
             skew=p.skew,
             min_examples=p.min_examples,
+            groups=units.groups,
         )
-    meta = {"dataset": task.name, "method": exp.partition.method, "seed": exp.seed, "alpha": exp.partition.alpha}
+    meta = {"dataset": dataset, "method": exp.partition.method, "seed": exp.seed, "alpha": exp.partition.alpha}
     if exp.partition.manifest_dir:
         meta["source"] = str(exp.partition.manifest_dir)
-    write_manifests(out / "partition", shards, labels, task.label_names, meta)
+    write_manifests(out / "partition", shards, units.labels, units.label_names, meta)
     return shards
 
 
@@ -207,6 +210,13 @@ def run_experiment(
     if exp.personalization.method != "none" and (exp.mode != "federated" or exp.runtime.mode != "simulation"):
         raise ConfigError("personalization runs in federated mode on the in-process simulation (runtime.mode = "
                           f"'simulation'), not mode={exp.mode!r} / runtime.mode={exp.runtime.mode!r}")
+    kind = task_kind(exp)
+    if kind != "classification" and exp.runtime.mode != "simulation":
+        raise ConfigError(f"runtime.mode = {exp.runtime.mode!r} runs classification tasks; data.task = {kind!r} "
+                          "runs on the in-process simulation (runtime.mode = 'simulation')")
+    if kind != "classification" and (exp.eval.per_client or exp.personalization.method != "none"):
+        raise ConfigError(f"eval.per_client and [personalization] score clients' own rows: classification only, "
+                          f"not data.task = {kind!r}")
     if remote is None and exp.runtime.mode != "simulation":
         from fedtune.runtime.flower.launch import run_on_flower  # Flower is imported only when asked for
 
@@ -215,60 +225,50 @@ def run_experiment(
     torch.manual_seed(exp.seed)
     out = prepare_output_dir(exp)
 
-    task = remote.load_task(exp) if remote is not None else load_task_data(exp.data, seed=exp.seed)
     tokenizer = load_tokenizer(exp.model.name)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    def encode(ds) -> EncodedDataset:
-        return encode_texts(tokenizer, ds.texts, ds.text_pairs, ds.labels, exp.data.max_length, task.is_regression)
-
-    evals = {name: encode(ds) for name, ds in task.evals.items()}
+    if remote is not None:  # the server holds the eval data only; the clients hold the training data
+        task: Task = ClassificationTask(remote.load_task(exp), tokenizer, exp.data.max_length)
+    else:
+        task = build_task(exp, tokenizer)
+    train: EncodedDataset | None = None
     if remote is None:
-        train = encode(task.train)
-        shards = make_shards(exp, task, out)
-        ids = client_ids(len(shards))
-        train_rows = len(train)
+        train = task.train
+        units = make_shards(exp, task.units, task.name, out)
+        ids = client_ids(len(units))
         if exp.personalization.method != "none":
-            shards, held_out = split_holdout(shards, exp.personalization.holdout, exp.seed)
-            personal_tests = {cid: train.subset(rows) for cid, rows in zip(ids, held_out)}
+            units, held_out = split_holdout(units, exp.personalization.holdout, exp.seed)
+            personal_tests = {cid: train.subset(task.rows_of(rows)) for cid, rows in zip(ids, held_out)}
+        shards = [task.rows_of(u) for u in units]
+        train_rows = len(train)
     else:  # the training data stays on the clients' nodes; they only say who they are and how much they hold
-        train, shards = None, []
-        sizes = remote.connect(task)
+        shards = []
+        sizes = remote.connect(task.data)
         ids, train_rows = sorted(sizes), sum(sizes.values())
-    log.info("%s: %d train rows over %d clients; eval %s", task.name, train_rows, len(ids),
-             {k: len(v) for k, v in evals.items()})
+    log.info("%s (%s): %d train rows over %d clients", task.name, task.kind, train_rows, len(ids))
 
-    model = load_classifier(exp.model, task.num_labels, task.is_regression, exp.seed).to(device)
+    model = task.build_model(exp.model, exp.seed).to(device)
     initial = get_trainable(model)
-    headline = primary_metric(task.metric)
-    multi = len(evals) > 1
+    headline_key = task.headline
+    ctx = EvalContext(exp.eval.batch_size, pad_id, device, exp.train.precision)
+    samples_path = out / "samples.jsonl"
 
     def evaluate(state: ServerState) -> dict[str, float]:
         set_trainable(model, state.params)
-        result: dict[str, float] = {}
-        for split, data in evals.items():
-            m = evaluate_classifier(
-                model, data, task.metric, batch_size=exp.eval.batch_size, pad_id=pad_id,
-                device=device, precision=exp.train.precision,
-            )
-            result.update({(f"{split}_{k}" if multi else k): v for k, v in m.items()})
+        result = task.evaluate(model, ctx)
+        task.write_samples(model, ctx, samples_path, state.round)
         if exp.eval.per_client:
-            scores = [
-                evaluate_classifier(model, train.subset(s), task.metric, batch_size=exp.eval.batch_size,
-                                    pad_id=pad_id, device=device, precision=exp.train.precision)[headline]
-                for s in shards
-            ]
-            result[f"client_{headline}_mean"] = sum(scores) / len(scores)
-            result[f"client_{headline}_min"] = min(scores)
+            scores = [task.score_rows(model, train.subset(s), ctx) for s in shards]
+            result[f"client_{headline_key}_mean"] = sum(scores) / len(scores)
+            result[f"client_{headline_key}_min"] = min(scores)
         return result
 
-    headline_key = f"{next(iter(evals))}_{headline}" if multi else headline
     strategy = build_strategy(exp, num_clients=len(ids))
     if exp.personalization.method == "fedper":
         strategy = PersonalLayers(strategy, head_param_names(model))
     rounds = exp.federation.rounds
     summary: dict[str, Any] = {
-        "name": exp.name, "mode": exp.mode, "dataset": task.name, "model": exp.model.name,
+        "name": exp.name, "mode": exp.mode, "dataset": task.name, "task": task.kind, "model": exp.model.name,
         "finetuning": exp.model.mode, "strategy": exp.strategy.name, "rounds": rounds,
         "num_clients": len(ids), "train_rows": train_rows, "trainable_params": tensors.numel(initial),
         "device": str(device), "headline_metric": headline_key,
@@ -287,7 +287,11 @@ def run_experiment(
             attackers = malicious_clients(ids, exp.attack.fraction, exp.attack.clients, exp.seed) \
                 if exp.attack.kind != "none" else []
             if exp.attack.kind in DATA_ATTACKS:
-                client_data.update({c: flip_labels(client_data[c], task.num_labels) for c in attackers})
+                if task.kind != "classification" or not train.is_single_label:
+                    raise ConfigError(f"attack.kind = {exp.attack.kind!r} flips class labels: single-label "
+                                      f"classification only, not data.task = {task.kind!r}")
+                num_labels = len(task.units.label_names or ())
+                client_data.update({c: flip_labels(client_data[c], num_labels) for c in attackers})
             clients = ids
             per_round = clients_per_round(len(ids), exp.federation.clients_per_round, exp.federation.fraction)
         transport = remote.transport if remote is not None else \
@@ -310,10 +314,10 @@ def run_experiment(
         final = {k[len("eval_"):]: v for k, v in history[-1].items() if k.startswith("eval_")}
         if personal_tests:
             report = _personalization_report(exp, model, state.params, simulation, client_data, personal_tests,
-                                             task.metric, headline, pad_id, device)
+                                             task, ctx, pad_id, device)
             summary["personalization"] = report
             for which in ("global", "personalized"):
-                final.update({f"clients_{which}_{headline}_{k}": v for k, v in report[which].items()})
+                final.update({f"clients_{which}_{headline_key}_{k}": v for k, v in report[which].items()})
         set_trainable(model, state.params)
         save_model(model, tokenizer, out / "model")
         summary["bytes_up_total"] = sum(r.get("bytes_up", 0) for r in history)
@@ -321,9 +325,13 @@ def run_experiment(
         summary["clients_per_round"] = per_round
 
     summary["final_metrics"] = final
-    summary["best_" + headline_key] = max(
+    if task.details():
+        summary["task_details"] = task.details()
+    best = min if not task.higher_is_better else max
+    summary["best_" + headline_key] = best(
         (r[f"eval_{headline_key}"] for r in history if f"eval_{headline_key}" in r), default=None
     )
+    summary["higher_is_better"] = task.higher_is_better
     summary["wall_time"] = time.perf_counter() - t_start
     write_summary(out / "summary.json", summary)
     if not quiet:
@@ -334,15 +342,14 @@ def run_experiment(
     return RunResult(output_dir=out, history=history, final_metrics=final, summary=summary)
 
 
-def _personalization_report(exp, model, global_params, simulation, client_data, tests, metric, headline,
-                            pad_id, device) -> dict[str, Any]:
+def _personalization_report(exp, model, global_params, simulation, client_data, tests, task: Task,
+                            ctx: EvalContext, pad_id, device) -> dict[str, Any]:
     """Score the global and each client's personalized model on that client's held-out rows."""
     cfg = exp.personalization
 
     def score(cid: str, params) -> float:
         set_trainable(model, params)
-        return evaluate_classifier(model, tests[cid], metric, batch_size=exp.eval.batch_size, pad_id=pad_id,
-                                   device=device, precision=exp.train.precision)[headline]
+        return task.score_rows(model, tests[cid], ctx)
 
     def personal(cid: str):
         if cfg.method == "fedper":

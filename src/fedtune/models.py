@@ -63,26 +63,42 @@ def load_tokenizer(name: str):
     return _from_pretrained(AutoTokenizer, name)
 
 
-def load_classifier(cfg: ModelConfig, num_labels: int, regression: bool, seed: int) -> nn.Module:
-    """A sequence classification/regression model with the configured trainable parameters."""
-    from transformers import AutoModelForSequenceClassification
+HEADS = {
+    "sequence_classification": ("AutoModelForSequenceClassification", "SEQ_CLS"),
+    "question_answering": ("AutoModelForQuestionAnswering", "QUESTION_ANS"),
+    "causal_lm": ("AutoModelForCausalLM", "CAUSAL_LM"),
+}
+"""Model heads fedtune builds: transformers auto class and peft task type of each."""
+
+
+def load_model(cfg: ModelConfig, head: str, seed: int, **kwargs) -> nn.Module:
+    """A pretrained model with the ``head`` (see :data:`HEADS`) and the configured trainable parameters.
+
+    ``kwargs`` go to ``from_pretrained`` (e.g. ``num_labels``, ``problem_type``). A newly added head
+    is initialized from ``seed``, so it is part of the experiment.
+    """
+    import transformers
     from transformers.utils import logging as hf_logging
 
-    torch.manual_seed(seed)  # the new head's initialization is part of the experiment
+    if head not in HEADS:
+        raise ModelLoadError(f"unknown model head {head!r}; known: {', '.join(HEADS)}")
+    auto_name, task_type = HEADS[head]
+    torch.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized head" report is expected here
     hf_logging.disable_progress_bar()
     try:
-        model = _from_pretrained(
-            AutoModelForSequenceClassification,
-            cfg.name,
-            num_labels=num_labels,
-            problem_type="regression" if regression else "single_label_classification",
-        )
+        model = _from_pretrained(getattr(transformers, auto_name), cfg.name, **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    return apply_finetuning_mode(model, cfg, task_type="SEQ_CLS")
+    return apply_finetuning_mode(model, cfg, task_type=task_type)
+
+
+def load_classifier(cfg: ModelConfig, num_labels: int, regression: bool, seed: int, multilabel: bool = False) -> nn.Module:
+    """A sequence classification (single- or multi-label) or regression model, configured for training."""
+    problem = "regression" if regression else "multi_label_classification" if multilabel else "single_label_classification"
+    return load_model(cfg, "sequence_classification", seed, num_labels=num_labels, problem_type=problem)
 
 
 def _head_modules(model: nn.Module) -> list[str]:

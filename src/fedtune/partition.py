@@ -17,6 +17,12 @@
 ``quantity``
     Client sizes follow a normalised ``lognormal(0, skew)``; rows are assigned
     stratified within those sizes (every class count within 1 of proportional).
+``group``
+    Whole groups (e.g. the articles of a QA set) per client: groups are shuffled,
+    then dealt largest first to the client holding the fewest rows.
+``contiguous``
+    The rows in order, cut into ``num_clients`` blocks of near-equal size (client 0
+    holds the first block): "the first and second half of the training set".
 
 Every method is deterministic given ``seed``. The manifest helpers
 (:func:`write_manifests`, :func:`read_manifests`) store a partition as one JSON
@@ -46,9 +52,9 @@ __all__ = [
 ]
 
 #: Valid values of ``method`` for :func:`partition_indices`.
-METHODS: tuple[str, ...] = ("iid", "overlap", "label", "dirichlet", "quantity")
+METHODS: tuple[str, ...] = ("iid", "overlap", "label", "dirichlet", "quantity", "group", "contiguous")
 
-_DISJOINT = frozenset({"iid", "label", "dirichlet", "quantity"})
+_DISJOINT = frozenset({"iid", "label", "dirichlet", "quantity", "group", "contiguous"})
 _NEEDS_LABELS = frozenset({"label", "dirichlet"})
 _DIRICHLET_MAX_TRIES = 1000
 _SUMMARY = "summary.json"
@@ -339,6 +345,7 @@ def partition_indices(
     labels_per_client: int = 2,
     skew: float = 1.0,
     min_examples: int = 10,
+    groups: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Split the rows ``0..N-1`` of a training set across ``num_clients`` clients.
 
@@ -360,6 +367,7 @@ def partition_indices(
             equal sizes). Sizes are ``min_examples`` plus a share of the
             remaining rows proportional to the lognormal weights.
         min_examples: Minimum number of rows per client.
+        groups: ``group``: the group id of every row (e.g. its article).
 
     Returns:
         One sorted list of row indices per client. ``iid``, ``dirichlet`` and
@@ -403,9 +411,34 @@ def partition_indices(
     elif method == "dirichlet":
         assert label_arr is not None
         shards = _dirichlet(label_arr, num_clients, _require_real("alpha", alpha), min_examples, rng)
-    else:  # quantity
+    elif method == "quantity":
         shards = _quantity(n, label_arr, num_clients, _require_real("skew", skew), min_examples, rng)
+    elif method == "contiguous":
+        shards = [list(map(int, block)) for block in np.array_split(np.arange(n), num_clients)]
+    else:  # group
+        shards = _group(groups, n, num_clients, rng)
     return _finish(shards)
+
+
+def _group(groups: Sequence[int] | None, n: int, num_clients: int, rng: np.random.Generator) -> list[list[int]]:
+    """Whole groups per client: shuffled, then largest first to the client with the fewest rows."""
+    if groups is None:
+        raise PartitionError("group: needs a group id per row (this task defines no groups; qa groups by article)")
+    if len(groups) != n:
+        raise PartitionError(f"group: {len(groups)} group ids for {n} rows")
+    members: dict[int, list[int]] = {}
+    for row, g in enumerate(groups):
+        members.setdefault(int(g), []).append(row)
+    if len(members) < num_clients:
+        raise PartitionError(f"group: {len(members)} groups cannot be split across {num_clients} clients")
+    keys = list(members)
+    order = [keys[i] for i in rng.permutation(len(keys))]
+    order.sort(key=lambda g: -len(members[g]))  # stable: equal sizes keep the shuffled order
+    shards: list[list[int]] = [[] for _ in range(num_clients)]
+    for g in order:
+        smallest = min(range(num_clients), key=lambda c: (len(shards[c]), c))
+        shards[smallest].extend(members[g])
+    return shards
 
 
 def client_ids(num_clients: int) -> list[str]:

@@ -446,6 +446,8 @@ class ParallelSimulationTransport(SimulationTransport):
     def run_round(self, plan: RoundPlan, clients: Sequence[str], stats: CommStats) -> Iterator[ClientUpdate]:
         reason = (parallel_support(self.model, plan, self.device) if self.parallel_clients > 1
                   else "parallel_clients = 1")
+        if not reason and not all(self.client_data[c].is_single_label for c in clients):
+            reason = "the batched trainer handles single-label classification and regression only"
         if reason:
             if self.parallel_clients > 1 and not self._fallback_logged:
                 log.warning("simulation.parallel_clients = %d: training clients one at a time instead (%s)",

@@ -168,10 +168,12 @@ def _simulate(exp: Experiment, *, quiet: bool):
     from fedtune.runtime.flower.client_app import make_client_app
     from fedtune.runtime.flower.experiment_source import fixed
     from fedtune.runtime.flower.server_app import make_server_app
+    from fedtune.tasks.classification_task import classification_units
     from fedtune.tasks.data import load_task_data
 
     out = exp.resolved_output_dir
-    make_shards(exp, load_task_data(exp.data, seed=exp.seed), out)  # the virtual nodes' manifests
+    data = load_task_data(exp.data, seed=exp.seed)
+    make_shards(exp, classification_units(data), data.name, out)  # the virtual nodes' manifests
     results: list = []
     server = make_server_app(fixed(exp), on_result=results.append, quiet=quiet)
     client = make_client_app(fixed(exp), manifest_dir=out / "partition")

@@ -1,0 +1,182 @@
+"""Causal language models as Tasks: instruction tuning and generative classification.
+
+Instruction tuning (``data.task = "causal_lm"``): Alpaca-format rows (instruction, input, output)
+from ``$FEDTUNE_DATA_DIR/code_alpaca`` (``data.dataset = "code_alpaca"``), a local JSON file
+(``data.train_file``, optional ``data.eval_file``) or a hub dataset with those columns. Loss on
+the response tokens only; scored by response perplexity; greedy generations for the first
+``eval.samples`` eval prompts are appended to ``samples.jsonl`` at every evaluation. Without an
+eval file, a seeded ``data.eval_size`` rows (200 when 0) are held out of the training rows.
+
+Generative classification (``data.task = "generative_classification"``): a classification
+dataset's text is put in ``data.prompt_template``; the model learns to continue it with
+``" " + label name``; a prediction is the label whose text has the highest length-normalized
+log-likelihood, scored with the dataset's official metric.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedtune.batching import EncodedDataset
+from fedtune.config import DataConfig, EvalConfig, ModelConfig
+from fedtune.models import load_model
+from fedtune.tasks.causal_lm import EncodedLM, Instruction, _ids, encode_instructions, load_instructions, perplexity, \
+    score_candidates
+from fedtune.tasks.data import DataError, TaskData, _rng, data_dir
+from fedtune.tasks.metrics import compute_metrics, primary_metric
+from fedtune.tasks.task import EvalContext, PartitionUnits, Task
+
+CODE_ALPACA = ("code_alpaca", "codealpaca", "sahil280114/codealpaca")
+"""Dataset names that mean Code Alpaca."""
+DEFAULT_HELD_OUT = 200
+"""Eval rows held out of the training rows when there is no eval file and data.eval_size is 0."""
+
+
+def load_instruction_data(cfg: DataConfig, seed: int) -> tuple[list[Instruction], list[Instruction]]:
+    """Training and evaluation instructions (files, the local Code Alpaca folder, or the hub)."""
+    if cfg.train_file:
+        train = load_instructions(cfg.train_file)
+        evals = load_instructions(cfg.eval_file) if cfg.eval_file else None
+    else:
+        root = data_dir()
+        folder = root / "code_alpaca" if root else None
+        files = sorted(folder.glob("*.json")) if folder is not None and folder.is_dir() else []
+        if cfg.dataset.strip().lower() in CODE_ALPACA and files:
+            train, evals = load_instructions(files[0]), None
+        else:
+            try:
+                import datasets
+
+                ds = datasets.load_dataset(cfg.dataset)
+            except Exception as exc:
+                raise DataError(f"could not load instruction dataset {cfg.dataset!r} from the hub "
+                                f"({type(exc).__name__}); without hub access set data.train_file to an "
+                                "Alpaca-format JSON file (or put code_alpaca in $FEDTUNE_DATA_DIR)") from exc
+            part = ds[cfg.train_split]
+            missing = [c for c in ("instruction", "output") if c not in part.column_names]
+            if missing:
+                raise DataError(f"{cfg.dataset} [{cfg.train_split}]: no column(s) {missing}; "
+                                f"columns: {', '.join(part.column_names)}")
+            train = [Instruction(r["instruction"], r.get("input", "") or "", r["output"]) for r in part]
+            evals = None
+    if evals is None:
+        held = cfg.eval_size or DEFAULT_HELD_OUT
+        if held >= len(train):
+            raise DataError(f"cannot hold out {held} eval rows from {len(train)} instructions; set data.eval_size")
+        order = _rng(seed, 7).permutation(len(train)).tolist()
+        evals = [train[i] for i in sorted(order[:held])]
+        train = [train[i] for i in sorted(order[held:])]
+    elif cfg.eval_size:
+        evals = [evals[i] for i in sorted(_rng(seed, 1).permutation(len(evals))[: cfg.eval_size].tolist())]
+    if cfg.train_size and cfg.train_size < len(train):
+        train = [train[i] for i in sorted(_rng(seed, 0).permutation(len(train))[: cfg.train_size].tolist())]
+    return train, evals
+
+
+def _lm_rows(enc: EncodedLM) -> EncodedDataset:
+    return EncodedDataset(enc.input_ids, None, torch.zeros(len(enc), dtype=torch.long), token_labels=enc.labels)
+
+
+class CausalLMTask(Task):
+    """Instruction tuning of a causal LM: response-only loss, response perplexity, sample generations."""
+
+    kind = "causal_lm"
+    headline = "perplexity"
+    higher_is_better = False
+
+    def __init__(self, data_cfg: DataConfig, eval_cfg: EvalConfig, tokenizer, seed: int) -> None:
+        train, evals = load_instruction_data(data_cfg, seed)
+        self.name = data_cfg.dataset if not data_cfg.train_file else "files"
+        self.tokenizer = tokenizer
+        self.eval_examples = evals
+        self.samples, self.max_new_tokens = eval_cfg.samples, eval_cfg.max_new_tokens
+        self.train = _lm_rows(encode_instructions(tokenizer, train, data_cfg.max_length))
+        self._eval = encode_instructions(tokenizer, evals, data_cfg.max_length)
+
+    @property
+    def units(self) -> PartitionUnits:
+        return PartitionUnits(len(self.train))
+
+    def build_model(self, cfg: ModelConfig, seed: int) -> nn.Module:
+        return load_model(cfg, "causal_lm", seed)
+
+    def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        return perplexity(model, self._eval, pad_id=ctx.pad_id, batch_size=ctx.batch_size, device=ctx.device)
+
+    @torch.no_grad()
+    def generate(self, model: nn.Module, prompts: Sequence[str], ctx: EvalContext) -> list[str]:
+        """Greedy continuations of ``prompts`` (one at a time, so no padding is involved)."""
+        model.eval()
+        outs = []
+        for p in prompts:
+            ids = torch.tensor([_ids(self.tokenizer, p, bos=True)], device=ctx.device)
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
+                                 do_sample=False, pad_token_id=self.tokenizer.eos_token_id)
+            outs.append(self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+        return outs
+
+    def write_samples(self, model: nn.Module, ctx: EvalContext, path: Path, rnd: int) -> None:
+        examples = self.eval_examples[: self.samples]
+        if not examples:
+            return
+        texts = self.generate(model, [e.prompt() for e in examples], ctx)
+        with path.open("a") as f:
+            for e, t in zip(examples, texts):
+                f.write(json.dumps({"round": rnd, "prompt": e.prompt(), "generation": t, "reference": e.output},
+                                   ensure_ascii=False) + "\n")
+
+
+class GenerativeClassificationTask(Task):
+    """Classification by a causal LM: the label's name is the target text; prediction by log-likelihood."""
+
+    kind = "generative_classification"
+
+    def __init__(self, data: TaskData, data_cfg: DataConfig, tokenizer) -> None:
+        if data.is_regression:
+            raise DataError(f"{data.name}: generative classification needs class labels, not a regression target")
+        self.data, self.name = data, data.name
+        self.tokenizer, self.template = tokenizer, data_cfg.prompt_template
+        self.metric = data.metric
+        self.candidates = [" " + n for n in data.label_names]
+        self.primary = primary_metric(data.metric)
+        self.train = _lm_rows(self._encode(data.train, data_cfg.max_length))
+        first = next(iter(data.evals))
+        self.headline = f"{first}_{self.primary}" if len(data.evals) > 1 else self.primary
+
+    def prompts(self, ds) -> list[str]:
+        """The filled-in prompt of every row."""
+        pairs = ds.text_pairs or [""] * len(ds.texts)
+        return [self.template.format(text=t, text_pair=p) for t, p in zip(ds.texts, pairs)]
+
+    def _encode(self, ds, max_length: int) -> EncodedLM:
+        tok = self.tokenizer
+        ids_all, labels_all = [], []
+        for prompt, label in zip(self.prompts(ds), ds.labels):
+            target = _ids(tok, self.candidates[label], bos=False) + [tok.eos_token_id]
+            p = _ids(tok, prompt, bos=True)[: max(1, max_length - len(target))]  # keep the whole label
+            ids_all.append(p + target)
+            labels_all.append([-100] * len(p) + target)
+        return EncodedLM(ids_all, labels_all)
+
+    @property
+    def units(self) -> PartitionUnits:
+        return PartitionUnits(len(self.train), list(self.data.train.labels), None, self.data.label_names)
+
+    def build_model(self, cfg: ModelConfig, seed: int) -> nn.Module:
+        return load_model(cfg, "causal_lm", seed)
+
+    def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        multi = len(self.data.evals) > 1
+        result: dict[str, float] = {}
+        for split, ds in self.data.evals.items():
+            scores = score_candidates(model, self.tokenizer, self.prompts(ds), self.candidates, device=ctx.device)
+            preds = scores.argmax(-1).tolist()
+            m = compute_metrics(self.metric, preds, list(ds.labels))
+            result.update({(f"{split}_{k}" if multi else k): v for k, v in m.items()})
+        return result
+

@@ -1,0 +1,64 @@
+"""Sequence classification and regression (GLUE, AG News, local files, hub datasets) as a Task."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fedtune.batching import EncodedDataset, encode_texts
+from fedtune.config import ModelConfig
+from fedtune.evaluation import evaluate_classifier
+from fedtune.models import load_classifier
+from fedtune.tasks.data import TaskData
+from fedtune.tasks.metrics import primary_metric
+from fedtune.tasks.task import EvalContext, PartitionUnits, Task
+
+
+def classification_units(data: TaskData) -> PartitionUnits:
+    """Rows as partitioning units, with their class ids (none for regression)."""
+    labels = None if data.is_regression else list(data.train.labels)
+    return PartitionUnits(len(data.train), labels, None, data.label_names)
+
+
+class ClassificationTask(Task):
+    """One label per example (or a float target): a classification head scored with the official metric."""
+
+    kind = "classification"
+
+    def __init__(self, data: TaskData, tokenizer, max_length: int) -> None:
+        self.data = data
+        self.name = data.name
+        self.metric = data.metric
+        self.primary = primary_metric(data.metric)
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.train = self.encode(data.train)
+        self.evals = {split: self.encode(ds) for split, ds in data.evals.items()}
+        first = next(iter(self.evals))
+        self.headline = f"{first}_{self.primary}" if len(self.evals) > 1 else self.primary
+
+    def encode(self, ds) -> EncodedDataset:
+        """Tokenize a TextDataset of this task."""
+        return encode_texts(self.tokenizer, ds.texts, ds.text_pairs, ds.labels, self.max_length,
+                            self.data.is_regression)
+
+    @property
+    def units(self) -> PartitionUnits:
+        return classification_units(self.data)
+
+    def build_model(self, cfg: ModelConfig, seed: int) -> nn.Module:
+        return load_classifier(cfg, self.data.num_labels, self.data.is_regression, seed)
+
+    def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        multi = len(self.evals) > 1
+        result: dict[str, float] = {}
+        for split, data in self.evals.items():
+            m = self._score(model, data, ctx)
+            result.update({(f"{split}_{k}" if multi else k): v for k, v in m.items()})
+        return result
+
+    def score_rows(self, model: nn.Module, rows: EncodedDataset, ctx: EvalContext) -> float:
+        return self._score(model, rows, ctx)[self.primary]
+
+    def _score(self, model, data, ctx: EvalContext) -> dict[str, float]:
+        return evaluate_classifier(model, data, self.metric, batch_size=ctx.batch_size, pad_id=ctx.pad_id,
+                                   device=ctx.device, precision=ctx.precision)

@@ -10,6 +10,7 @@ from pathlib import Path
 from fedtune.config import ConfigError, Experiment, default_experiment
 from fedtune.models import ModelLoadError
 from fedtune.partition import PartitionError
+from fedtune.predict import PredictError
 from fedtune.tasks.data import DataError
 
 
@@ -104,6 +105,64 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a run's model (merged / int8 / onnx / onnx-int8) and score every format side by side."""
+    from fedtune.artifacts import ModelMeta, model_folder
+    from fedtune.export import FORMATS, evaluate_exports, export_run, write_export_report
+
+    formats = list(FORMATS) if "all" in args.format else list(dict.fromkeys(args.format))
+    out = Path(args.out) if args.out else Path(args.run_dir) / "export"
+    written = export_run(args.run_dir, formats, out)
+    for fmt, folder in written.items():
+        print(f"{fmt}: {folder}")
+    if args.no_eval:
+        return 0
+    rows = evaluate_exports(args.run_dir, written, latency_examples=args.latency_examples)
+    meta = ModelMeta.read(model_folder(args.run_dir))
+    headline = {"qa": "f1", "multilabel": "micro_f1", "causal_lm": "perplexity"}.get(meta.task, "accuracy")
+    print(write_export_report(rows, out, headline), end="")
+    print(f"table written to {out / 'export_table.md'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict with a run's model or an export; one JSON line per input on stdout (or --out)."""
+    import json
+
+    from fedtune.predict import Predictor
+
+    predictor = Predictor(args.model, max_new_tokens=args.max_new_tokens)
+    rows: list[dict] = []
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise PredictError(f"{path}: file not found")
+        for i, line in enumerate(path.read_text().splitlines()):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise PredictError(f"{path}: line {i + 1} is not JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise PredictError(f"{path}: line {i + 1} is not a JSON object")
+            rows.append(row)
+    rows += [{"text": t} for t in args.text or []]
+    if args.question or args.context:
+        rows.append({"question": args.question or "", "context": args.context or ""})
+    rows += [{"prompt": p} for p in args.prompt or []]
+    if not rows:
+        raise PredictError("nothing to predict: give --text, --file, --question/--context or --prompt")
+    sink = open(args.out, "w") if args.out else sys.stdout
+    try:
+        for result in predictor.predict(rows):
+            sink.write(json.dumps(result, ensure_ascii=False) + "\n")
+    finally:
+        if args.out:
+            sink.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fedtune`` argument parser."""
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
@@ -144,6 +203,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dirs", nargs="+", metavar="DIR", help="run folders and/or sweep folders")
     p.add_argument("--out", help="where report.md and the PNGs go (default the folder given, or the common parent)")
     p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("export", help="merged / INT8 / ONNX exports of a run, with a size-metric-latency table")
+    p.add_argument("run_dir", help="a run folder (has config.toml and model/)")
+    p.add_argument("--format", action="append", choices=["merged", "int8", "onnx", "onnx-int8", "all"],
+                   required=True, help="repeat for several; 'all' for every format")
+    p.add_argument("--out", help="export folder (default RUN_DIR/export)")
+    p.add_argument("--no-eval", action="store_true", help="write the exports only; skip the table")
+    p.add_argument("--latency-examples", type=int, default=50, help="examples timed one by one per format")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("predict", help="run a trained model or an export on new inputs (JSON lines out)")
+    p.add_argument("model", help="a run folder, its model/ folder, or an export folder")
+    p.add_argument("--text", action="append", help="text to classify (repeatable)")
+    p.add_argument("--file", help="JSON lines input: text / text_pair, question + context, prompt or instruction")
+    p.add_argument("--question", help="QA: the question")
+    p.add_argument("--context", help="QA: the context")
+    p.add_argument("--prompt", action="append", help="causal LM: a prompt to continue (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="causal LM: tokens to generate")
+    p.add_argument("--out", help="write JSON lines here instead of stdout")
+    p.set_defaults(fn=cmd_predict)
     return parser
 
 
@@ -160,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fedtune: config error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, PartitionError, ModelLoadError) as exc:
+    except (DataError, PartitionError, ModelLoadError, PredictError) as exc:
         # These carry messages that name the file, field or value; a traceback would add nothing.
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from fedtune import tensors
+from fedtune.artifacts import ModelMeta
 from fedtune.attacks import DATA_ATTACKS, UPDATE_ATTACKS, Attack, AttackedTransport, flip_labels, malicious_clients
 from fedtune.batching import EncodedDataset
 from fedtune.config import ConfigError, Experiment
@@ -320,6 +321,7 @@ def run_experiment(
                 final.update({f"clients_{which}_{headline_key}_{k}": v for k, v in report[which].items()})
         set_trainable(model, state.params)
         save_model(model, tokenizer, out / "model")
+        _model_meta(exp, task, model).write(out / "model")
         summary["bytes_up_total"] = sum(r.get("bytes_up", 0) for r in history)
         summary["bytes_down_total"] = sum(r.get("bytes_down", 0) for r in history)
         summary["clients_per_round"] = per_round
@@ -340,6 +342,17 @@ def run_experiment(
         print(f"final {headline_key}: {shown:.4f}   "
               f"wall time {summary['wall_time']:.1f}s   outputs in {out}", file=sys.stdout)
     return RunResult(output_dir=out, history=history, final_metrics=final, summary=summary)
+
+
+def _model_meta(exp: Experiment, task: Task, model) -> ModelMeta:
+    """What the saved model is, for `fedtune export` and `fedtune predict`."""
+    config = model.config
+    return ModelMeta(
+        task=task.kind, base_model=exp.model.name, num_labels=int(getattr(config, "num_labels", 0) or 0),
+        problem_type=getattr(config, "problem_type", None) or "", label_names=task.units.label_names,
+        max_length=exp.data.max_length, doc_stride=exp.data.doc_stride, prompt_template=exp.data.prompt_template,
+        threshold=float(task.details().get("threshold", exp.eval.threshold)),
+    )
 
 
 def _personalization_report(exp, model, global_params, simulation, client_data, tests, task: Task,

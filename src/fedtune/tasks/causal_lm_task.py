@@ -108,6 +108,9 @@ class CausalLMTask(Task):
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         return perplexity(model, self._eval, pad_id=ctx.pad_id, batch_size=ctx.batch_size, device=ctx.device)
 
+    def eval_inputs(self) -> EncodedDataset:
+        return _lm_rows(self._eval)
+
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: Sequence[str], ctx: EvalContext) -> list[str]:
         """Greedy continuations of ``prompts`` (one at a time, so no padding is involved)."""

@@ -56,6 +56,9 @@ class ClassificationTask(Task):
             result.update({(f"{split}_{k}" if multi else k): v for k, v in m.items()})
         return result
 
+    def eval_inputs(self) -> EncodedDataset:
+        return next(iter(self.evals.values()))
+
     def score_rows(self, model: nn.Module, rows: EncodedDataset, ctx: EvalContext) -> float:
         return self._score(model, rows, ctx)[self.primary]
 

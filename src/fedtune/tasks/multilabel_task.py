@@ -217,5 +217,8 @@ class MultiLabelTask(Task):
             result.update({(f"{split}_{k}" if multi else k): v for k, v in s.items() if not math.isnan(v)})
         return result
 
+    def eval_inputs(self) -> EncodedDataset:
+        return next(iter(self.evals.values()))
+
     def details(self) -> dict:
         return dict(self._details)

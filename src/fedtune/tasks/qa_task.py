@@ -143,6 +143,9 @@ class QATask(Task):
         gold = {e.qid: [a for a, _ in e.answers] for e in self.eval_examples}
         return squad_scores(self.predictions, gold)
 
+    def eval_inputs(self) -> EncodedDataset:
+        return self._eval_rows
+
     def write_samples(self, model: nn.Module, ctx: EvalContext, path: Path, rnd: int) -> None:
         """Write the latest evaluation's answers (``{question id: text}``) as JSON next to the metrics."""
         import json

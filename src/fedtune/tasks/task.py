@@ -72,6 +72,10 @@ class Task(ABC):
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         """Scalar metrics of ``model`` on every eval split (keys prefixed by split when several)."""
 
+    def eval_inputs(self) -> EncodedDataset:
+        """Encoded model inputs of the (first) eval split, e.g. to time a model per example."""
+        return self.train
+
     def details(self) -> dict:
         """Non-scalar results of the latest evaluation (e.g. per-label F1) for the run summary."""
         return {}

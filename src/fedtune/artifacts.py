@@ -1,0 +1,185 @@
+"""Trained-model artifacts: what a saved model is (``fedtune.json``) and how to load it for inference.
+
+Every model fedtune writes (a run's ``model/`` folder, and each export) carries ``fedtune.json``:
+the task kind, the model head, label names, the sequence settings and the base model. Loading
+gives an object that is called like a Hugging Face model (``model(**batch)`` returns ``logits`` or
+``start_logits``/``end_logits``, and ``loss`` when labels are passed), whether it is a PyTorch model,
+a peft adapter on its base, a dynamically quantized INT8 model, or an ONNX file run by onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedtune.models import HEADS, ModelLoadError, resolve_model_path
+
+META_FILE = "fedtune.json"
+"""The description written next to every saved model."""
+INT8_WEIGHTS = "model_int8.pt"
+"""State dict of a dynamically quantized model (``torch.load(weights_only=True)`` reads it)."""
+ONNX_FILE = "model.onnx"
+
+HEAD_OF_TASK = {
+    "classification": "sequence_classification",
+    "multilabel": "sequence_classification",
+    "qa": "question_answering",
+    "causal_lm": "causal_lm",
+    "generative_classification": "causal_lm",
+}
+"""The model head each task kind trains."""
+
+
+@dataclass
+class ModelMeta:
+    """What a saved model is and how its inputs were made."""
+
+    task: str
+    base_model: str
+    format: str = "pytorch"
+    """pytorch (a full model or a peft adapter), merged, int8, onnx or onnx-int8."""
+    num_labels: int = 0
+    problem_type: str = ""
+    label_names: list[str] | None = None
+    max_length: int = 128
+    doc_stride: int = 128
+    prompt_template: str = "{text}\nLabel:"
+    threshold: float = 0.5
+    input_names: list[str] = field(default_factory=list)
+    """ONNX formats: the graph's input names, in order."""
+
+    @property
+    def head(self) -> str:
+        """The model head (a key of :data:`fedtune.models.HEADS`)."""
+        return HEAD_OF_TASK[self.task]
+
+    def write(self, directory: Path) -> None:
+        """Write ``fedtune.json`` into ``directory``."""
+        (directory / META_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, directory: Path) -> "ModelMeta":
+        """Read ``fedtune.json`` (an error names the folder when it is missing or unreadable)."""
+        path = Path(directory) / META_FILE
+        if not path.is_file():
+            raise ModelLoadError(f"{directory}: no {META_FILE}; not a model saved by fedtune (a run's model/ "
+                                 "folder or a `fedtune export` output)")
+        try:
+            raw = json.loads(path.read_text())
+            return cls(**raw)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ModelLoadError(f"{path}: unreadable model description ({exc})") from None
+
+
+def model_folder(path: str | Path) -> Path:
+    """A model folder from a run folder (``RUN/model``), an export folder, or a model folder itself."""
+    p = Path(path)
+    if (p / META_FILE).is_file():
+        return p
+    if (p / "model" / META_FILE).is_file():
+        return p / "model"
+    raise ModelLoadError(f"{p}: neither a fedtune model folder nor a run folder with model/{META_FILE}")
+
+
+def _auto(meta: ModelMeta):
+    import transformers
+
+    return getattr(transformers, HEADS[meta.head][0])
+
+
+def _head_kwargs(meta: ModelMeta) -> dict[str, Any]:
+    if meta.head != "sequence_classification":
+        return {}
+    return {"num_labels": meta.num_labels, "problem_type": meta.problem_type}
+
+
+def load_torch_model(folder: Path, meta: ModelMeta) -> nn.Module:
+    """The PyTorch model in ``folder``: a full model, a peft adapter on its base, or an INT8 state dict."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    auto = _auto(meta)
+    if meta.format == "int8":
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(folder)
+        model = quantize_int8(auto.from_config(config))
+        model.load_state_dict(torch.load(folder / INT8_WEIGHTS, weights_only=True))
+        return model.eval()
+    if (folder / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = auto.from_pretrained(resolve_model_path(meta.base_model), **_head_kwargs(meta))
+        return PeftModel.from_pretrained(base, folder).eval()
+    return auto.from_pretrained(folder).eval()
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Dynamic INT8 quantization of every Linear layer (weights int8, activations quantized on the fly)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization's migration notice
+        return torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
+
+
+class OnnxModel:
+    """An ONNX export run by onnxruntime, called like a Hugging Face model (CPU, float32 outputs)."""
+
+    def __init__(self, path: Path, meta: ModelMeta) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.meta = meta
+        self.config = SimpleNamespace(problem_type=meta.problem_type, num_labels=meta.num_labels)
+
+    def eval(self) -> "OnnxModel":
+        """No-op (an ONNX graph is always in inference mode); here so evaluation code can call it."""
+        return self
+
+    def to(self, *_args, **_kwargs) -> "OnnxModel":
+        """No-op: onnxruntime runs on the CPU here."""
+        return self
+
+    def __call__(self, **batch: torch.Tensor) -> SimpleNamespace:
+        feed = {name: batch[name].cpu().numpy().astype("int64") for name in self.inputs}
+        raw = dict(zip(self.outputs, self.session.run(None, feed)))
+        out = SimpleNamespace(**{k: torch.from_numpy(v).float() for k, v in raw.items()})
+        labels = batch.get("labels")
+        if labels is not None and hasattr(out, "logits") and self.meta.head == "sequence_classification":
+            out.loss = _classification_loss(out.logits, labels, self.meta.problem_type)
+        return out
+
+
+def _classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
+    if problem_type == "regression":
+        return F.mse_loss(logits.squeeze(-1), labels.float())
+    if problem_type == "multi_label_classification":
+        return F.binary_cross_entropy_with_logits(logits, labels.float())
+    return F.cross_entropy(logits, labels)
+
+
+def load_for_inference(path: str | Path):
+    """(model, tokenizer, meta) for any fedtune model folder, run folder or export folder."""
+    from transformers import AutoTokenizer
+
+    folder = model_folder(path)
+    meta = ModelMeta.read(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if meta.format in ("onnx", "onnx-int8"):
+        files = sorted(folder.glob("*.onnx"))
+        if not files:
+            raise ModelLoadError(f"{folder}: format {meta.format} but no .onnx file")
+        return OnnxModel(files[0], meta), tokenizer, meta
+    return load_torch_model(folder, meta), tokenizer, meta

@@ -221,3 +221,38 @@ def test_bf16_sequential_keeps_float32_master_weights(lora_model, client_data):
     assert bf16.metrics["train_loss"] == pytest.approx(fp32.metrics["train_loss"], rel=0.05)
     rel = tensors.norm(tensors.sub(bf16.delta, fp32.delta)) / tensors.norm(fp32.delta)
     assert 0 < rel < 0.2  # bf16 rounding changes the update a little, not its direction
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer Llama (hidden 32) from a config, with LoRA on q/v: the causal-LM path of the batched trainer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedtune.models import apply_finetuning_mode
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.0)
+    return apply_finetuning_mode(LlamaForCausalLM(cfg), ModelConfig(name="tiny-llama", mode="lora"),
+                                 task_type="CAUSAL_LM")
+
+
+def make_lm_data(n: int, seed: int) -> EncodedDataset:
+    """Prompt tokens (no loss) then response tokens, mixed lengths."""
+    g = torch.Generator().manual_seed(seed)
+    ids, labels = [], []
+    for _ in range(n):
+        p, r = torch.randint(2, 8, (2,), generator=g).tolist()
+        row = [1] + torch.randint(3, 40, (p + r,), generator=g).tolist()
+        ids.append(row)
+        labels.append([-100] * (p + 1) + row[p + 1:])
+    return EncodedDataset(ids, None, torch.zeros(n, dtype=torch.long), token_labels=labels)
+
+
+def test_parallel_equals_sequential_causal_lm(tiny_llama):
+    data = {cid: make_lm_data(n, seed=i) for i, (cid, n) in enumerate(SIZES.items())}
+    params = perturbed(get_trainable(tiny_llama))
+    local = LocalTrainConfig(epochs=1.5, max_steps=0, lr=0.01, batch_size=4, grad_clip=0.5)
+    plan = RoundPlan(2, params, local, ProxTerm(mu=0.3))
+    assert_same_updates(sequential(tiny_llama, data, plan), parallel(tiny_llama, data, plan))
+    assert parallel_support(tiny_llama, plan, CPU) == ""

@@ -16,8 +16,10 @@ client's, which changes only the order of float reductions). With dropout on, ma
 for the whole concatenated batch from one generator seeded by (run, round, group), so an update
 is a sample from the same distribution as the sequential one, not the same sample.
 
-Other configurations (full or partial fine-tuning, LoRA variants, fp16 loss scaling, tasks other
-than sequence classification/regression) fall back to one client at a time, with a log line.
+Causal LMs (instruction tuning, generative classification) batch the same way, each client's
+loss being the next-token loss over its own non-ignored tokens. Other configurations (full or
+partial fine-tuning, LoRA variants, fp16 loss scaling, multi-label and QA heads) fall back to one
+client at a time, with a log line.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fedtune import tensors
-from fedtune.batching import EncodedDataset, collate, epoch_batches
+from fedtune.batching import IGNORE_INDEX, EncodedDataset, collate, epoch_batches
 from fedtune.client import SCAFFOLD_STATE, local_train, planned_steps, scaffold_client_control
 from fedtune.payload import CommStats, payload_bytes
 from fedtune.precision import autocast
@@ -77,15 +79,15 @@ class _Layout:
 def _layout(model: nn.Module) -> tuple[_Layout | None, str]:
     """Map every trainable tensor to a LoRA site or a head copy; (None, reason) when that is impossible."""
     try:
-        from peft import PeftModelForSequenceClassification
+        from peft import PeftModelForCausalLM, PeftModelForSequenceClassification
         from peft.tuners.lora import LoraLayer
         from peft.utils.other import ModulesToSaveWrapper
     except ImportError:  # pragma: no cover - peft is a dependency
         return None, "peft is not installed"
-    if not isinstance(model, PeftModelForSequenceClassification):
-        return None, "the model is not a peft LoRA sequence-classification model (model.mode is not lora?)"
+    if not isinstance(model, (PeftModelForSequenceClassification, PeftModelForCausalLM)):
+        return None, "the model is not a peft LoRA sequence-classification or causal-LM model (model.mode is not lora?)"
     problem = getattr(model.config, "problem_type", None)
-    if problem not in _PROBLEMS:
+    if problem not in _PROBLEMS and not isinstance(model, PeftModelForCausalLM):
         return None, f"problem_type {problem!r} (supported: {', '.join(_PROBLEMS)})"
     layout = _Layout(names=[n for n, p in model.named_parameters() if p.requires_grad])
     covered: set[str] = set()
@@ -334,6 +336,7 @@ def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, 
     totals = [planned_steps(len(d), cfg.batch_size, cfg.epochs, cfg.max_steps) for d in datas]
     batches = [_client_batches(d, plan, torch.Generator().manual_seed(s), t) for d, s, t in zip(datas, seeds, totals)]
     problem = model.config.problem_type
+    causal = datas[0].token_labels is not None
     router = _Router()
     loss_sum, prox_sum = [0.0] * k, [0.0] * k
     steps = [0] * k
@@ -355,7 +358,10 @@ def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, 
                 logits = model(**batch).logits
                 losses = []
                 for _, a, b in segments:
-                    if problem == "regression":
+                    if causal:  # next-token loss, mean over the client's own (non-ignored) tokens
+                        losses.append(F.cross_entropy(logits[a:b, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                      labels[a:b, 1:].reshape(-1), ignore_index=IGNORE_INDEX))
+                    elif problem == "regression":
                         losses.append(F.mse_loss(logits[a:b].squeeze(-1), labels[a:b].squeeze(-1)))
                     else:
                         losses.append(F.cross_entropy(logits[a:b].view(-1, logits.shape[-1]), labels[a:b].view(-1)))
@@ -409,16 +415,24 @@ def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, 
     return updates
 
 
+def _batchable(data: EncodedDataset) -> bool:
+    """Whether the batched trainer computes this data's loss: one label per row, or next-token targets."""
+    return data.is_single_label or data.token_labels is not None
+
+
 def _collate_group(datas, parts, pad_id: int, pad_to: int) -> dict[str, torch.Tensor]:
     """The clients' batches concatenated (in slot order) and padded to one width."""
-    rows, types, labels = [], [], []
+    rows, types, labels, token_labels = [], [], [], []
     for i, idx in parts:
         d = datas[i]
         rows.extend(d.input_ids[j] for j in idx)
         if d.token_type_ids is not None:
             types.extend(d.token_type_ids[j] for j in idx)
+        if d.token_labels is not None:
+            token_labels.extend(d.token_labels[j] for j in idx)
         labels.append(d.labels[torch.as_tensor(idx, dtype=torch.long)])
-    merged = EncodedDataset(rows, types if types else None, torch.cat(labels))
+    merged = EncodedDataset(rows, types if types else None, torch.cat(labels),
+                            token_labels=token_labels if token_labels else None)
     return collate(merged, range(len(rows)), pad_id, pad_to)
 
 
@@ -446,8 +460,8 @@ class ParallelSimulationTransport(SimulationTransport):
     def run_round(self, plan: RoundPlan, clients: Sequence[str], stats: CommStats) -> Iterator[ClientUpdate]:
         reason = (parallel_support(self.model, plan, self.device) if self.parallel_clients > 1
                   else "parallel_clients = 1")
-        if not reason and not all(self.client_data[c].is_single_label for c in clients):
-            reason = "the batched trainer handles single-label classification and regression only"
+        if not reason and not all(_batchable(self.client_data[c]) for c in clients):
+            reason = "the batched trainer handles single-label classification, regression and causal LM only"
         if reason:
             if self.parallel_clients > 1 and not self._fallback_logged:
                 log.warning("simulation.parallel_clients = %d: training clients one at a time instead (%s)",

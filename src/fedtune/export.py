@@ -73,11 +73,11 @@ def _save(model: nn.Module, tokenizer, meta: ModelMeta, out: Path) -> None:
 
 
 def _example_inputs(model: nn.Module, tokenizer, meta: ModelMeta) -> dict[str, torch.Tensor]:
-    text = ["a short example", "another slightly longer example here"]
+    text = ["an example sentence to trace the model with"] * 2  # equal rows: no padding token needed
     if meta.head == "question_answering":
-        enc = tokenizer(["what is it?"] * 2, text, return_tensors="pt", padding=True)
+        enc = tokenizer(["what is it?"] * 2, text, return_tensors="pt")
     else:
-        enc = tokenizer(text, return_tensors="pt", padding=True)
+        enc = tokenizer(text, return_tensors="pt")
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in enc else [])
     return {k: enc[k] for k in names}
 
@@ -190,17 +190,22 @@ def evaluate_exports(run_dir: str | Path, exported: dict[str, Path], *, baseline
         log.info("export %s: %s in %.1fs", fmt, metrics, time.perf_counter() - t0)
         size = folder_size(folder)
         if fmt == "pytorch" and (folder / "adapter_config.json").is_file():
-            size += folder_size(Path(_base_path(meta)))
+            size += base_weight_bytes(model)
         rows.append(ExportRow(fmt, str(folder), size / 1e6, metrics,
                               latency_ms(model, task.eval_inputs(), pad_id, latency_examples)))
     torch.set_grad_enabled(True)
     return rows
 
 
-def _base_path(meta: ModelMeta) -> str:
-    from fedtune.models import resolve_model_path
-
-    return resolve_model_path(meta.base_model)
+def base_weight_bytes(model: nn.Module) -> int:
+    """Bytes of a peft model's frozen base tensors (shared storage counted once): what ships beside the adapter."""
+    seen, total = set(), 0
+    for name, t in model.state_dict().items():
+        if "lora_" in name or "modules_to_save" in name or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
 
 
 def format_export_table(rows: list[ExportRow], headline: str | None = None) -> str:

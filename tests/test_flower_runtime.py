@@ -9,6 +9,7 @@ pytest.importorskip("flwr")
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from fedtune.channel import Channel  # noqa: E402
 from fedtune.config import Experiment  # noqa: E402
 from fedtune.experiment import run_experiment  # noqa: E402
 from fedtune.runtime.flower import messages  # noqa: E402
@@ -39,14 +40,15 @@ def test_train_request_round_trip(objective):
 def test_update_round_trip_and_schema_errors():
     """ClientUpdate (with extras) round-trips; a missing record or a foreign schema is a clear error."""
     u = ClientUpdate("client_001", {"w": torch.randn(3)}, 12, {"train_loss": 0.5}, {"scaffold_delta_c": {"w": torch.ones(3)}})
-    back = messages.decode_update(messages.encode_update(u))
+    channel = Channel()
+    back = channel.decode_update(messages.decode_update(messages.encode_update(channel.encode_update(u, {}))))
     assert back.client_id == u.client_id and back.num_examples == 12 and back.metrics == {"train_loss": 0.5}
     assert torch.equal(back.delta["w"], u.delta["w"]) and torch.equal(back.extras["scaffold_delta_c"]["w"], torch.ones(3))
-    content = messages.encode_update(u)
+    content = messages.encode_update(channel.encode_update(u, {}))
     del content["fedtune.delta"]
     with pytest.raises(messages.MessageError, match="fedtune.delta"):
         messages.decode_update(content)
-    content = messages.encode_update(u)
+    content = messages.encode_update(channel.encode_update(u, {}))
     content["fedtune.update"]["schema"] = 99
     with pytest.raises(messages.MessageError, match="schema 99"):
         messages.decode_update(content)

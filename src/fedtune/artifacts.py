@@ -54,6 +54,8 @@ class ModelMeta:
     threshold: float = 0.5
     input_names: list[str] = field(default_factory=list)
     """ONNX formats: the graph's input names, in order."""
+    int8_scope: str = "all"
+    """int8 format: which Linear layers are quantized (see :data:`INT8_SCOPES`)."""
 
     @property
     def head(self) -> str:
@@ -110,7 +112,7 @@ def load_torch_model(folder: Path, meta: ModelMeta) -> nn.Module:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(folder)
-        model = quantize_int8(auto.from_config(config))
+        model = quantize_int8(auto.from_config(config), meta.int8_scope)
         model.load_state_dict(torch.load(folder / INT8_WEIGHTS, weights_only=True))
         return model.eval()
     if (folder / "adapter_config.json").is_file():
@@ -121,13 +123,33 @@ def load_torch_model(folder: Path, meta: ModelMeta) -> nn.Module:
     return auto.from_pretrained(folder).eval()
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Dynamic INT8 quantization of every Linear layer (weights int8, activations quantized on the fly)."""
+INT8_SCOPES = ("all", "attention")
+"""Which Linear layers ``int8`` quantizes: every one, or only the attention projections (FFN and head fp32)."""
+
+
+def int8_layers(model: nn.Module, scope: str = "all") -> list[str]:
+    """Names of the Linear layers ``scope`` quantizes (see :data:`INT8_SCOPES`)."""
+    if scope not in INT8_SCOPES:
+        raise ValueError(f"unknown int8 scope {scope!r}; known: {', '.join(INT8_SCOPES)}")
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if scope == "attention":
+        names = [n for n in names if "attention" in n or n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    return names
+
+
+def quantize_int8(model: nn.Module, scope: str = "all") -> nn.Module:
+    """Dynamic INT8 quantization (per-output-channel weight scales; activations quantized on the fly).
+
+    ``scope`` picks the Linear layers (:func:`int8_layers`); the rest stay float32.
+    """
     import warnings
 
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    spec = {name: per_channel_dynamic_qconfig for name in int8_layers(model, scope)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao.quantization's migration notice
-        return torch.ao.quantization.quantize_dynamic(model.eval(), {nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(model.eval(), spec, dtype=torch.qint8)
 
 
 class OnnxModel:

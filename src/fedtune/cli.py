@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from fedtune.checkpoint import CheckpointError
 from fedtune.config import ConfigError, Experiment, default_experiment
 from fedtune.models import ModelLoadError
 from fedtune.partition import PartitionError
@@ -31,6 +32,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Run an experiment (the defaults when no file is given)."""
     from fedtune.experiment import run_experiment
 
+    if args.resume:  # continue a killed run from its checkpoint (same configuration; see fedtune.checkpoint)
+        from fedtune.checkpoint import resume_experiment
+
+        if args.output:
+            raise ConfigError("--resume OUT_DIR continues the run in OUT_DIR; drop --output")
+        exp = resume_experiment(args.resume, args.config, list(args.set or []))
+        run_experiment(exp, quiet=args.quiet, resume=True)
+        return 0
     exp = _load(args)
     run_experiment(exp, quiet=args.quiet)
     return 0
@@ -112,7 +121,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     formats = list(FORMATS) if "all" in args.format else list(dict.fromkeys(args.format))
     out = Path(args.out) if args.out else Path(args.run_dir) / "export"
-    written = export_run(args.run_dir, formats, out)
+    written = export_run(args.run_dir, formats, out, int8_scope=args.int8_scope)
     for fmt, folder in written.items():
         print(f"{fmt}: {folder}")
     if args.no_eval:
@@ -177,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--output", help="output folder (default runs/<name>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or table")
+    p.add_argument("--resume", metavar="OUT_DIR",
+                   help="continue the run in OUT_DIR from its last checkpoint (its config, or FILE/--set, must match)")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("partition", help="partition the training set and write client manifests")
@@ -210,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                    required=True, help="repeat for several; 'all' for every format")
     p.add_argument("--out", help="export folder (default RUN_DIR/export)")
     p.add_argument("--no-eval", action="store_true", help="write the exports only; skip the table")
+    p.add_argument("--int8-scope", choices=["all", "attention"], default="all",
+                   help="int8: quantize every Linear layer, or the attention projections only")
     p.add_argument("--latency-examples", type=int, default=50, help="examples timed one by one per format")
     p.set_defaults(fn=cmd_export)
 
@@ -239,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fedtune: config error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, PartitionError, ModelLoadError, PredictError) as exc:
+    except (DataError, PartitionError, ModelLoadError, PredictError, CheckpointError) as exc:
         # These carry messages that name the file, field or value; a traceback would add nothing.
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 1

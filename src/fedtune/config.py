@@ -213,8 +213,29 @@ class FederationConfig:
     rounds: int = field(default=5, metadata=_help("Number of federated rounds."))
     clients_per_round: int = field(default=0, metadata=_help("Clients sampled each round (0 = use fraction)."))
     fraction: float = field(default=1.0, metadata=_help("Fraction of clients sampled each round."))
+    codec_up: str = field(
+        default="none",
+        metadata=_help("Codec of client updates, '+'-joined stages: topk:F, fp16|bf16|int8[:channel]|int16[:channel], "
+                       "gzip[:L]|zstd[:L]; e.g. 'topk:0.01+int8+gzip' ('none' = float32). See fedtune.codecs."),
+    )
+    codec_down: str = field(
+        default="none",
+        metadata=_help("Codec of the model the server sends (as codec_up, without topk); clients train from the "
+                       "decoded model and send their change relative to it."),
+    )
+    error_feedback: bool = field(
+        default=True,
+        metadata=_help("Lossy codec_up: each client keeps what compression dropped and adds it to its next update."),
+    )
 
     def __post_init__(self) -> None:
+        from fedtune.codecs import CodecError, parse_codec
+
+        for key, downlink in (("codec_up", False), ("codec_down", True)):
+            try:
+                parse_codec(getattr(self, key), downlink=downlink)
+            except CodecError as exc:
+                raise ConfigError(f"federation.{key} = {getattr(self, key)!r}: {exc}") from None
         if self.rounds < 1:
             raise ConfigError(f"federation.rounds must be >= 1, got {self.rounds}")
         if not 0.0 < self.fraction <= 1.0:

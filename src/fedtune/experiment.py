@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
-from fedtune import tensors
+from fedtune import checkpoint, tensors
 from fedtune.artifacts import ModelMeta
 from fedtune.attacks import DATA_ATTACKS, UPDATE_ATTACKS, Attack, AttackedTransport, flip_labels, malicious_clients
 from fedtune.batching import EncodedDataset
+from fedtune.channel import Channel
 from fedtune.config import ConfigError, Experiment
 from fedtune.client import local_train
 from fedtune.models import get_trainable, head_param_names, load_tokenizer, save_model, set_trainable
@@ -69,10 +70,11 @@ def local_train_config(exp: Experiment) -> LocalTrainConfig:
 def simulation_transport(exp: Experiment, model, client_data, *, pad_id: int, device) -> SimulationTransport:
     """The in-process transport ``[simulation]`` asks for: clients in turn, or up to K at once."""
     k = exp.simulation.parallel_clients
+    channel = Channel.from_config(exp.federation)  # codec_up / codec_down
     if k > 1:
         return ParallelSimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device,
-                                           parallel_clients=k)
-    return SimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device)
+                                           parallel_clients=k, channel=channel)
+    return SimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device, channel=channel)
 
 
 def build_strategy(exp: Experiment, num_clients: int | None = None) -> Strategy:
@@ -198,13 +200,17 @@ class _Progress:
 
 
 def run_experiment(
-    exp: Experiment, *, quiet: bool = False, device: torch.device | None = None, remote: RemoteClients | None = None
+    exp: Experiment, *, quiet: bool = False, device: torch.device | None = None, remote: RemoteClients | None = None,
+    resume: bool = False,
 ) -> RunResult:
     """Run ``exp`` (federated, or the centralized/local baseline) and write its outputs.
 
     ``exp.runtime.mode`` chooses where clients train: ``simulation`` in this process; ``flower`` and
     ``flower-simulation`` hand the run to Flower (:mod:`fedtune.runtime.flower.launch`), whose ServerApp
     calls back here with ``remote``: clients that hold their own data and train behind a Transport.
+
+    Every round is checkpointed into the output folder; ``resume`` continues from the latest
+    checkpoint there (:mod:`fedtune.checkpoint`; the configuration must match it).
     """
     t_start = time.perf_counter()
     personal_tests: dict[str, EncodedDataset] = {}
@@ -218,13 +224,14 @@ def run_experiment(
     if kind != "classification" and (exp.eval.per_client or exp.personalization.method != "none"):
         raise ConfigError(f"eval.per_client and [personalization] score clients' own rows: classification only, "
                           f"not data.task = {kind!r}")
+    ckpt = checkpoint.checkpoint_to_resume(exp, remote) if resume else None  # refuses early, before any loading
     if remote is None and exp.runtime.mode != "simulation":
         from fedtune.runtime.flower.launch import run_on_flower  # Flower is imported only when asked for
 
         return run_on_flower(exp, quiet=quiet)
     device = device or default_device()
     torch.manual_seed(exp.seed)
-    out = prepare_output_dir(exp)
+    out = prepare_output_dir(exp, resume=ckpt is not None)
 
     tokenizer = load_tokenizer(exp.model.name)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -305,14 +312,20 @@ def run_experiment(
             summary["attackers"] = attackers
             log.info("attack %s by %d clients: %s", exp.attack.kind, len(attackers), attackers)
         progress = _Progress(quiet, rounds, per_round)
+        start, previous = strategy.init(initial), []
+        if ckpt is not None:  # server state, client states, RNGs and metrics.jsonl back to the checkpoint's round
+            start, previous = checkpoint.restore(ckpt, start, simulation, out / "metrics.jsonl")
         state, history = run_rounds(
-            strategy, transport, clients, strategy.init(initial),
+            strategy, transport, clients, start,
             rounds=rounds, per_round=per_round, seed=exp.seed, evaluate=evaluate, eval_every=exp.eval.every,
-            callbacks=[JsonlWriter(out / "metrics.jsonl"), progress.round_done],
-            on_client_done=progress.client_done, eval_initial=exp.eval.initial,
+            callbacks=[JsonlWriter(out / "metrics.jsonl"), progress.round_done,
+                       checkpoint.Checkpointer(out, exp, getattr(simulation, "client_states", None))],
+            on_client_done=progress.client_done, eval_initial=exp.eval.initial and start.round == 0,
+            wall_time_offset=ckpt.wall_time if ckpt is not None else 0.0,
         )
+        history = previous + history
         progress.close()
-        final = {k[len("eval_"):]: v for k, v in history[-1].items() if k.startswith("eval_")}
+        final = {k[len("eval_"):]: v for k, v in history[-1].items() if k.startswith("eval_") and k != "eval_time"}
         if personal_tests:
             report = _personalization_report(exp, model, state.params, simulation, client_data, personal_tests,
                                              task, ctx, pad_id, device)

@@ -3,9 +3,10 @@
 Formats (each in ``OUT/<format>/`` with the tokenizer and ``fedtune.json``):
 
 ``merged``     LoRA folded into the base weights (``merge_and_unload``), a plain HF model (fp32).
-``int8``       ``merged`` with every Linear dynamically quantized to INT8 (PyTorch).
+``int8``       ``merged`` with its Linear layers dynamically quantized to INT8 (PyTorch, per-channel
+               weight scales; ``--int8-scope attention`` keeps the feed-forward layers and head fp32).
 ``onnx``       ``merged`` exported to ONNX (``torch.onnx.export``, dynamo exporter), fp32.
-``onnx-int8``  ``onnx`` with dynamic INT8 weight quantization by onnxruntime.
+``onnx-int8``  ``onnx`` with dynamic INT8 weight quantization by onnxruntime (per-channel).
 
 The table (``export_table.md`` and ``export.json``) gives, per format: size on disk, the task's
 metrics on its eval split, and latency per example (batch of one, median of ``latency_examples``
@@ -108,7 +109,7 @@ def export_onnx_int8(onnx_dir: Path, out: Path) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.onnx"
-    quantize_dynamic(str(onnx_dir / "model.onnx"), str(path), weight_type=QuantType.QInt8)
+    quantize_dynamic(str(onnx_dir / "model.onnx"), str(path), weight_type=QuantType.QInt8, per_channel=True)
     meta = ModelMeta.read(onnx_dir)
     for f in onnx_dir.iterdir():
         if f.is_file() and not f.name.endswith((".onnx", ".data")) and f.name != "fedtune.json":
@@ -117,8 +118,12 @@ def export_onnx_int8(onnx_dir: Path, out: Path) -> Path:
     return path
 
 
-def export_run(run_dir: str | Path, formats: list[str], out: str | Path | None = None) -> dict[str, Path]:
-    """Write the requested formats of ``run_dir``'s model under ``out`` (``RUN/export`` by default)."""
+def export_run(run_dir: str | Path, formats: list[str], out: str | Path | None = None,
+               int8_scope: str = "all") -> dict[str, Path]:
+    """Write the requested formats of ``run_dir``'s model under ``out`` (``RUN/export`` by default).
+
+    ``int8_scope`` chooses the Linear layers the PyTorch ``int8`` format quantizes.
+    """
     from transformers import AutoTokenizer
 
     bad = [f for f in formats if f not in FORMATS]
@@ -134,13 +139,13 @@ def export_run(run_dir: str | Path, formats: list[str], out: str | Path | None =
         _save(model, tokenizer, replace(meta, format="merged"), out / "merged")
         written["merged"] = out / "merged"
     if "int8" in formats:
-        q = quantize_int8(merged_model(run_dir)[0])
+        q = quantize_int8(merged_model(run_dir)[0], int8_scope)
         d = out / "int8"
         d.mkdir(parents=True, exist_ok=True)
         model.config.save_pretrained(d)
         torch.save(q.state_dict(), d / INT8_WEIGHTS)
         tokenizer.save_pretrained(d)
-        replace(meta, format="int8").write(d)
+        replace(meta, format="int8", int8_scope=int8_scope).write(d)
         written["int8"] = d
     if {"onnx", "onnx-int8"} & set(formats):
         export_onnx(model, tokenizer, meta, out / "onnx")

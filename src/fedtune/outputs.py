@@ -20,12 +20,19 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def prepare_output_dir(exp: Experiment) -> Path:
-    """Create the output folder and write the resolved ``config.toml``; clear a previous metrics.jsonl."""
+def prepare_output_dir(exp: Experiment, *, resume: bool = False) -> Path:
+    """Create the output folder and write the resolved ``config.toml``; clear a previous metrics.jsonl and
+    checkpoint (a resumed run keeps both: see :mod:`fedtune.checkpoint`)."""
     out = exp.resolved_output_dir
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.toml").write_text(exp.to_toml())
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    if not resume:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        import shutil
+
+        from fedtune.checkpoint import CHECKPOINT_DIR
+
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return out
 
 

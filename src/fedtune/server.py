@@ -85,14 +85,16 @@ def run_rounds(
     callbacks: Sequence[RoundCallback] = (),
     on_client_done: Callable[[str], None] | None = None,
     eval_initial: bool = False,
+    wall_time_offset: float = 0.0,
 ) -> tuple[ServerState, list[dict]]:
     """Run rounds ``initial.round + 1 .. rounds``; return the final state and one record per round.
 
     With ``eval_initial`` the starting model is evaluated first and recorded as round ``initial.round``.
+    ``wall_time_offset`` is added to every record's ``wall_time`` (a resumed run continues its clock).
     """
     state = initial
     history: list[dict] = []
-    start = time.perf_counter()
+    start = time.perf_counter() - wall_time_offset
     if eval_initial and evaluate is not None:
         record = {"round": initial.round, "clients": 0, **{f"eval_{k}": v for k, v in evaluate(state).items()}}
         record["eval_time"] = record["wall_time"] = time.perf_counter() - start

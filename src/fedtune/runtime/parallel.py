@@ -38,7 +38,8 @@ from torch.func import functional_call
 from fedtune import tensors
 from fedtune.batching import IGNORE_INDEX, EncodedDataset, collate, epoch_batches
 from fedtune.client import SCAFFOLD_STATE, local_train, planned_steps, scaffold_client_control
-from fedtune.payload import CommStats, payload_bytes
+from fedtune.channel import Channel
+from fedtune.payload import CommStats
 from fedtune.precision import autocast
 from fedtune.runtime.simulation import SimulationTransport, client_seed
 from fedtune.types import CONTROL_DELTA, ClientState, ClientUpdate, ControlVariate, ProxTerm, RoundPlan, TensorDict
@@ -450,8 +451,8 @@ class ParallelSimulationTransport(SimulationTransport):
     """
 
     def __init__(self, model: nn.Module, client_data: Mapping[str, EncodedDataset], *, pad_id: int, seed: int,
-                 device: torch.device, parallel_clients: int) -> None:
-        super().__init__(model, client_data, pad_id=pad_id, seed=seed, device=device)
+                 device: torch.device, parallel_clients: int, channel: Channel | None = None) -> None:
+        super().__init__(model, client_data, pad_id=pad_id, seed=seed, device=device, channel=channel)
         if parallel_clients < 1:
             raise ValueError(f"parallel_clients must be >= 1, got {parallel_clients}")
         self.parallel_clients = parallel_clients
@@ -469,9 +470,7 @@ class ParallelSimulationTransport(SimulationTransport):
                 self._fallback_logged = True
             yield from super().run_round(plan, clients, stats)
             return
-        down = payload_bytes(plan.params)
-        if isinstance(plan.objective, ControlVariate):
-            down += payload_bytes(plan.objective.c)
+        plan, down = self.channel.send_plan(plan)  # every client trains from the plan as it decodes it
         clients = list(clients)
         for g in range(0, len(clients), self.parallel_clients):
             group = clients[g : g + self.parallel_clients]
@@ -486,7 +485,6 @@ class ParallelSimulationTransport(SimulationTransport):
                     group_seed=client_seed(self.seed, plan.round, "parallel:" + ",".join(group)),
                     device=self.device, states=states,
                 )
-            for u in updates:
+            for u, state in zip(updates, states):
                 stats.bytes_down += down
-                stats.bytes_up += payload_bytes(u.delta) + sum(payload_bytes(t) for t in u.extras.values())
-                yield u
+                yield self.upload(u, state, stats)

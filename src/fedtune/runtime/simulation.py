@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from fedtune.batching import EncodedDataset
+from fedtune.channel import Channel
 from fedtune.client import local_train
-from fedtune.payload import CommStats, payload_bytes
-from fedtune.types import ClientState, ClientUpdate, ControlVariate, RoundPlan
+from fedtune.payload import CommStats
+from fedtune.types import ClientState, ClientUpdate, RoundPlan
 
 
 def client_seed(seed: int, rnd: int, client_id: str) -> int:
@@ -24,6 +25,10 @@ class SimulationTransport:
 
     Memory does not grow with the number of clients: the model is loaded once, and each update
     is consumed by the streaming aggregate before the next client starts.
+
+    ``channel`` holds the codecs (:mod:`fedtune.channel`): clients train from the plan as they
+    would decode it, the server gets their updates as it would decode them, and ``CommStats``
+    counts the encoded bytes. The default sends float32 safetensors both ways.
     """
 
     def __init__(
@@ -34,8 +39,10 @@ class SimulationTransport:
         pad_id: int,
         seed: int,
         device: torch.device,
+        channel: Channel | None = None,
     ) -> None:
         self.model = model
+        self.channel = channel if channel is not None else Channel()
         self.client_data = client_data
         self.pad_id = pad_id
         self.seed = seed
@@ -44,21 +51,25 @@ class SimulationTransport:
         """Each client's persistent state (kept here because in a simulation the client is us)."""
 
     def run_round(self, plan: RoundPlan, clients: Sequence[str], stats: CommStats) -> Iterator[ClientUpdate]:
-        """Train each client on the plan; count the bytes each payload would take on the wire."""
-        down = payload_bytes(plan.params)
-        if isinstance(plan.objective, ControlVariate):
-            down += payload_bytes(plan.objective.c)
+        """Train each client on the plan as it decodes it; yield the updates as the server decodes them."""
+        received, down = self.channel.send_plan(plan)
         for cid in clients:
             stats.bytes_down += down
+            state = self.client_states.setdefault(cid, {})
             update = local_train(
                 self.model,
                 self.client_data[cid],
-                plan,
+                received,
                 cid,
                 pad_id=self.pad_id,
                 seed=client_seed(self.seed, plan.round, cid),
                 device=self.device,
-                state=self.client_states.setdefault(cid, {}),
+                state=state,
             )
-            stats.bytes_up += payload_bytes(update.delta) + sum(payload_bytes(t) for t in update.extras.values())
-            yield update
+            yield self.upload(update, state, stats)
+
+    def upload(self, update: ClientUpdate, state: ClientState, stats: CommStats) -> ClientUpdate:
+        """The client's update through the uplink codec (error feedback in ``state``); bytes into ``stats``."""
+        update, size = self.channel.transmit_update(update, state)
+        stats.bytes_up += size
+        return update

@@ -4,8 +4,9 @@ Two message handlers:
 
 - ``query.identify``: answer which fedtune client this node is (node config, see
   :mod:`fedtune.runtime.flower.node`) and how many training rows it holds.
-- ``train``: decode the RoundPlan, train on the node's rows with the seed the simulation would use
-  for (seed, round, client id), reply with the ClientUpdate. The client's persistent state
+- ``train``: decode the RoundPlan (with the request's downlink codec), train on the node's rows with
+  the seed the simulation would use for (seed, round, client id), reply with the ClientUpdate encoded
+  with the uplink codec (error feedback residuals in the client state). The client's persistent state
   (``ClientState``: SCAFFOLD's control variate, codec residuals, ...) lives in ``context.state``
   as ArrayRecords, so it survives between rounds on this node and never leaves it.
 
@@ -103,7 +104,8 @@ def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | Non
             resident.model, data, request.plan, node.client_id, pad_id=resident.pad_id,
             seed=client_seed(exp.seed, request.plan.round, node.client_id), device=device, state=state,
         )
+        encoded = request.channel.encode_update(update, state)  # codec_up; error feedback lives in state
         messages.save_client_state(state, context.state)
-        return Message(messages.encode_update(update), reply_to=msg)
+        return Message(messages.encode_update(encoded), reply_to=msg)
 
     return app

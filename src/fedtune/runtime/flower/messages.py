@@ -1,25 +1,28 @@
 """The one typed (de)serializer between fedtune's payloads and Flower records.
 
 Every record name and config key that crosses the wire is defined here and nowhere else:
-the ServerApp and the ClientApp only call ``encode_*`` / ``decode_*``. Tensors travel as
-Flower ``ArrayRecord`` s (NumPy ``.npy`` bytes, never pickle); scalars as ``ConfigRecord`` /
-``MetricRecord`` values. A message that does not match the schema is a :class:`MessageError`
-naming the record and key.
+the ServerApp and the ClientApp only call ``encode_*`` / ``decode_*``. Tensors travel as the
+bytes of the federation's codecs (:mod:`fedtune.codecs`: safetensors, optionally quantized,
+sparsified and compressed; never pickle), each in an ``ArrayRecord`` holding one opaque
+``Array`` (stype ``"fedtune.codec"``, Flower chunks it like any array); scalars as
+``ConfigRecord`` / ``MetricRecord`` values. A message that does not match the schema is a
+:class:`MessageError` naming the record and key.
 
 Layout of a train request (server -> node) ``RecordDict``::
 
     "fedtune.plan"    ConfigRecord  schema, client_id, round, local.<LocalTrainConfig field>,
-                                    objective.kind, objective.<field>, task.label_names, task.regression
-    "fedtune.params"  ArrayRecord   RoundPlan.params
-    "fedtune.objective.<field>"  ArrayRecord   a tensor field of the objective (SCAFFOLD's ``c``)
+                                    objective.kind, objective.<field>, task.label_names, task.regression,
+                                    codec.up, codec.down, codec.error_feedback
+    "fedtune.params"  ArrayRecord   RoundPlan.params, encoded with codec.down
+    "fedtune.objective.<field>"  ArrayRecord   a tensor field of the objective (SCAFFOLD's ``c``), codec.down
 
 an IDENTIFY request carries ``"fedtune.task"`` (schema, task.*), its reply ``"fedtune.identity"``
 (schema, client_id, num_examples); a train reply (node -> server)::
 
-    "fedtune.update"  ConfigRecord  schema, client_id, num_examples, extras (names)
-    "fedtune.delta"   ArrayRecord   ClientUpdate.delta
+    "fedtune.update"  ConfigRecord  schema, client_id, num_examples, extras (names), codec (codec.up)
+    "fedtune.delta"   ArrayRecord   ClientUpdate.delta, encoded with codec.up
     "fedtune.metrics" MetricRecord  ClientUpdate.metrics
-    "fedtune.extra.<name>" ArrayRecord   ClientUpdate.extras[name]
+    "fedtune.extra.<name>" ArrayRecord   ClientUpdate.extras[name], encoded with codec.up
 """
 
 from __future__ import annotations
@@ -29,13 +32,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from fedtune.channel import Channel, EncodedUpdate
+from fedtune.codecs import Codec, CodecError
 from fedtune.types import (
-    ClientObjective, ClientState, ClientUpdate, ControlVariate, LocalTrainConfig, ProxTerm, RoundPlan, TensorDict,
+    ClientObjective, ClientState, ControlVariate, LocalTrainConfig, ProxTerm, RoundPlan, TensorDict,
 )
 
-SCHEMA = 1
+SCHEMA = 2
 """Version of this layout; a peer speaking another version is refused with a clear error."""
 
 TRAIN = "train"
@@ -48,6 +53,7 @@ _UPDATE, _DELTA, _METRICS, _EXTRA = "fedtune.update", "fedtune.delta", "fedtune.
 _IDENTITY, _TASK = "fedtune.identity", "fedtune.task"
 _OBJECTIVE = "fedtune.objective."
 _STATE = "fedtune.state."
+_PAYLOAD, _PAYLOAD_STYPE = "payload", "fedtune.codec"
 
 _OBJECTIVES: dict[str, type] = {"prox": ProxTerm, "scaffold": ControlVariate}
 """Client objectives by wire name; a new kind registers here (its TensorDict fields travel as ArrayRecords)."""
@@ -77,6 +83,8 @@ class TrainRequest:
     client_id: str
     plan: RoundPlan
     task: TaskInfo
+    channel: Channel = dataclasses.field(default_factory=Channel)
+    """The federation's codecs: the plan travels with ``channel.down``; the reply must use ``channel.up``."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,26 @@ def tensors_to_record(tensors: TensorDict) -> ArrayRecord:
 def record_to_tensors(record: ArrayRecord) -> TensorDict:
     """Inverse of :func:`tensors_to_record` (tensors own their memory)."""
     return {k: v.clone() for k, v in record.to_torch_state_dict().items()}
+
+
+def payload_record(data: bytes) -> ArrayRecord:
+    """Codec bytes as an ArrayRecord holding one opaque Array (Flower chunks and ships its bytes as they are)."""
+    return ArrayRecord(array_dict={_PAYLOAD: Array(dtype="uint8", shape=(len(data),), stype=_PAYLOAD_STYPE, data=data)})
+
+
+def record_payload(content: RecordDict, name: str) -> bytes:
+    """The codec bytes of record ``name`` (inverse of :func:`payload_record`)."""
+    rec = _record(content, name, ArrayRecord)
+    if _PAYLOAD not in rec or rec[_PAYLOAD].stype != _PAYLOAD_STYPE:
+        raise MessageError(f"record {name!r} does not hold a fedtune codec payload")
+    return bytes(rec[_PAYLOAD].data)
+
+
+def _decode_payload(codec: Codec, data: bytes, name: str) -> TensorDict:
+    try:
+        return codec.decode(data)
+    except CodecError as exc:
+        raise MessageError(f"record {name!r}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------- config helpers
@@ -152,8 +180,8 @@ def _tensor_fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls) if str(f.type) == "TensorDict"}
 
 
-def _encode_objective(objective: ClientObjective | None) -> tuple[dict, dict[str, ArrayRecord]]:
-    """Scalar fields into the plan's ConfigRecord, TensorDict fields as ArrayRecords of their own."""
+def _encode_objective(objective: ClientObjective | None, codec: Codec) -> tuple[dict, dict[str, ArrayRecord]]:
+    """Scalar fields into the plan's ConfigRecord, TensorDict fields as codec payloads of their own."""
     if objective is None:
         return {"objective.kind": ""}, {}
     for kind, cls in _OBJECTIVES.items():
@@ -161,12 +189,13 @@ def _encode_objective(objective: ClientObjective | None) -> tuple[dict, dict[str
             tensor_fields = _tensor_fields(cls)
             scalars = {f"objective.{f.name}": getattr(objective, f.name)
                        for f in dataclasses.fields(cls) if f.name not in tensor_fields}
-            arrays = {_OBJECTIVE + name: tensors_to_record(getattr(objective, name)) for name in tensor_fields}
+            arrays = {_OBJECTIVE + name: payload_record(codec.encode(getattr(objective, name)))
+                      for name in tensor_fields}
             return {"objective.kind": kind, **scalars}, arrays
     raise MessageError(f"client objective {type(objective).__name__} has no wire encoding")
 
 
-def _decode_objective(content: RecordDict, record: ConfigRecord, name: str) -> ClientObjective | None:
+def _decode_objective(content: RecordDict, record: ConfigRecord, name: str, codec: Codec) -> ClientObjective | None:
     kind = _get(record, name, "objective.kind", str)
     if not kind:
         return None
@@ -177,7 +206,7 @@ def _decode_objective(content: RecordDict, record: ConfigRecord, name: str) -> C
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in tensor_fields:
-            kwargs[f.name] = record_to_tensors(_record(content, _OBJECTIVE + f.name, ArrayRecord))
+            kwargs[f.name] = _decode_payload(codec, record_payload(content, _OBJECTIVE + f.name), _OBJECTIVE + f.name)
         else:
             kwargs[f.name] = _scalar(record, name, f"objective.{f.name}", str(f.type))
     return cls(**kwargs)
@@ -198,10 +227,24 @@ def _decode_task(record: ConfigRecord, name: str) -> TaskInfo:
     return TaskInfo(label_names=None if regression else tuple(names))
 
 
+def _encode_channel(channel: Channel) -> dict:
+    return {"codec.up": str(channel.up), "codec.down": str(channel.down),
+            "codec.error_feedback": bool(channel.error_feedback)}
+
+
+def _decode_channel(record: ConfigRecord, name: str) -> Channel:
+    up, down = _get(record, name, "codec.up", str), _get(record, name, "codec.down", str)
+    try:
+        return Channel.from_specs(up, down, _get(record, name, "codec.error_feedback", bool))
+    except CodecError as exc:
+        raise MessageError(f"record {name!r}: {exc}") from None
+
+
 def encode_train_request(request: TrainRequest) -> RecordDict:
-    """RecordDict of a train message (see the module docstring for the layout)."""
+    """RecordDict of a train message (see the module docstring for the layout); tensors via ``channel.down``."""
     plan = request.plan
-    objective, objective_arrays = _encode_objective(plan.objective)
+    down = request.channel.down
+    objective, objective_arrays = _encode_objective(plan.objective, down)
     config = {
         "schema": SCHEMA,
         "client_id": request.client_id,
@@ -209,59 +252,65 @@ def encode_train_request(request: TrainRequest) -> RecordDict:
         **_encode_dataclass("local", plan.local),
         **objective,
         **_encode_task(request.task),
+        **_encode_channel(request.channel),
     }
-    return RecordDict({_PLAN: ConfigRecord(config), _PARAMS: tensors_to_record(plan.params), **objective_arrays})
+    return RecordDict({_PLAN: ConfigRecord(config), _PARAMS: payload_record(down.encode(plan.params)),
+                       **objective_arrays})
 
 
 def decode_train_request(content: RecordDict) -> TrainRequest:
-    """Inverse of :func:`encode_train_request`."""
+    """Inverse of :func:`encode_train_request`; the plan holds the tensors as the downlink codec decodes them."""
     rec = _record(content, _PLAN, ConfigRecord)
     _check_schema(rec, _PLAN)
+    channel = _decode_channel(rec, _PLAN)
     plan = RoundPlan(
         round=_get(rec, _PLAN, "round", int),
-        params=record_to_tensors(_record(content, _PARAMS, ArrayRecord)),
+        params=_decode_payload(channel.down, record_payload(content, _PARAMS), _PARAMS),
         local=_decode_dataclass(LocalTrainConfig, "local", rec, _PLAN),
-        objective=_decode_objective(content, rec, _PLAN),
+        objective=_decode_objective(content, rec, _PLAN, channel.down),
     )
     return TrainRequest(
         client_id=_get(rec, _PLAN, "client_id", str),
         plan=plan,
         task=_decode_task(rec, _PLAN),
+        channel=channel,
     )
 
 
-def encode_update(update: ClientUpdate) -> RecordDict:
-    """RecordDict of a train reply carrying ``update``."""
+def encode_update(update: EncodedUpdate) -> RecordDict:
+    """RecordDict of a train reply carrying ``update`` (already encoded by :meth:`Channel.encode_update`)."""
     config = {
         "schema": SCHEMA,
         "client_id": update.client_id,
         "num_examples": int(update.num_examples),
         "extras": sorted(update.extras),
+        "codec": update.codec,
     }
     content = RecordDict({
         _UPDATE: ConfigRecord(config),
-        _DELTA: tensors_to_record(update.delta),
+        _DELTA: payload_record(update.delta),
         _METRICS: MetricRecord({k: float(v) for k, v in update.metrics.items()}),
     })
-    for name, tensors in update.extras.items():
-        content[_EXTRA + name] = tensors_to_record(tensors)
+    for name, data in update.extras.items():
+        content[_EXTRA + name] = payload_record(data)
     return content
 
 
-def decode_update(content: RecordDict) -> ClientUpdate:
-    """Inverse of :func:`encode_update`."""
+def decode_update(content: RecordDict) -> EncodedUpdate:
+    """Inverse of :func:`encode_update` (the server decodes the tensors with :meth:`Channel.decode_update`)."""
     rec = _record(content, _UPDATE, ConfigRecord)
     _check_schema(rec, _UPDATE)
     extras_names = rec.get("extras", [])
     if not isinstance(extras_names, list):
         raise MessageError(f"record {_UPDATE!r} key 'extras': expected a list of names, got {extras_names!r}")
     metrics = _record(content, _METRICS, MetricRecord)
-    return ClientUpdate(
+    return EncodedUpdate(
         client_id=_get(rec, _UPDATE, "client_id", str),
-        delta=record_to_tensors(_record(content, _DELTA, ArrayRecord)),
+        delta=record_payload(content, _DELTA),
         num_examples=_get(rec, _UPDATE, "num_examples", int),
+        codec=_get(rec, _UPDATE, "codec", str),
         metrics={k: float(v) for k, v in metrics.items()},
-        extras={n: record_to_tensors(_record(content, _EXTRA + n, ArrayRecord)) for n in extras_names},
+        extras={n: record_payload(content, _EXTRA + n) for n in extras_names},
     )
 
 

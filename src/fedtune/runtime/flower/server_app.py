@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedtune.channel import Channel
 from fedtune.runtime.flower.experiment_source import ExperimentSource
 from fedtune.runtime.flower.transport import FlowerTransport
 
@@ -38,7 +39,8 @@ def make_server_app(
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("httpx").setLevel(logging.WARNING)
         exp = experiment(context.run_config)
-        transport = FlowerTransport(grid, exp.runtime, expected_clients=exp.partition.num_clients)
+        transport = FlowerTransport(grid, exp.runtime, expected_clients=exp.partition.num_clients,
+                                    channel=Channel.from_config(exp.federation))
         result = run_experiment(exp, quiet=quiet, remote=transport)
         if transport.failures:
             log.warning("client failures: %s", transport.failures)

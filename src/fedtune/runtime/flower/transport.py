@@ -5,7 +5,9 @@ query, and each node answers with the client id from its node config
 (:mod:`fedtune.runtime.flower.node`). The server keeps ``client id -> node id`` and addresses
 each sampled client's RoundPlan to its node. Replies are yielded as they arrive, so the
 strategy's streaming aggregate consumes them one by one, in sampled order (see ``run_round``). ``bytes_down`` / ``bytes_up`` count
-the serialized records of every message actually sent (:func:`messages.encoded_size`).
+the serialized records of every message actually sent (:func:`messages.encoded_size`): the codec
+payloads (``[federation] codec_down`` / ``codec_up``, see :mod:`fedtune.channel`) plus Flower's
+record framing (a few hundred bytes per message).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from fedtune.channel import Channel
+from fedtune.codecs import CodecError
 from fedtune.config import ConfigError, Experiment, RuntimeConfig
 from fedtune.payload import CommStats
 from fedtune.runtime.flower import messages
@@ -50,8 +54,11 @@ def server_task(exp: Experiment) -> TaskData:
 class FlowerTransport:
     """Reaches fedtune clients running the ClientApp on Flower nodes (a RemoteClients and a Transport)."""
 
-    def __init__(self, grid: Grid, runtime: RuntimeConfig, expected_clients: int, *, poll: float = 0.2) -> None:
+    def __init__(self, grid: Grid, runtime: RuntimeConfig, expected_clients: int, *, poll: float = 0.2,
+                 channel: Channel | None = None) -> None:
         self.grid = grid
+        self.channel = channel if channel is not None else Channel()
+        """The federation's codecs: plans go out with ``channel.down``, replies must use ``channel.up``."""
         self.runtime = runtime
         self.needed = runtime.min_clients or expected_clients
         self.poll = poll
@@ -123,7 +130,7 @@ class FlowerTransport:
             raise FederationError(f"round {plan.round}: no SuperNode serves client(s) {unknown}")
         out = []
         for cid in clients:
-            content = messages.encode_train_request(messages.TrainRequest(cid, plan, self.task))
+            content = messages.encode_train_request(messages.TrainRequest(cid, plan, self.task, self.channel))
             stats.bytes_down += messages.encoded_size(content)
             out.append(Message(content, dst_node_id=self.nodes[cid], message_type=messages.TRAIN,
                                group_id=str(plan.round)))
@@ -147,8 +154,13 @@ class FlowerTransport:
             log.error("round %d: client %s failed: %s", rnd, cid, reply.error.reason)
             self.failures.append((rnd, cid, reply.error.reason))
             return None
-        update = messages.decode_update(reply.content)
         stats.bytes_up += messages.encoded_size(reply.content)
+        try:
+            update = self.channel.decode_update(messages.decode_update(reply.content))
+        except (messages.MessageError, CodecError) as exc:
+            log.error("round %d: client %s sent an unreadable update: %s", rnd, cid, exc)
+            self.failures.append((rnd, cid, f"unreadable update: {exc}"))
+            return None
         if update.client_id != cid:
             log.error("round %d: the node of client %s answered as %s; dropped", rnd, cid, update.client_id)
             self.failures.append((rnd, cid, f"answered as {update.client_id}"))

@@ -1,0 +1,135 @@
+"""The codecs of a federation applied to what crosses the wire: RoundPlans down, ClientUpdates up.
+
+Every runtime uses these helpers, so the simulation and Flower compress, count and decode the
+same way:
+
+- **Downlink** (server -> client): the plan's tensors (global params and tensor-valued
+  objectives such as SCAFFOLD's ``c``) are encoded with ``codec_down``; a client trains from
+  what it *decodes*, and its delta is computed against that decoded model. The server keeps its
+  own full-precision global model and adds the aggregated deltas to it: the downlink's error is
+  a perturbation of where clients start, it never accumulates in the global model (re-quantizing
+  the global model every round would freeze updates smaller than one quantization step).
+- **Uplink** (client -> server): the delta and every extras entry are encoded with ``codec_up``;
+  the server aggregates what it decodes, so results reflect the codec. With error feedback
+  (the default, for lossy uplink codecs) each client keeps what compression dropped in its
+  ClientState (:data:`RESIDUAL`, and ``RESIDUAL + ":" + extras name``) and adds it to its next update.
+
+Byte counts are ``len()`` of the encoded payloads: exactly what a transport sends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from fedtune.codecs import Codec, CodecError, encode_with_feedback, parse_codec
+from fedtune.types import ClientState, ClientUpdate, ControlVariate, RoundPlan
+
+RESIDUAL = "codec_residual"
+"""ClientState entry holding a client's uplink error-feedback residual for its delta."""
+
+
+def residual_key(extra: str | None = None) -> str:
+    """ClientState entry of the residual for the delta (``None``) or for an extras entry."""
+    return RESIDUAL if extra is None else f"{RESIDUAL}:{extra}"
+
+
+@dataclass(frozen=True)
+class EncodedUpdate:
+    """A ClientUpdate as it travels: its tensors as codec bytes, its scalars as they are."""
+
+    client_id: str
+    delta: bytes
+    num_examples: int
+    codec: str
+    """Canonical spec of the uplink codec the tensors were encoded with."""
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    extras: Mapping[str, bytes] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the encoded tensors (delta plus extras)."""
+        return len(self.delta) + sum(len(b) for b in self.extras.values())
+
+
+@dataclass(frozen=True)
+class Channel:
+    """The uplink and downlink codecs of a federation, and whether clients use error feedback."""
+
+    up: Codec = field(default_factory=Codec)
+    down: Codec = field(default_factory=Codec)
+    error_feedback: bool = True
+
+    @classmethod
+    def from_specs(cls, up: str = "none", down: str = "none", error_feedback: bool = True) -> "Channel":
+        """Parse both spec strings (CodecError on a bad one)."""
+        return cls(parse_codec(up), parse_codec(down, downlink=True), error_feedback)
+
+    @classmethod
+    def from_config(cls, federation) -> "Channel":
+        """From ``[federation]`` (``codec_up``, ``codec_down``, ``error_feedback``)."""
+        return cls.from_specs(federation.codec_up, federation.codec_down, federation.error_feedback)
+
+    # ------------------------------------------------------------------ downlink
+
+    def send_plan(self, plan: RoundPlan) -> tuple[RoundPlan, int]:
+        """The plan as every client decodes it, and the bytes one client receives.
+
+        Lossless codecs give back the very same tensors (a test checks decode(encode(x)) == x).
+        """
+        params_bytes = self.down.encode(plan.params)
+        size = len(params_bytes)
+        if self.down.is_lossless:
+            if isinstance(plan.objective, ControlVariate):
+                size += len(self.down.encode(plan.objective.c))
+            return plan, size
+        objective = plan.objective
+        if isinstance(objective, ControlVariate):
+            c_bytes = self.down.encode(objective.c)
+            size += len(c_bytes)
+            objective = ControlVariate(self.down.decode(c_bytes))
+        return dataclasses.replace(plan, params=self.down.decode(params_bytes), objective=objective), size
+
+    # ------------------------------------------------------------------ uplink
+
+    def encode_update(self, update: ClientUpdate, state: ClientState) -> EncodedUpdate:
+        """Client side: encode ``update``'s tensors, with error feedback kept in ``state`` when lossy."""
+        feedback = self.error_feedback and not self.up.is_lossless
+
+        def encode(tensors, key: str) -> bytes:
+            if not feedback:
+                return self.up.encode(tensors)
+            data, _, residual = encode_with_feedback(self.up, tensors, state.get(key))
+            state[key] = residual
+            return data
+
+        return EncodedUpdate(
+            client_id=update.client_id,
+            delta=encode(update.delta, residual_key()),
+            num_examples=update.num_examples,
+            codec=str(self.up),
+            metrics=dict(update.metrics),
+            extras={name: encode(t, residual_key(name)) for name, t in update.extras.items()},
+        )
+
+    def decode_update(self, encoded: EncodedUpdate) -> ClientUpdate:
+        """Server side: the update the strategy aggregates (what the codec let through)."""
+        if encoded.codec != str(self.up):
+            raise CodecError(f"client {encoded.client_id} encoded its update with {encoded.codec!r}, "
+                             f"the server expects codec_up = {str(self.up)!r}")
+        return ClientUpdate(
+            client_id=encoded.client_id,
+            delta=self.up.decode(encoded.delta),
+            num_examples=encoded.num_examples,
+            metrics=dict(encoded.metrics),
+            extras={name: self.up.decode(b) for name, b in encoded.extras.items()},
+        )
+
+    def transmit_update(self, update: ClientUpdate, state: ClientState) -> tuple[ClientUpdate, int]:
+        """Both halves in one process (the simulation): what the server aggregates, and the bytes sent."""
+        if self.up.is_identity:  # float32 safetensors round-trips exactly: count the bytes, keep the tensors
+            size = len(self.up.encode(update.delta)) + sum(len(self.up.encode(t)) for t in update.extras.values())
+            return update, size
+        encoded = self.encode_update(update, state)
+        return self.decode_update(encoded), encoded.nbytes

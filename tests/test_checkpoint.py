@@ -1,0 +1,192 @@
+"""Checkpoint every round and resume a killed run: bit-for-bit the uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedtune import checkpoint
+from fedtune.checkpoint import Checkpoint, CheckpointError, read_checkpoint, write_checkpoint
+from fedtune.cli import main
+from fedtune.config import ConfigError
+from fedtune.experiment import run_experiment
+from fedtune.runtime.simulation import SimulationTransport
+from fedtune.types import ServerState
+
+
+class Killed(Exception):
+    """Stands in for the process being killed in the middle of a round."""
+
+
+def _kill_at(monkeypatch, rnd: int) -> None:
+    original = SimulationTransport.run_round
+
+    def run_round(self, plan, clients, stats):
+        for i, update in enumerate(original(self, plan, clients, stats)):
+            if plan.round == rnd and i == 1:
+                raise Killed(f"killed during round {rnd}")
+            yield update
+
+    monkeypatch.setattr(SimulationTransport, "run_round", run_round)
+
+
+def _lines(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _untimed(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if "time" not in k} for r in records]
+
+
+def _all_state_tensors(out) -> dict:
+    """Every tensor of the run's last checkpoint: global params, strategy buffers, client states."""
+    ck = read_checkpoint(out)
+    flat = {("params", k): v for k, v in ck.state.params.items()}
+    flat.update({("buffer", b, k): v for b, td in ck.state.buffers.items() for k, v in td.items()})
+    flat.update({("client", c, p, k): v for c, st in ck.client_states.items()
+                 for p, td in st.items() for k, v in td.items()})
+    return flat
+
+
+STATEFUL = {
+    "fedavg": [],
+    "fedadam": ["strategy.name=fedadam", "strategy.server_lr=0.05"],
+    "scaffold_topk_ef": ["strategy.name=scaffold", 'federation.codec_up="topk:0.2+int8"', "partition.num_clients=4",
+                         "federation.clients_per_round=3"],
+}
+
+
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_killed_run_resumes_bit_for_bit(tiny_experiment, tmp_path, monkeypatch, name):
+    sets = ["federation.rounds=3", "eval.every=1", *STATEFUL[name]]
+    straight = run_experiment(tiny_experiment(*sets, f'output_dir="{tmp_path / "straight"}"'), quiet=True)
+
+    killed_dir = tmp_path / "killed"
+    with monkeypatch.context() as m:
+        _kill_at(m, 3)
+        with pytest.raises(Killed):
+            run_experiment(tiny_experiment(*sets, f'output_dir="{killed_dir}"'), quiet=True)
+    assert read_checkpoint(killed_dir).round == 2
+    assert [r["round"] for r in _lines(killed_dir)] == [1, 2]
+    with (killed_dir / "metrics.jsonl").open("a") as fh:  # as if the kill came after round 3 was logged
+        fh.write(json.dumps({"round": 3, "train_loss": 123.0}) + "\n")
+
+    assert main(["run", "--resume", str(killed_dir), "--quiet"]) == 0
+
+    a = load_file(straight.output_dir / "model" / "adapter_model.safetensors")
+    b = load_file(killed_dir / "model" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sa, sb = _all_state_tensors(straight.output_dir), _all_state_tensors(killed_dir)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    if name != "fedavg":
+        assert any(k[0] == "buffer" for k in sa)  # the strategy's own state went through the checkpoint
+    if name == "scaffold_topk_ef":
+        purposes = {k[2] for k in sa if k[0] == "client"}
+        assert {"scaffold_c", "codec_residual", "codec_residual:scaffold_delta_c"} <= purposes
+    resumed = _lines(killed_dir)
+    assert [r["round"] for r in resumed] == [1, 2, 3]  # continued, not restarted; the stray line is gone
+    assert _untimed(resumed) == _untimed(_lines(straight.output_dir))
+    assert resumed[2]["wall_time"] >= resumed[1]["wall_time"]  # the clock continues too
+    summary = json.loads((killed_dir / "summary.json").read_text())
+    assert summary["final_metrics"] == straight.final_metrics
+    assert summary["bytes_up_total"] == straight.summary["bytes_up_total"]
+
+
+def test_resume_can_extend_the_number_of_rounds(tiny_experiment, tmp_path):
+    sets = ["eval.every=1", "strategy.name=fedavgm"]
+    straight = run_experiment(tiny_experiment(*sets, "federation.rounds=3", f'output_dir="{tmp_path / "a"}"'),
+                              quiet=True)
+    short = run_experiment(tiny_experiment(*sets, "federation.rounds=2", f'output_dir="{tmp_path / "b"}"'), quiet=True)
+    assert main(["run", "--resume", str(short.output_dir), "--set", "federation.rounds=3", "--quiet"]) == 0
+    a = load_file(straight.output_dir / "model" / "adapter_model.safetensors")
+    b = load_file(short.output_dir / "model" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _untimed(_lines(short.output_dir)) == _untimed(_lines(straight.output_dir))
+
+
+def test_resume_refuses_a_different_config(tiny_experiment, tmp_path, capsys):
+    res = run_experiment(tiny_experiment("federation.rounds=1", f'output_dir="{tmp_path / "r"}"'), quiet=True)
+    code = main(["run", "--resume", str(res.output_dir), "--set", "train.lr=0.5", "--set", "partition.num_clients=4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "partition.num_clients" in err and "train.lr" in err and "checkpoint 0.02, now 0.5" in err
+    assert "federation.codec_up" not in err  # only the keys that differ are named
+    with pytest.raises(ConfigError, match="round 1, beyond federation.rounds = 0"):
+        checkpoint.check_config(read_checkpoint(res.output_dir), _with_rounds(tiny_experiment, res.output_dir, 0))
+    index = res.output_dir / "checkpoint" / "checkpoint.json"
+    data = json.loads(index.read_text())
+    del data["config"]["federation"]["error_feedback"]  # a checkpoint from before a key existed: its default
+    index.write_text(json.dumps(data))
+    checkpoint.check_config(read_checkpoint(res.output_dir),
+                            tiny_experiment("federation.rounds=1", f'output_dir="{res.output_dir}"'))  # no error
+    data["config"]["federation"]["codec_up"] = "int8"
+    index.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match=r"federation\.codec_up: checkpoint 'int8', now 'none'"):
+        checkpoint.resume_experiment(res.output_dir, overrides=['federation.codec_up="none"'])
+
+
+def _with_rounds(tiny_experiment, out, rounds):
+    """The tiny experiment writing to ``out`` with federation.rounds bypassing validation (to test the check)."""
+    exp = tiny_experiment("federation.rounds=1", f'output_dir="{out}"')
+    exp.federation.rounds = rounds
+    return exp
+
+
+def test_resume_errors_are_clear(tiny_experiment, tmp_path, capsys):
+    assert main(["run", "--resume", str(tmp_path / "nothing"), "--quiet"]) == 1
+    assert "no checkpoint in" in capsys.readouterr().err
+    res = run_experiment(tiny_experiment("federation.rounds=1", f'output_dir="{tmp_path / "r"}"'), quiet=True)
+    with pytest.raises(ConfigError, match="runtime.mode = 'simulation'"):
+        run_experiment(tiny_experiment("federation.rounds=1", f'output_dir="{res.output_dir}"',
+                                       'runtime.mode="flower"'), resume=True)
+    with pytest.raises(ConfigError, match="local baseline"):
+        run_experiment(tiny_experiment("mode=local", f'output_dir="{res.output_dir}"'), resume=True)
+    index = res.output_dir / "checkpoint" / "checkpoint.json"
+    tensor_file = res.output_dir / "checkpoint" / json.loads(index.read_text())["tensors"]
+    data = tensor_file.read_bytes()
+    tensor_file.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # one flipped byte
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        read_checkpoint(res.output_dir)
+
+
+def test_checkpoint_round_trip_keeps_everything(tmp_path):
+    state = ServerState(
+        round=7,
+        params={"w": torch.randn(3, 4), "h": torch.randn(2).to(torch.bfloat16)},
+        buffers={"m": {"w": torch.randn(3, 4), "h": torch.zeros(2)}, "empty": {}},
+    )
+    clients = {"client/odd id": {"scaffold_c": {"w": torch.ones(3, 4)}, "codec_residual": {"w": torch.randn(3, 4)}},
+               "c2": {}}
+    random.seed(5), np.random.seed(6), torch.manual_seed(7)
+    rng = checkpoint.capture_rng()
+    expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    write_checkpoint(tmp_path, Checkpoint(state, {"seed": 1}, clients, rng, wall_time=12.5))
+    write_checkpoint(tmp_path, Checkpoint(ServerState(8, state.params, state.buffers), {"seed": 1}, clients, rng, 13.0))
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["checkpoint.json", "round_0008.safetensors"]
+    back = read_checkpoint(tmp_path)
+    assert back.round == 8 and back.wall_time == 13.0 and back.config == {"seed": 1}
+    assert all(torch.equal(back.state.params[k], v) and back.state.params[k].dtype == v.dtype
+               for k, v in state.params.items())
+    assert back.state.buffers.keys() == {"m", "empty"} and back.state.buffers["empty"] == {}
+    assert torch.equal(back.state.buffers["m"]["w"], state.buffers["m"]["w"])
+    assert back.client_states.keys() == clients.keys() and back.client_states["c2"] == {}
+    assert torch.equal(back.client_states["client/odd id"]["codec_residual"]["w"],
+                       clients["client/odd id"]["codec_residual"]["w"])
+    random.random(), np.random.rand(), torch.rand(3)  # move every RNG on
+    back.restore_rng()
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+    with pytest.raises(CheckpointError, match="buffers"):
+        back.check_layout(ServerState(0, {k: v.clone() for k, v in state.params.items()}, {}))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        back.check_layout(ServerState(0, {"w": torch.zeros(4, 3), "h": torch.zeros(2).to(torch.bfloat16)},
+                                      state.buffers))
+
+
+def test_config_differences_lists_nested_keys():
+    a = {"train": {"lr": 0.1, "epochs": 1}, "federation": {"rounds": 3}, "output_dir": "x", "name": "n"}
+    b = {"train": {"lr": 0.2, "epochs": 1}, "federation": {"rounds": 5}, "output_dir": "y", "name": "n", "new": 1}
+    assert checkpoint.config_differences(a, b) == ["new", "train.lr"]

@@ -90,3 +90,18 @@ def test_goemotions_local_files_load(monkeypatch):
     assert len(data.train.texts) == 43410 and len(data.evals["validation"].texts) == 5426
     sizes = [len(x) for x in data.train.labels]
     assert sizes.count(1) == 36308 and sizes.count(2) == 6541  # SOURCES.md's counts
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_head_starts_at_the_label_base_rates(ml_experiment, mode):
+    import torch
+
+    from fedtune.models import get_trainable, load_tokenizer
+    from fedtune.tasks.registry import build_task
+
+    exp = ml_experiment(f'model.mode="{mode}"')
+    task = build_task(exp, load_tokenizer(exp.model.name))
+    params = get_trainable(task.build_model(exp.model, 0))
+    bias = next(v for k, v in params.items() if k.endswith("classifier.bias") or k.endswith("default.bias"))
+    rate = task.train.labels.mean(0)
+    torch.testing.assert_close(torch.sigmoid(bias), rate, atol=1e-6, rtol=1e-5)

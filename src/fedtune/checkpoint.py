@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fedtune.config import ConfigError, Experiment, from_dict
+from fedtune.config import ConfigError, Experiment, flatten_table, from_dict
 from fedtune.types import ClientState, ServerState
 
 CHECKPOINT_DIR = "checkpoint"
@@ -199,21 +199,10 @@ def read_checkpoint(out: str | Path) -> Checkpoint:
     )
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            flat.update(_flatten(v, key + "."))
-        else:
-            flat[key] = v
-    return flat
-
-
 def config_differences(checkpointed: Mapping[str, Any], current: Mapping[str, Any],
                        allowed: Sequence[str] = MAY_DIFFER) -> list[str]:
     """Dotted keys whose values differ between two configuration dicts, ``allowed`` keys left out."""
-    a, b = _flatten(checkpointed), _flatten(current)
+    a, b = flatten_table(checkpointed), flatten_table(current)
     return sorted(k for k in a.keys() | b.keys() if k not in allowed and a.get(k, "<absent>") != b.get(k, "<absent>"))
 
 
@@ -223,10 +212,10 @@ def check_config(ckpt: Checkpoint, exp: Experiment, where: str = "") -> None:
     A key the checkpoint does not have (added to fedtune since) counts as its default value.
     """
     current = exp.to_dict()
-    checkpointed = {**_flatten(Experiment().to_dict()), **_flatten(ckpt.config)}
+    checkpointed = {**flatten_table(Experiment().to_dict()), **flatten_table(ckpt.config)}
     diffs = config_differences(checkpointed, current)
     if diffs:
-        a, b = checkpointed, _flatten(current)
+        a, b = checkpointed, flatten_table(current)
         shown = "; ".join(f"{k}: checkpoint {a.get(k, '<absent>')!r}, now {b.get(k, '<absent>')!r}" for k in diffs)
         raise ConfigError(f"cannot resume {where or exp.resolved_output_dir}: the configuration differs from the "
                           f"checkpointed one in {', '.join(diffs)} ({shown}). Only {', '.join(MAY_DIFFER)} may change.")

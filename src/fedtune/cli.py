@@ -143,19 +143,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     predictor = Predictor(args.model, max_new_tokens=args.max_new_tokens)
     rows: list[dict] = []
     if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise PredictError(f"{path}: file not found")
-        for i, line in enumerate(path.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise PredictError(f"{path}: line {i + 1} is not JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise PredictError(f"{path}: line {i + 1} is not a JSON object")
-            rows.append(row)
+        from fedtune.tasks.data import read_json_lines
+
+        rows += read_json_lines(Path(args.file))
     rows += [{"text": t} for t in args.text or []]
     if args.question or args.context:
         rows.append({"question": args.question or "", "context": args.context or ""})

@@ -13,6 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import tomli_w
@@ -572,3 +573,15 @@ def from_dict(cls: type, raw: dict[str, Any], source: str | None = "<dict>", pre
         if source is None:
             raise
         raise ConfigError(f"{source}: {exc}") from None
+
+
+def flatten_table(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (dotted config keys); lists stay values."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten_table(v, key + "."))
+        else:
+            out[key] = v
+    return out

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedtune.config import flatten_table
+
 IGNORED_KEYS = {"name", "output_dir"}
 """Config keys that differ between any two runs by construction; never shown as 'what differs'."""
 
@@ -89,18 +91,6 @@ class RunData:
         return values[-1] if values else None
 
 
-def flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay values."""
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
 def is_run_dir(path: Path) -> bool:
     """A run folder has ``summary.json`` and ``config.toml``."""
     return (path / "summary.json").is_file() and (path / "config.toml").is_file()
@@ -152,7 +142,7 @@ def load_run(path: Path) -> RunData:
     except ValueError as exc:
         raise ReportError(f"{path / 'summary.json'}: not valid JSON: {exc}") from None
     try:
-        config = flatten(tomllib.loads((path / "config.toml").read_text()))
+        config = flatten_table(tomllib.loads((path / "config.toml").read_text()))
     except tomllib.TOMLDecodeError as exc:
         raise ReportError(f"{path / 'config.toml'}: not valid TOML: {exc}") from None
     records = []

@@ -401,6 +401,13 @@ def _read_table(path: Path) -> dict[str, list[Any]]:
     return {str(col): frame[col].tolist() for col in frame.columns}
 
 
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file (blank lines skipped); errors name the file and line."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    return _read_json_records(path, lines=True)
+
+
 def _read_json_records(path: Path, *, lines: bool) -> Any:
     text = path.read_text(encoding="utf-8-sig")
     if not text.strip():

@@ -183,7 +183,19 @@ class MultiLabelTask(Task):
         return PartitionUnits(len(self.train), self.primary_labels, None, self.label_names)
 
     def build_model(self, cfg: ModelConfig, seed: int) -> nn.Module:
-        return load_classifier(cfg, len(self.label_names), regression=False, seed=seed, multilabel=True)
+        """The multi-label head, its biases set to the training labels' log-odds (prior initialization).
+
+        With 28 mostly rare labels, a head starting at p = 0.5 spends its first steps learning
+        "no" for everything; starting at each label's base rate lets the steps go to the text.
+        """
+        model = load_classifier(cfg, len(self.label_names), regression=False, seed=seed, multilabel=True)
+        prior = self.train.labels.mean(0).clamp(1e-4, 1 - 1e-4)
+        heads = [m for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.bias is not None
+                 and m.out_features == len(self.label_names) and {"classifier", "score"} & set(n.split("."))]
+        with torch.no_grad():
+            for head in heads:
+                head.bias.copy_(torch.log(prior / (1 - prior)))
+        return model
 
     @torch.no_grad()
     def probabilities(self, model: nn.Module, data: EncodedDataset, ctx: EvalContext) -> tuple[np.ndarray, float]:

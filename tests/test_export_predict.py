@@ -137,3 +137,25 @@ def test_predict_causal_lm_generates(tmp_path, capsys):
     assert main(["predict", str(run.output_dir), "--prompt", "Once upon a time", "--max-new-tokens", "5"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prompt"] == "Once upon a time" and isinstance(out["generation"], str) and out["generation"]
+
+
+def test_predict_generative_classification(tmp_path, tiny_csv, capsys):
+    from conftest import REPO
+
+    from fedtune.config import Experiment
+    from fedtune.experiment import run_experiment
+
+    stories = REPO.parent / "shared" / "models" / "stories260K"
+    if not (stories / "config.json").is_file():
+        pytest.skip("stories260K not present")
+    train, evalf = tiny_csv
+    run = run_experiment(Experiment.from_overrides([
+        f'model.name="{stories}"', 'data.task="generative_classification"', 'data.dataset="files"',
+        f'data.train_file="{train}"', f'data.eval_file="{evalf}"', 'data.text_column="text"',
+        'data.label_column="label"', "partition.num_clients=1", "federation.rounds=1", "train.max_steps=2",
+        "train.epochs=0", f'output_dir="{tmp_path / "gen"}"']), quiet=True)
+    assert main(["predict", str(run.output_dir), "--text", "goal match team"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["label"] in ("money", "sports", "tech")
+    assert set(out["log_likelihoods"]) == {"money", "sports", "tech"}
+    assert out["label"] == max(out["log_likelihoods"], key=out["log_likelihoods"].get)

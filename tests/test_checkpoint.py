@@ -25,10 +25,12 @@ class Killed(Exception):
 
 def _kill_at(monkeypatch, rnd: int) -> None:
     original = SimulationTransport.run_round
+    seen: dict[int, int] = {}  # updates per round, over calls (LoRA rules may call once per client)
 
     def run_round(self, plan, clients, stats):
-        for i, update in enumerate(original(self, plan, clients, stats)):
-            if plan.round == rnd and i == 1:
+        for update in original(self, plan, clients, stats):
+            seen[plan.round] = seen.get(plan.round, 0) + 1
+            if plan.round == rnd and seen[plan.round] == 2:
                 raise Killed(f"killed during round {rnd}")
             yield update
 
@@ -58,6 +60,9 @@ STATEFUL = {
     "fedadam": ["strategy.name=fedadam", "strategy.server_lr=0.05"],
     "scaffold_topk_ef": ["strategy.name=scaffold", 'federation.codec_up="topk:0.2+int8"', "partition.num_clients=4",
                          "federation.clients_per_round=3"],
+    "lora_fedex": ["model.lora.aggregation=fedex"],  # base corrections in the buffers
+    "lora_fedsa_ranks": ["model.lora.aggregation=fedsa", "model.lora.client_ranks=[1, 4]",
+                         "federation.clients_per_round=2"],  # personal B in the client states
 }
 
 
@@ -83,8 +88,10 @@ def test_killed_run_resumes_bit_for_bit(tiny_experiment, tmp_path, monkeypatch, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = _all_state_tensors(straight.output_dir), _all_state_tensors(killed_dir)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    if name != "fedavg":
+    if name not in ("fedavg", "lora_fedsa_ranks"):
         assert any(k[0] == "buffer" for k in sa)  # the strategy's own state went through the checkpoint
+    if name == "lora_fedsa_ranks":
+        assert any(k[0] == "client" and k[2] == "personal" and ".lora_B." in k[3] for k in sa)
     if name == "scaffold_topk_ef":
         purposes = {k[2] for k in sa if k[0] == "client"}
         assert {"scaffold_c", "codec_residual", "codec_residual:scaffold_delta_c"} <= purposes

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fedtune.checkpoint import CheckpointError
 from fedtune.config import ConfigError, Experiment, default_experiment
+from fedtune.lora_merge import MergeError
 from fedtune.models import ModelLoadError
 from fedtune.partition import PartitionError
 from fedtune.predict import PredictError
@@ -162,6 +163,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Fuse trained peft LoRA adapters into one (svd, fedit, ffa or flora); write it with merge_manifest.json."""
+    from fedtune.lora_merge import MergeError, merge_adapters, read_manifest_sizes
+
+    if args.weights and args.manifests:
+        raise MergeError("give --weights or --manifests, not both")
+    weights = args.weights or (read_manifest_sizes(args.manifests) if args.manifests else None)
+    manifest = merge_adapters(args.adapters, args.out, rule=args.rule, rank=args.rank, weights=weights)
+    kept = manifest["energy_kept"]
+    print(f"merged {len(args.adapters)} adapters with {args.rule} at rank {manifest['rank']}"
+          + (f", singular-value energy kept {kept:.4f}" if kept is not None else "") + f"; written to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fedtune`` argument parser."""
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
@@ -216,6 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-examples", type=int, default=50, help="examples timed one by one per format")
     p.set_defaults(fn=cmd_export)
 
+    p = sub.add_parser("merge", help="fuse trained LoRA adapters into one peft adapter (svd, fedit, ffa, flora)")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR", help="peft adapter folders (e.g. runs/x/model)")
+    p.add_argument("--rule", default="svd", help="svd | fedit | ffa | flora (fedex and fedsa give no single adapter)")
+    p.add_argument("--rank", type=int, help="rank of the merged adapter (required for svd)")
+    p.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per adapter (default equal)")
+    p.add_argument("--manifests", nargs="+", metavar="M.json", help="client manifests: weight by their 'size'")
+    p.add_argument("--out", required=True, help="folder for the merged adapter and merge_manifest.json")
+    p.set_defaults(fn=cmd_merge)
+
     p = sub.add_parser("predict", help="run a trained model or an export on new inputs (JSON lines out)")
     p.add_argument("model", help="a run folder, its model/ folder, or an export folder")
     p.add_argument("--text", action="append", help="text to classify (repeatable)")
@@ -242,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fedtune: config error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, PartitionError, ModelLoadError, PredictError, CheckpointError) as exc:
+    except (DataError, PartitionError, ModelLoadError, PredictError, CheckpointError, MergeError) as exc:
         # These carry messages that name the file, field or value; a traceback would add nothing.
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 1

@@ -96,10 +96,32 @@ class LoraConfig:
     target_modules: list[str] = field(
         default_factory=list, metadata=_help("Module names to adapt; the architecture's attention projections when empty.")
     )
+    aggregation: Literal["none", "fedit", "svd", "ffa", "fedsa", "fedex", "flora"] = field(
+        default="none",
+        metadata=_help(
+            "LoRA-aware aggregation (fedtune.lora_aggregation), replacing the strategy's tensor-wise mean: fedit "
+            "(A and B averaged), svd (mean of B.A truncated to rank r), ffa (A frozen, B averaged), fedsa (A "
+            "averaged, B personal), fedex (fedit + residual folded into the base), flora (stacked, merged into the "
+            "base every round). 'none' = the strategy's own rule on every tensor. Needs strategy fedavg or fedprox."
+        ),
+    )
+    client_ranks: list[int] = field(
+        default_factory=list,
+        metadata=_help("Per-client LoRA ranks (each 1..r), assigned to clients in order and cycled "
+                       "(client k gets client_ranks[k % len]); empty = every client trains at rank r. "
+                       "Needs lora.aggregation other than 'none'."),
+    )
 
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ConfigError(f"model.lora.r must be >= 1, got {self.r}")
+        bad = [k for k in self.client_ranks if not 1 <= k <= self.r]
+        if bad:
+            raise ConfigError(f"model.lora.client_ranks: {bad[0]} is not in 1..model.lora.r = {self.r} "
+                              "(the server's rank; clients train at most at it)")
+        if self.client_ranks and self.aggregation == "none":
+            raise ConfigError("model.lora.client_ranks needs model.lora.aggregation (fedit, svd, ffa, fedsa, fedex "
+                              "or flora), not 'none'")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
 
@@ -115,10 +137,18 @@ class ModelConfig:
     mode: Literal["lora", "full", "partial"] = field(default="lora", metadata=_help("Fine-tuning mode."))
     last_layers: int = field(default=2, metadata=_help("partial mode: train the last N encoder layers + head."))
     lora: LoraConfig = field(default_factory=LoraConfig)
+    init_adapter: str = field(
+        default="",
+        metadata=_help("lora mode: start round 1 from this trained peft adapter folder (warm start, e.g. a "
+                       "centralized run's model/); its rank and target modules must match [model.lora]."),
+    )
 
     def __post_init__(self) -> None:
         if self.last_layers < 0:
             raise ConfigError(f"model.last_layers must be >= 0, got {self.last_layers}")
+        if self.mode != "lora" and (self.lora.aggregation != "none" or self.init_adapter):
+            key = "model.lora.aggregation" if self.lora.aggregation != "none" else "model.init_adapter"
+            raise ConfigError(f"{key} needs model.mode = 'lora', not {self.mode!r}")
 
 
 @dataclass

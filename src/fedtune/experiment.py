@@ -18,6 +18,7 @@ from fedtune.attacks import DATA_ATTACKS, UPDATE_ATTACKS, Attack, AttackedTransp
 from fedtune.batching import EncodedDataset
 from fedtune.channel import Channel
 from fedtune.config import ConfigError, Experiment
+from fedtune.lora_experiment import build_lora_strategy, lora_transport, save_base_offset, sync_model, uses_lora_aggregation
 from fedtune.client import local_train
 from fedtune.models import get_trainable, head_param_names, load_tokenizer, save_model, set_trainable
 from fedtune.outputs import JsonlWriter, prepare_output_dir, print_table, write_summary
@@ -99,6 +100,8 @@ def build_strategy(exp: Experiment, num_clients: int | None = None) -> Strategy:
 
 def _base_strategy(exp: Experiment, num_clients: int) -> Strategy:
     local = local_train_config(exp)
+    if uses_lora_aggregation(exp):  # model.lora.aggregation: a LoRA-aware rule replaces fedavg / fedprox's mean
+        return build_lora_strategy(exp, local, num_clients)
     s = exp.strategy
     name = s.name
     lr = {"server_lr": s.server_lr} if s.server_lr > 0 else {}
@@ -256,13 +259,19 @@ def run_experiment(
     log.info("%s (%s): %d train rows over %d clients", task.name, task.kind, train_rows, len(ids))
 
     model = task.build_model(exp.model, exp.seed).to(device)
+    if exp.model.init_adapter:  # warm start from a trained peft adapter
+        from fedtune.lora_merge import warm_start
+
+        warm_start(model, exp.model.init_adapter)
     initial = get_trainable(model)
+    base_sync = None  # the LoRA transport, when a rule changes the frozen base (evaluation must see it too)
     headline_key = task.headline
     ctx = EvalContext(exp.eval.batch_size, pad_id, device, exp.train.precision)
     samples_path = out / "samples.jsonl"
 
     def evaluate(state: ServerState) -> dict[str, float]:
         set_trainable(model, state.params)
+        sync_model(base_sync, state)
         result = task.evaluate(model, ctx)
         task.write_samples(model, ctx, samples_path, state.round)
         if exp.eval.per_client:
@@ -305,6 +314,7 @@ def run_experiment(
         transport = remote.transport if remote is not None else \
             simulation_transport(exp, model, client_data, pad_id=pad_id, device=device)
         simulation = transport
+        transport = base_sync = lora_transport(strategy, transport, model)
         if exp.mode == "federated" and exp.attack.kind in UPDATE_ATTACKS:
             a = exp.attack
             transport = AttackedTransport(transport, attackers, Attack(a.kind, a.scale, a.noise_std), exp.seed)
@@ -333,7 +343,9 @@ def run_experiment(
             for which in ("global", "personalized"):
                 final.update({f"clients_{which}_{headline_key}_{k}": v for k, v in report[which].items()})
         set_trainable(model, state.params)
+        sync_model(base_sync, state)
         save_model(model, tokenizer, out / "model")
+        save_base_offset(state, out / "model")
         _model_meta(exp, task, model).write(out / "model")
         summary["bytes_up_total"] = sum(r.get("bytes_up", 0) for r in history)
         summary["bytes_down_total"] = sum(r.get("bytes_down", 0) for r in history)
@@ -378,7 +390,7 @@ def _personalization_report(exp, model, global_params, simulation, client_data, 
         return task.score_rows(model, tests[cid], ctx)
 
     def personal(cid: str):
-        if cfg.method == "fedper":
+        if cfg.method == "fedper" or exp.model.lora.aggregation == "fedsa":  # FedSA: the client's own B
             own = simulation.client_states.get(cid, {}).get(PERSONAL_STATE_KEY)
             return with_personal(global_params, own)
         local = dataclasses.replace(local_train_config(exp), epochs=0.0, max_steps=cfg.finetune_steps)

@@ -73,6 +73,9 @@ class RoundPlan:
     objective: ClientObjective | None = None
     personal: frozenset[str] = frozenset()
     """Tensors each client keeps to itself (FedPer's head): trained from its own copy, sent as zero change."""
+    base_offset: TensorDict = field(default_factory=dict)
+    """Dense corrections the client adds to frozen base weights, by base weight name (cumulative since round 1):
+    FedEx-LoRA residuals, FLoRA merges. Empty for every other strategy (see fedtune.runtime.lora)."""
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from fedtune.strategies.base import Strategy
 from fedtune.strategies.fedavg import FedAvg
 from fedtune.strategies.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
 from fedtune.strategies.fedprox import FedProx
+from fedtune.strategies.lora import LoraAggregation
 from fedtune.strategies.personal import PersonalLayers
 from fedtune.strategies.private import DifferentiallyPrivate
 from fedtune.strategies.robust import Krum, Median, MultiKrum, TrimmedMean
@@ -11,5 +12,5 @@ from fedtune.strategies.scaffold import Scaffold
 
 __all__ = [
     "Strategy", "FedAvg", "FedProx", "Scaffold", "FedAvgM", "FedAdam", "FedYogi", "FedAdagrad",
-    "Median", "TrimmedMean", "Krum", "MultiKrum", "DifferentiallyPrivate", "PersonalLayers",
+    "Median", "TrimmedMean", "Krum", "MultiKrum", "DifferentiallyPrivate", "PersonalLayers", "LoraAggregation",
 ]

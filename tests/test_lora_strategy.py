@@ -257,3 +257,34 @@ def test_uniform_rank_rules_keep_the_batched_trainer(tiny_experiment):
     assert all(r["lora_gap"] < 1e-5 for r in par)
     assert [r["bytes_up"] for r in par] == [r["bytes_up"] for r in seq]
     assert par[-1]["eval_loss"] == pytest.approx(seq[-1]["eval_loss"], rel=1e-3)  # same updates up to float order
+
+
+@pytest.mark.parametrize("rule", ["fedex", "flora"])
+def test_saved_fedex_flora_model_loads_with_its_base_correction(tiny_experiment, rule, tmp_path):
+    """load_for_inference (predict) and the merged export apply the saved base correction."""
+    from fedtune.artifacts import BASE_OFFSET_FILE, load_for_inference
+    from fedtune.experiment import run_experiment
+    from fedtune.export import export_run
+    from fedtune.tasks.data import load_task_data
+
+    res = run_experiment(tiny_experiment(f"model.lora.aggregation={rule}", "federation.rounds=2"), quiet=True)
+    ev = next(iter(load_task_data(tiny_experiment().data).evals.values()))
+
+    def accuracy(model, tok) -> float:
+        enc = tok(ev.texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+        with torch.no_grad():
+            preds = model(**enc).logits.argmax(-1)
+        return float((preds == torch.tensor(ev.labels)).float().mean())
+
+    model, tok, _ = load_for_inference(res.output_dir)
+    assert abs(accuracy(model, tok) - res.final_metrics["accuracy"]) < 1e-6
+    merged = export_run(res.output_dir, ["merged"], tmp_path / "exports")["merged"]
+    model_m, tok_m, _ = load_for_inference(merged)
+    assert abs(accuracy(model_m, tok_m) - res.final_metrics["accuracy"]) < 1e-6
+
+    # Without the correction the adapter alone is another model (flora: B restarts at 0 each round).
+    (res.output_dir / "model" / BASE_OFFSET_FILE).rename(tmp_path / "offset.safetensors")
+    bare, _, _ = load_for_inference(res.output_dir)
+    enc = tok(ev.texts, padding=True, truncation=True, max_length=16, return_tensors="pt")
+    with torch.no_grad():
+        assert not torch.allclose(bare(**enc).logits, model(**enc).logits, atol=1e-4)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedtune.config import LoraConfig, ModelConfig
+from fedtune.config import ConfigError, LoraConfig, ModelConfig
 from fedtune.models import (
     ModelLoadError,
     get_trainable,
@@ -48,6 +48,21 @@ def test_partial_trains_last_layers_and_head(tiny_model_dir):
 def test_full_trains_everything(tiny_model_dir):
     m = load_classifier(ModelConfig(name=str(tiny_model_dir), mode="full"), 3, False, 0)
     assert len(trainable_names(m)) == len(list(m.parameters()))
+
+
+@pytest.mark.parametrize("mode", ["lora", "partial", "full"])
+def test_frozen_pooler_is_neither_trained_nor_sent(tiny_model_dir, mode):
+    cfg = ModelConfig(name=str(tiny_model_dir), mode=mode, frozen_heads=["pooler"])
+    names = trainable_names(load_classifier(cfg, 3, False, 0))
+    assert not any("pooler" in n for n in names)
+    assert any("classifier" in n for n in names)
+    default = trainable_names(load_classifier(ModelConfig(name=str(tiny_model_dir), mode=mode), 3, False, 0))
+    assert any("pooler" in n for n in default)
+
+
+def test_freezing_the_new_output_layer_is_refused():
+    with pytest.raises(ConfigError, match="model.frozen_heads: 'classifier' cannot be frozen"):
+        ModelConfig(frozen_heads=["classifier"])
 
 
 def test_regression_head(tiny_model_dir):

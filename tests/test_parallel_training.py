@@ -111,6 +111,22 @@ def test_parallel_equals_sequential_scaffold_sgd(lora_model, client_data):
                                        atol=2e-5, rtol=1e-4)
 
 
+def test_parallel_equals_sequential_scaffold_adamw(lora_model, client_data):
+    """Under AdamW both trainers keep c_i+ as the mean clipped gradient, per client."""
+    params = perturbed(get_trainable(lora_model))
+    c = {k: 0.01 * torch.randn_like(v) for k, v in params.items()}
+    local = LocalTrainConfig(epochs=1.0, max_steps=0, lr=1e-3, batch_size=8, grad_clip=1.0, optimizer="adamw")
+    plan = RoundPlan(1, params, local, ControlVariate(c))
+    seq_states: dict = {}
+    par_states: dict = {}
+    assert_same_updates(sequential(lora_model, client_data, plan, seq_states),
+                        parallel(lora_model, client_data, plan, par_states))
+    for cid in client_data:
+        for k in params:
+            torch.testing.assert_close(par_states[cid][SCAFFOLD_STATE][k], seq_states[cid][SCAFFOLD_STATE][k],
+                                       atol=2e-5, rtol=1e-4)
+
+
 def test_parallel_with_padding_options(lora_model, client_data):
     """pad_to and length bucketing go through the same batch drawing in both trainers."""
     params = perturbed(get_trainable(lora_model))

@@ -125,6 +125,30 @@ def test_one_sgd_step_is_corrected_by_exactly_minus_lr_c(setup):
         assert torch.allclose(state[SCAFFOLD_STATE][k], grad, atol=1e-4)
 
 
+def test_adamw_client_control_is_the_mean_gradient_not_the_adam_step(setup):
+    """Under AdamW, c_i+ is the mean clipped gradient (option II would give ~sign(g) after one step)."""
+    model, data, params = setup
+    grad = {k: -v / 0.05 for k, v in train(model, data, params, None, sgd(1, 0.05)).delta.items()}
+    adam = LocalTrainConfig(epochs=0, max_steps=1, lr=1e-3, batch_size=8, grad_clip=0.0, optimizer="adamw",
+                            weight_decay=0.0)
+    c = tensors.zeros_like(params)
+    state: dict = {}
+    up = train(model, data, params, ControlVariate(c), adam, state=state)
+    for k in params:
+        assert torch.allclose(state[SCAFFOLD_STATE][k], grad[k], atol=1e-4)
+    option_two = {k: -up.delta[k] / 1e-3 for k in params}
+    assert tensors.norm(tensors.sub(option_two, grad)) > 10 * tensors.norm(grad)
+
+    # Two AdamW steps with clipping: the control is a mean of gradients clipped to norm 0.5.
+    two = LocalTrainConfig(epochs=0, max_steps=2, lr=1e-3, batch_size=8, grad_clip=0.5, optimizer="adamw",
+                           weight_decay=0.0)
+    state2: dict = {}
+    train(model, data, params, ControlVariate(c), two, state=state2)
+    assert all(torch.isfinite(v).all() for v in state2[SCAFFOLD_STATE].values())
+    total = torch.sqrt(sum(v.pow(2).sum() for v in state2[SCAFFOLD_STATE].values()))
+    assert total <= 0.5 + 1e-5  # a mean of gradients clipped to norm 0.5 has norm at most 0.5
+
+
 def test_zero_controls_give_fedavg_update_bit_for_bit(setup):
     model, data, params = setup
     local = LocalTrainConfig(epochs=0, max_steps=4, lr=0.05, batch_size=8)

@@ -26,6 +26,8 @@ META_FILE = "fedtune.json"
 INT8_WEIGHTS = "model_int8.pt"
 """State dict of a dynamically quantized model (``torch.load(weights_only=True)`` reads it)."""
 ONNX_FILE = "model.onnx"
+BASE_OFFSET_FILE = "lora_base_offset.safetensors"
+"""Dense corrections to the frozen base weights saved beside a fedex / flora run's adapter."""
 
 HEAD_OF_TASK = {
     "classification": "sequence_classification",
@@ -119,8 +121,30 @@ def load_torch_model(folder: Path, meta: ModelMeta) -> nn.Module:
         from peft import PeftModel
 
         base = auto.from_pretrained(resolve_model_path(meta.base_model), **_head_kwargs(meta))
-        return PeftModel.from_pretrained(base, folder).eval()
+        model = PeftModel.from_pretrained(base, folder)
+        if (folder / BASE_OFFSET_FILE).is_file():
+            apply_base_offset(model, folder / BASE_OFFSET_FILE)
+        return model.eval()
     return auto.from_pretrained(folder).eval()
+
+
+def apply_base_offset(model: nn.Module, path: Path) -> None:
+    """Add a fedex / flora run's saved base-weight corrections to the adapter model's frozen weights.
+
+    Without them the adapter alone is not the trained model (those rules fold part of the update
+    into the base). A name or shape that does not match the model is a ModelLoadError naming it.
+    """
+    from safetensors.torch import load_file
+
+    named = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in load_file(str(path)).items():
+            if name not in named:
+                raise ModelLoadError(f"{path}: base correction {name!r} matches no weight of the model")
+            if tuple(named[name].shape) != tuple(value.shape):
+                raise ModelLoadError(f"{path}: base correction {name!r} has shape {tuple(value.shape)}, "
+                                     f"the weight has {tuple(named[name].shape)}")
+            named[name].add_(value.to(named[name].dtype))
 
 
 INT8_SCOPES = ("all", "attention")

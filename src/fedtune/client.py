@@ -61,6 +61,19 @@ def scaffold_client_control(
     return {k: c_i[k] - c[k] + (x_global[k] - x_local[k]) * inv for k in c_i}
 
 
+def scaffold_tracks_gradients(optimizer: str) -> bool:
+    """Whether SCAFFOLD's new client control is the mean clipped gradient rather than option II.
+
+    Option II, ``(x - y_i) / (K * lr)``, is the mean gradient only when the local optimizer is
+    plain SGD. Under an adaptive optimizer (AdamW) the parameter change is measured in Adam's
+    normalized steps, so option II would put ``c_i`` on a different scale from the gradients it
+    corrects (far larger, at small learning rates) and the correction would swamp them. There
+    the client keeps the running mean of its clipped minibatch gradients directly: the quantity
+    option II estimates under SGD, in the gradients' own units.
+    """
+    return optimizer != "sgd"
+
+
 def _add_correction(params: dict[str, nn.Parameter], correction: TensorDict) -> None:
     """grad += correction (SCAFFOLD's c - c_i); a parameter without gradient gets the correction alone."""
     with torch.no_grad():
@@ -69,6 +82,14 @@ def _add_correction(params: dict[str, nn.Parameter], correction: TensorDict) -> 
                 p.grad = correction[name].clone()
             else:
                 p.grad.add_(correction[name])
+
+
+def _accumulate_gradients(total: TensorDict, params: dict[str, nn.Parameter]) -> None:
+    """total += each parameter's current gradient (a parameter without one adds nothing)."""
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.grad is not None:
+                total[name].add_(p.grad.float())
 
 
 def _load_subset(model: nn.Module, params: TensorDict) -> None:
@@ -130,6 +151,7 @@ def _train(model, data, plan, client_id, *, pad_id, seed, device, state: ClientS
         c_own = state.get(SCAFFOLD_STATE) or tensors.zeros_like(reference)
         c_own = {k: v.to(device) for k, v in c_own.items()}
         correction = tensors.sub(c_global, c_own)
+        grad_sum = tensors.zeros_like(c_own) if scaffold_tracks_gradients(cfg.optimizer) else None
     scaler = grad_scaler(cfg.precision, device)
     generator = torch.Generator().manual_seed(seed)
     total = planned_steps(len(data), cfg.batch_size, cfg.epochs, cfg.max_steps)
@@ -152,6 +174,8 @@ def _train(model, data, plan, client_id, *, pad_id, seed, device, state: ClientS
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(named.values(), cfg.grad_clip)
             if control is not None:
+                if grad_sum is not None:
+                    _accumulate_gradients(grad_sum, named)
                 _add_correction(named, correction)
             if scaler is not None:
                 scaler.step(optimizer)
@@ -174,7 +198,10 @@ def _train(model, data, plan, client_id, *, pad_id, seed, device, state: ClientS
     extras: dict[str, TensorDict] = {}
     if control is not None:
         local_dev = {k: v.to(device) for k, v in local.items()}
-        c_new = scaffold_client_control(c_own, c_global, reference, local_dev, step, cfg.lr)
+        if grad_sum is not None:
+            c_new = {k: v / step for k, v in grad_sum.items()}
+        else:
+            c_new = scaffold_client_control(c_own, c_global, reference, local_dev, step, cfg.lr)
         state[SCAFFOLD_STATE] = {k: v.detach().cpu() for k, v in c_new.items()}
         extras[CONTROL_DELTA] = {k: (c_new[k] - c_own[k]).detach().cpu() for k in c_new}
     return ClientUpdate(client_id=client_id, delta=delta, num_examples=len(data), metrics=metrics, extras=extras)

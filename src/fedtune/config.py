@@ -126,6 +126,10 @@ class LoraConfig:
             raise ConfigError(f"model.lora.dropout must be in [0, 1), got {self.dropout}")
 
 
+FREEZABLE_HEADS = ("pooler", "pre_classifier")
+"""Head modules that come pretrained and may be kept frozen (``model.frozen_heads``)."""
+
+
 @dataclass
 class ModelConfig:
     """Which pretrained model, and which of its parameters are trained."""
@@ -137,6 +141,11 @@ class ModelConfig:
     mode: Literal["lora", "full", "partial"] = field(default="lora", metadata=_help("Fine-tuning mode."))
     last_layers: int = field(default=2, metadata=_help("partial mode: train the last N encoder layers + head."))
     lora: LoraConfig = field(default_factory=LoraConfig)
+    frozen_heads: list[str] = field(
+        default_factory=list,
+        metadata=_help("Pretrained head modules to keep frozen (not trained, not sent), e.g. ['pooler']: "
+                       "by default every head module the model has (pooler, classifier, ...) trains."),
+    )
     init_adapter: str = field(
         default="",
         metadata=_help("lora mode: start round 1 from this trained peft adapter folder (warm start, e.g. a "
@@ -146,6 +155,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.last_layers < 0:
             raise ConfigError(f"model.last_layers must be >= 0, got {self.last_layers}")
+        for name in self.frozen_heads:
+            if name not in FREEZABLE_HEADS:
+                raise ConfigError(f"model.frozen_heads: {name!r} cannot be frozen; choose from {list(FREEZABLE_HEADS)} "
+                                  "(the output layer is new and must train)")
         if self.mode != "lora" and (self.lora.aggregation != "none" or self.init_adapter):
             key = "model.lora.aggregation" if self.lora.aggregation != "none" else "model.init_adapter"
             raise ConfigError(f"{key} needs model.mode = 'lora', not {self.mode!r}")

@@ -13,15 +13,13 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from fedtune.artifacts import BASE_OFFSET_FILE
 from fedtune.config import ConfigError, Experiment
 from fedtune.partition import client_ids
 from fedtune.strategies.lora import BASE_OFFSET, LoraAggregation, client_rank_map, find_lora
 from fedtune.types import LocalTrainConfig, ServerState
 
 log = logging.getLogger(__name__)
-
-BASE_OFFSET_FILE = "lora_base_offset.safetensors"
-"""File (in the saved model folder) with the dense base-weight corrections of fedex / flora runs."""
 
 
 def uses_lora_aggregation(exp: Experiment) -> bool:

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fedtune.artifacts import BASE_OFFSET_FILE
 from fedtune.lora_aggregation import aggregate_lora, lora_modules, module_rank, other_names
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -79,7 +80,7 @@ def read_adapter(path: str | Path) -> Adapter:
             raise MergeError(f"adapter {path}: per-module {key} is not supported")
     if config.get("use_dora"):
         raise MergeError(f"adapter {path}: DoRA adapters are not supported")
-    if (path / "lora_base_offset.safetensors").is_file():
+    if (path / BASE_OFFSET_FILE).is_file():
         raise MergeError(f"adapter {path}: comes with base-weight corrections (a fedex / flora run); "
                          "the adapter alone is not the model")
     tensors = load_file(str(weights))

@@ -101,9 +101,9 @@ def load_classifier(cfg: ModelConfig, num_labels: int, regression: bool, seed: i
     return load_model(cfg, "sequence_classification", seed, num_labels=num_labels, problem_type=problem)
 
 
-def _head_modules(model: nn.Module) -> list[str]:
+def _head_modules(model: nn.Module, frozen: tuple[str, ...] | list[str] = ()) -> list[str]:
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    return [n for n in HEAD_MODULE_NAMES if n in names]
+    return [n for n in HEAD_MODULE_NAMES if n in names and n not in frozen]
 
 
 def _layer_list(model: nn.Module) -> nn.ModuleList:
@@ -120,10 +120,10 @@ def _layer_list(model: nn.Module) -> nn.ModuleList:
 
 def apply_finetuning_mode(model: nn.Module, cfg: ModelConfig, task_type: str) -> nn.Module:
     """Freeze/unfreeze parameters or wrap with peft LoRA, as ``cfg.mode`` says."""
-    heads = _head_modules(model)
+    heads = _head_modules(model, cfg.frozen_heads)
     if cfg.mode == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+        for name, p in model.named_parameters():
+            p.requires_grad_(not set(name.split(".")) & set(cfg.frozen_heads))
         return model
     if cfg.mode == "partial":
         for p in model.parameters():

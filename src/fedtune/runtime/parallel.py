@@ -37,7 +37,13 @@ from torch.func import functional_call
 
 from fedtune import tensors
 from fedtune.batching import IGNORE_INDEX, EncodedDataset, collate, epoch_batches
-from fedtune.client import SCAFFOLD_STATE, local_train, planned_steps, scaffold_client_control
+from fedtune.client import (
+    SCAFFOLD_STATE,
+    local_train,
+    planned_steps,
+    scaffold_client_control,
+    scaffold_tracks_gradients,
+)
 from fedtune.channel import Channel
 from fedtune.payload import CommStats
 from fedtune.precision import autocast
@@ -334,6 +340,8 @@ def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, 
         c_own = [{n: v.to(device) for n, v in (st.get(SCAFFOLD_STATE) or tensors.zeros_like(plan.params)).items()}
                  for st in states]
         correction = {n: torch.stack([c_global[n] - c[n] for c in c_own]) for n in layout.names}
+        grad_sum = ({n: torch.zeros_like(stacks[n]) for n in layout.names}
+                    if scaffold_tracks_gradients(cfg.optimizer) else None)
     totals = [planned_steps(len(d), cfg.batch_size, cfg.epochs, cfg.max_steps) for d in datas]
     batches = [_client_batches(d, plan, torch.Generator().manual_seed(s), t) for d, s, t in zip(datas, seeds, totals)]
     problem = model.config.problem_type
@@ -388,6 +396,9 @@ def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, 
                     for g in grads.values():
                         g.mul_(_bcast(coef, g))
                 if control is not None:
+                    if grad_sum is not None:  # inactive slots have zero gradient rows
+                        for n, g in grads.items():
+                            grad_sum[n].add_(g.float())
                     for n, p in stacks.items():
                         if p.grad is None:
                             p.grad = correction[n].clone()
@@ -408,7 +419,10 @@ def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, 
         extras: dict[str, TensorDict] = {}
         if control is not None:
             local_dev = {n: v.to(device) for n, v in local.items()}
-            c_new = scaffold_client_control(c_own[i], c_global, reference, local_dev, steps[i], cfg.lr)
+            if grad_sum is not None:
+                c_new = {n: grad_sum[n][i] / steps[i] for n in layout.names}
+            else:
+                c_new = scaffold_client_control(c_own[i], c_global, reference, local_dev, steps[i], cfg.lr)
             states[i][SCAFFOLD_STATE] = {n: v.detach().cpu() for n, v in c_new.items()}
             extras[CONTROL_DELTA] = {n: (c_new[n] - c_own[i][n]).detach().cpu() for n in c_new}
         updates.append(ClientUpdate(client_id=cid, delta=delta, num_examples=len(datas[i]), metrics=metrics,

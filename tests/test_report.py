@@ -168,3 +168,18 @@ def test_sweep_then_report_end_to_end(tiny_experiment, tmp_path, capsys):
         assert run.series("eval_accuracy")[0] == [0, 2]  # round 1 had no evaluation
     assert_png(tmp_path / "out" / "metric.png")
     assert_png(tmp_path / "out" / "loss.png")
+
+
+def test_key_missing_from_an_older_run_compares_as_its_default(tmp_path):
+    """A run saved before a config key existed ran with its default: not a difference."""
+    from fedtune.report import label_runs
+
+    old = fake_run(tmp_path / "old", {"strategy.name": "fedavg"}, rounds({1: 0.5}, [1.0]), {"wall_time": 1})
+    new = fake_run(tmp_path / "new", {"strategy.name": "fedprox", "partition.min_examples": 10},
+                   rounds({1: 0.6}, [0.9]), {"wall_time": 1})
+    other = fake_run(tmp_path / "other", {"strategy.name": "fedprox", "partition.min_examples": 3},
+                     rounds({1: 0.6}, [0.9]), {"wall_time": 1})
+    assert label_runs([load_run(old), load_run(new)]) == ["strategy.name"]  # 10 is the default
+    runs = [load_run(old), load_run(other)]
+    assert label_runs(runs) == ["strategy.name", "partition.min_examples"]
+    assert runs[0].differs["partition.min_examples"] == 10

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedtune.config import flatten_table
+from fedtune.config import Experiment, flatten_table
 
 IGNORED_KEYS = {"name", "output_dir"}
 """Config keys that differ between any two runs by construction; never shown as 'what differs'."""
@@ -165,15 +165,21 @@ def label_runs(runs: list[RunData]) -> list[str]:
     keys: list[str] = []
     for r in runs:
         keys += [k for k in r.config if k not in keys]
+    # A run saved before a config key existed ran with that key's default: compare it as such.
+    defaults = flatten_table(Experiment().to_dict())
     missing = object()
+
+    def value(r: RunData, k: str) -> Any:
+        return r.config.get(k, defaults.get(k, missing))
+
     differing = [
         k for k in keys
-        if k not in IGNORED_KEYS and len({json.dumps(r.config.get(k, missing), default=str) for r in runs}) > 1
+        if k not in IGNORED_KEYS and len({json.dumps(value(r, k), default=str) for r in runs}) > 1
     ]
     short = _short_keys(differing)
     for r, name in zip(runs, names):
         r.name = name
-        r.differs = {k: r.config.get(k) for k in differing}
+        r.differs = {k: (None if value(r, k) is missing else value(r, k)) for k in differing}
         r.label = ", ".join(f"{short[k]}={_fmt_value(v)}" for k, v in r.differs.items()) or name
     return differing
 

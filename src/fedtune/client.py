@@ -12,6 +12,7 @@ from fedtune.batching import EncodedDataset, iterate_batches
 from fedtune.models import get_trainable, set_trainable
 from fedtune.personalization import PERSONAL_STATE_KEY
 from fedtune.precision import autocast, grad_scaler
+from fedtune.compiled import training_forward
 from fedtune.types import CONTROL_DELTA, ClientState, ClientUpdate, ControlVariate, ProxTerm, RoundPlan, TensorDict
 
 SCAFFOLD_STATE = "scaffold_c"
@@ -155,13 +156,14 @@ def _train(model, data, plan, client_id, *, pad_id, seed, device, state: ClientS
     scaler = grad_scaler(cfg.precision, device)
     generator = torch.Generator().manual_seed(seed)
     total = planned_steps(len(data), cfg.batch_size, cfg.epochs, cfg.max_steps)
+    forward = training_forward(model, cfg.compile)
     model.train()
     step, loss_sum, prox_sum = 0, 0.0, 0.0
     while step < total:
         for batch in iterate_batches(data, cfg.batch_size, pad_id, generator, cfg.pad_to, cfg.length_bucketing):
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast(cfg.precision, device):
-                loss = model(**batch).loss
+                loss = forward(**batch).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"client {client_id}: loss is {float(loss)} at local step {step}")
             optimizer.zero_grad(set_to_none=True)

@@ -34,6 +34,8 @@ class LocalTrainConfig:
     """Pad every training batch to this many tokens (0 = to the batch's longest example)."""
     length_bucketing: bool = False
     """Draw training batches from length-sorted buckets (see fedtune.batching.epoch_batches)."""
+    compile: bool = False
+    """Run the training forward through ``torch.compile`` (fedtune.compiled; in-process simulation)."""
 
 
 @dataclass(frozen=True)

@@ -75,11 +75,41 @@ class Federation:
                                          "--disable-runtime-dependency-installation"])
         wait_for_port(self.superlink_port, timeout, proc, self.logs[-1])
 
-    def start_supernode(self, name: str, node_config: str, tls: list[str] | None = None) -> None:
-        """``flower-supernode`` connected to the SuperLink with ``--node-config node_config``."""
+    def start_supernode(self, name: str, node_config: str, tls: list[str] | None = None,
+                        extra: list[str] = ()) -> subprocess.Popen:
+        """``flower-supernode`` connected to the SuperLink with ``--node-config node_config`` (plus ``extra`` flags)."""
         flags = tls if tls is not None else ["--insecure"]
-        self._start(name, [_exe("flower-supernode"), *flags, "--superlink", self.address,
-                           "--port", str(free_port()), "--node-config", node_config, "--max-wait-time", "60"])
+        return self._start(name, [_exe("flower-supernode"), *flags, "--superlink", self.address,
+                                  "--port", str(free_port()), "--node-config", node_config, "--max-wait-time", "60",
+                                  *extra])
+
+    def flwr(self, *args: str, root_certificates: str = "", timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run the Flower CLI (``flwr args...``) against this SuperLink through a connection named ``test``."""
+        home = self.workdir / "flwr-home"
+        home.mkdir(exist_ok=True)
+        conn = f'address = "{self.address}"\n' + (
+            f'root-certificates = "{root_certificates}"\n' if root_certificates else "insecure = true\n")
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n{conn}')
+        return subprocess.run([_exe("flwr"), *args], env=self.env(), cwd=self.workdir, capture_output=True,
+                              text=True, timeout=timeout, check=False)
+
+    def kill(self, proc: subprocess.Popen) -> None:
+        """SIGKILL one process we started and its descendants (a machine that dies mid-round)."""
+        family = _family(proc)
+        for p in family:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(family, timeout=5)
+
+    def freeze(self, proc: subprocess.Popen) -> None:
+        """SIGSTOP one process we started and its descendants (a machine that hangs: it never answers)."""
+        for p in _family(proc):
+            try:
+                p.suspend()
+            except psutil.NoSuchProcess:
+                pass
 
     def stop(self) -> None:
         """Kill every process we started and all of its descendants (Flower detaches some into new sessions)."""
@@ -88,6 +118,11 @@ class Federation:
             try:
                 victims.append(psutil.Process(proc.pid))
                 victims.extend(psutil.Process(proc.pid).children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+        for v in victims:  # frozen ones (freeze) must run again to act on SIGTERM
+            try:
+                v.resume()
             except psutil.NoSuchProcess:
                 pass
         for proc in self.procs:
@@ -117,6 +152,13 @@ class Federation:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-chars:]}" for p in self.logs if p.exists())
 
 
+def _family(proc: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 @contextmanager
 def federation(workdir: Path):
     """A :class:`Federation` that is always stopped on exit."""
@@ -125,3 +167,22 @@ def federation(workdir: Path):
         yield fed
     finally:
         fed.stop()
+
+
+def write_manifests(exp, out: Path) -> list[Path]:
+    """Partition ``exp``'s training set as the simulation would; return the clients' manifest files."""
+    from fedtune.experiment import make_shards
+    from fedtune.tasks.classification_task import classification_units
+    from fedtune.tasks.data import load_task_data
+
+    data = load_task_data(exp.data, seed=exp.seed)
+    shards = make_shards(exp, classification_units(data), data.name, out)
+    return [out / "partition" / f"client_{i:03d}.json" for i in range(len(shards))]
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
+    """The exit code of ``proc`` once it ends within ``timeout`` seconds, else None (still running)."""
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return None

@@ -2,7 +2,9 @@
 
 A SuperLink and two SuperNodes run on localhost (insecure, free ports); each SuperNode reads its own
 shard (the simulation's manifest). ``fedtune run``'s Flower path submits the app (``flwr run``);
-the final global adapters must equal the simulation's within 1e-6.
+the final global adapters must equal the simulation's within 1e-6. FedAdam (server optimizer
+state) runs one round on Flower, then a second Flower run resumes it from its checkpoint: the
+result equals two uninterrupted rounds of the simulation.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ pytest.importorskip("flwr")
 
 from safetensors.torch import load_file  # noqa: E402
 
+from fedtune.checkpoint import resume_experiment  # noqa: E402
+from fedtune.config import ConfigError  # noqa: E402
 from fedtune.experiment import run_experiment  # noqa: E402
 
 from flower_processes import federation  # noqa: E402
@@ -45,9 +49,9 @@ def common(tiny_experiment):
 
 
 def test_flower_deployment_matches_simulation(common, tmp_path):
-    """FedAvg and FedProx: real SuperLink + 2 SuperNodes give the simulation's global model (1e-6)."""
+    """FedAvg, FedProx and resumed FedAdam: real SuperLink + 2 SuperNodes give the simulation's model (1e-6)."""
     sims = {name: run_experiment(common(tmp_path / f"sim-{name}", *opts), quiet=True)
-            for name, opts in STRATEGIES.items()}
+            for name, opts in {**STRATEGIES, "fedadam": ['strategy.name="fedadam"']}.items()}
     manifests = tmp_path / "manifests"
     shutil.copytree(sims["fedavg"].output_dir / "partition", manifests)
 
@@ -72,3 +76,27 @@ def test_flower_deployment_matches_simulation(common, tmp_path):
             assert diff <= 1e-6, f"{name}: max |flower - simulation| = {diff:.3e}"
             sim_acc = sims[name].final_metrics["accuracy"]
             assert result.final_metrics["accuracy"] == pytest.approx(sim_acc, abs=1e-9)
+
+        # FedAdam, interrupted after round 1 and resumed by a new Flower run from the checkpoint.
+        out = tmp_path / "flower-fedadam"
+        flower = ['strategy.name="fedadam"', 'runtime.mode="flower"', f'runtime.superlink="{fed.address}"',
+                  "runtime.insecure=true", "runtime.connect_timeout=60", "runtime.round_timeout=60"]
+        first = run_experiment(common(out, *flower, "federation.rounds=1"), quiet=True)
+        assert len(first.history) == 1, fed.tail()
+        resumed = run_experiment(resume_experiment(out, overrides=["federation.rounds=2"]), quiet=True, resume=True)
+        assert [r["round"] for r in resumed.history] == [1, 2], fed.tail()
+        # Round 1 was not trained again: its record (timings included) is the first run's, kept.
+        assert resumed.history[0] == first.history[0]
+        diff = _max_diff(_adapter(sims["fedadam"].output_dir), _adapter(out))
+        assert diff <= 1e-6, f"resumed fedadam: max |flower - simulation| = {diff:.3e}"
+
+
+def test_flower_resume_refuses_client_state_on_nodes(common, tmp_path):
+    """SCAFFOLD's c_i and error-feedback residuals live on the nodes: a Flower resume is refused up front."""
+    from fedtune.checkpoint import checkpoint_to_resume
+
+    for extra, named in ((['strategy.name="scaffold"'], "scaffold"),
+                         (['federation.codec_up="int8"'], "codec_up")):
+        exp = common(tmp_path / "x", *extra, 'runtime.mode="flower"')
+        with pytest.raises(ConfigError, match=f"cannot resume on Flower.*{named}"):
+            checkpoint_to_resume(exp)

@@ -80,6 +80,9 @@ def test_node_config(tmp_path):
         NodeData.from_node_config({"client-id": "a"})
     with pytest.raises(NodeConfigError, match="unknown node-config"):
         NodeData.from_node_config({"client-id": "a", "trian-file": "x.csv"})
+    assert NodeData.from_node_config({"manifest": str(manifest), "require-secagg": True}).require_secagg
+    with pytest.raises(NodeConfigError, match="require-secagg: expected true or false"):
+        NodeData.from_node_config({"manifest": str(manifest), "require-secagg": "yes"})
 
 
 def test_unreachable_superlink_names_the_address():

@@ -93,9 +93,14 @@ class Channel:
 
     # ------------------------------------------------------------------ uplink
 
+    @property
+    def keeps_residuals(self) -> bool:
+        """Whether clients keep error-feedback residuals in their state (a lossy uplink with feedback on)."""
+        return self.error_feedback and not self.up.is_lossless
+
     def encode_update(self, update: ClientUpdate, state: ClientState) -> EncodedUpdate:
         """Client side: encode ``update``'s tensors, with error feedback kept in ``state`` when lossy."""
-        feedback = self.error_feedback and not self.up.is_lossless
+        feedback = self.keeps_residuals
 
         def encode(tensors, key: str) -> bytes:
             if not feedback:

@@ -273,14 +273,26 @@ class Checkpointer:
 def checkpoint_to_resume(exp: Experiment, remote: object | None = None) -> Checkpoint:
     """The checkpoint ``run_experiment(exp, resume=True)`` continues from, after checking it may.
 
-    Resuming is for federated and centralized runs of the in-process simulation: a Flower run's
-    clients keep their state (SCAFFOLD ``c_i``, error-feedback residuals) on their own nodes.
+    Federated and centralized runs of the in-process simulation resume with every state. On Flower
+    (``remote`` given, or ``runtime.mode`` a Flower one) the server's state resumes (global tensors,
+    server optimizer moments, RNGs); clients' own state lives on their nodes, and Flower starts
+    every run with an empty node state, so runs that keep client state there (SCAFFOLD's ``c_i``,
+    error-feedback residuals of a lossy ``codec_up``) are refused.
     """
     if exp.mode == "local":
         raise ConfigError("mode = 'local' (the local baseline) is not resumable: run it again")
     if remote is not None or exp.runtime.mode != "simulation":
-        raise ConfigError(f"resuming needs runtime.mode = 'simulation' (got {exp.runtime.mode!r}): on Flower the "
-                          "clients' states live on their nodes")
+        from fedtune.channel import Channel
+
+        kept = []
+        if exp.strategy.name == "scaffold":
+            kept.append("strategy.name = 'scaffold' (client control variates)")
+        if Channel.from_config(exp.federation).keeps_residuals:
+            kept.append(f"federation.codec_up = {exp.federation.codec_up!r} with error feedback (client residuals)")
+        if kept:
+            raise ConfigError(f"cannot resume on Flower (runtime.mode = {exp.runtime.mode!r}): "
+                              f"{'; '.join(kept)} keep state on the clients' nodes, and Flower gives every new run "
+                              "empty node state. Run it again, or resume it in runtime.mode = 'simulation'")
     ckpt = read_checkpoint(exp.resolved_output_dir)
     check_config(ckpt, exp)
     return ckpt

@@ -232,7 +232,7 @@ def run_experiment(
     if remote is None and exp.runtime.mode != "simulation":
         from fedtune.runtime.flower.launch import run_on_flower  # Flower is imported only when asked for
 
-        return run_on_flower(exp, quiet=quiet)
+        return run_on_flower(exp, quiet=quiet, resume=resume)
     device = device or default_device()
     torch.manual_seed(exp.seed)
     out = prepare_output_dir(exp, resume=ckpt is not None)

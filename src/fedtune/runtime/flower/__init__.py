@@ -5,5 +5,7 @@
 - :mod:`.client_app`: the ClientApp (local training on the node's data, state in ``context.state``).
 - :mod:`.transport`: :class:`FlowerTransport`, the round loop's Transport over a Flower ``Grid``.
 - :mod:`.server_app`: the ServerApp (``fedtune.experiment.run_experiment`` with a FlowerTransport).
+- :mod:`.secagg`: SecAgg+ secure aggregation (Flower's workflow and client mod) for ``runtime.secagg``.
 - :mod:`.launch`: ``fedtune run`` with ``runtime.mode = "flower"`` or ``"flower-simulation"``.
+- :mod:`.credentials`: TLS certificates and SuperNode authentication keys (``python -m ...credentials``).
 """

@@ -6,7 +6,9 @@ Two message handlers:
   :mod:`fedtune.runtime.flower.node`) and how many training rows it holds.
 - ``train``: decode the RoundPlan (with the request's downlink codec), train on the node's rows with
   the seed the simulation would use for (seed, round, client id), reply with the ClientUpdate encoded
-  with the uplink codec (error feedback residuals in the client state). The client's persistent state
+  with the uplink codec (error feedback residuals in the client state). In a SecAgg+ round the
+  handler runs inside Flower's ``secaggplus_mod`` and replies with its delta as a ``FitRes``, which
+  the mod masks before anything leaves the node (:mod:`fedtune.runtime.flower.secagg`). The client's persistent state
   (``ClientState``: SCAFFOLD's control variate, codec residuals, ...) lives in ``context.state``
   as ArrayRecords, so it survives between rounds on this node and never leaves it.
 
@@ -30,7 +32,7 @@ from fedtune.client import local_train
 from fedtune.config import Experiment
 from fedtune.models import load_classifier, load_tokenizer
 from fedtune.precision import default_device
-from fedtune.runtime.flower import messages
+from fedtune.runtime.flower import messages, secagg
 from fedtune.runtime.flower.experiment_source import ExperimentSource
 from fedtune.runtime.flower.node import NodeData
 from fedtune.runtime.simulation import client_seed
@@ -88,7 +90,7 @@ def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | Non
         log.info("node %s is client %s with %d rows", context.node_id, node.client_id, len(rows))
         return Message(messages.encode_identity(messages.Identity(node.client_id, len(rows))), reply_to=msg)
 
-    @app.train()
+    @app.train(mods=[secagg.client_mod])
     def train(msg: Message, context: Context) -> Message:
         exp = experiment(context.run_config)
         request = messages.decode_train_request(msg.content)
@@ -96,6 +98,10 @@ def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | Non
         if request.client_id != node.client_id:
             raise ValueError(f"node {context.node_id} is client {node.client_id!r}, "
                              f"but the server addressed client {request.client_id!r}")
+        if node.require_secagg and not secagg.is_secagg(msg.content):
+            raise PermissionError(f"client {node.client_id} trains only in SecAgg+ rounds (node-config "
+                                  "require-secagg = true); the server asked for a plain update "
+                                  "(runtime.secagg = false)")
         device = default_device()
         resident = _model(exp, request.task, device)
         data = _rows(exp, node, request.task, resident)
@@ -104,6 +110,9 @@ def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | Non
             resident.model, data, request.plan, node.client_id, pad_id=resident.pad_id,
             seed=client_seed(exp.seed, request.plan.round, node.client_id), device=device, state=state,
         )
+        if secagg.is_secagg(msg.content):  # secaggplus_mod masks the delta and drops the plain arrays
+            messages.save_client_state(state, context.state)
+            return Message(secagg.encode_reply(update, secagg.delta_names(request.plan.params)), reply_to=msg)
         encoded = request.channel.encode_update(update, state)  # codec_up; error feedback lives in state
         messages.save_client_state(state, context.state)
         return Message(messages.encode_update(encoded), reply_to=msg)

@@ -46,6 +46,8 @@ clientapp = "{module}:client_app"
 # The fedtune experiment (inside this folder); any other key is a fedtune override,
 # e.g. `flwr run . my-superlink -c 'federation.rounds=3'` once declared here.
 experiment = "{experiment}"
+# true: the ServerApp continues from the checkpoint in the output folder (`fedtune run --resume OUT`).
+resume = false
 """
 
 _MODULE = '''\
@@ -96,6 +98,72 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
         ) from None
 
 
+def check_tls(address: str, root_certificates: str = "", timeout: float = 10.0) -> None:
+    """Raise ConnectionError when the SuperLink at ``address`` does not pass a TLS handshake we trust.
+
+    The server certificate must chain to ``root_certificates`` (a PEM CA file; the system CAs when
+    empty) and name the host. Errors say which ``[runtime]`` setting to change.
+    """
+    import ssl
+
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if root_certificates:
+        ca = Path(root_certificates).expanduser()
+        if not ca.is_file():
+            raise ConnectionError(f"runtime.root_certificates = {root_certificates!r}: no such file")
+        try:
+            context = ssl.create_default_context(cafile=str(ca))
+        except ssl.SSLError as exc:
+            raise ConnectionError(f"runtime.root_certificates = {root_certificates!r} is not a PEM "
+                                  f"CA certificate: {exc}") from None
+    else:
+        context = ssl.create_default_context()
+    trusted = f"runtime.root_certificates = {root_certificates!r}" if root_certificates else \
+        "the system CAs (runtime.root_certificates is empty)"
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=host):
+                pass
+    except ssl.SSLCertVerificationError as exc:
+        raise ConnectionError(
+            f"TLS: the SuperLink at {address} presented a certificate not trusted by {trusted}: "
+            f"{exc.verify_message}. Set runtime.root_certificates to the CA certificate that signed the "
+            "SuperLink's --ssl-certfile (and make sure the certificate names this host)."
+        ) from None
+    except ssl.SSLError as exc:
+        raise ConnectionError(
+            f"TLS handshake with the SuperLink at {address} failed ({exc.reason or exc}). A SuperLink started "
+            "with --insecure speaks no TLS: start it with --ssl-certfile/--ssl-keyfile/--ssl-ca-certfile, "
+            "or set runtime.insecure = true (local tests only)."
+        ) from None
+    except OSError as exc:
+        raise ConnectionError(f"TLS handshake with the SuperLink at {address} failed: {exc}") from None
+
+
+def check_plain(address: str, timeout: float = 10.0) -> None:
+    """Raise ConnectionError when the SuperLink at ``address`` does not answer plain HTTP (it serves TLS).
+
+    For ``runtime.insecure = true``: one ``GET /`` whose answer must start like an HTTP response.
+    """
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            sock.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+            answer = b""
+            while len(answer) < 5 and (chunk := sock.recv(5 - len(answer))):
+                answer += chunk
+    except OSError as exc:  # a TLS server resets or drops a plain request
+        answer = f"{type(exc).__name__}: {exc}".encode()
+    if answer != b"HTTP/":
+        raise ConnectionError(
+            f"the SuperLink at {address} does not speak plain HTTP (answered {answer[:40]!r}): "
+            "it probably serves TLS. Set "
+            "runtime.insecure = false and runtime.root_certificates to the CA certificate that signed its "
+            "--ssl-certfile (or start it with --insecure for a local test)."
+        )
+
+
 def flwr_home(directory: str | Path, exp: Experiment, connection: str = "fedtune") -> Path:
     """A Flower CLI home (``FLWR_HOME``) whose config names one SuperLink connection from ``[runtime]``."""
     import tomli_w
@@ -112,13 +180,22 @@ def flwr_home(directory: str | Path, exp: Experiment, connection: str = "fedtune
     return home
 
 
-def submit(exp: Experiment, *, timeout: float | None = None) -> int:
-    """Submit ``exp`` to the SuperLink at ``runtime.superlink`` and stream its logs; return flwr's exit code."""
+def submit(exp: Experiment, *, timeout: float | None = None, resume: bool = False) -> int:
+    """Submit ``exp`` to the SuperLink at ``runtime.superlink`` and stream its logs; return flwr's exit code.
+
+    ``resume`` sets the run config's ``resume = true``: the ServerApp continues from its checkpoint.
+    """
     check_reachable(exp.runtime.superlink)
+    if exp.runtime.insecure:
+        check_plain(exp.runtime.superlink)
+    else:
+        check_tls(exp.runtime.superlink, exp.runtime.root_certificates)
     with tempfile.TemporaryDirectory(prefix="fedtune-flwr-") as tmp:
         app = write_app(Path(tmp) / "app", exp)
         env = {**os.environ, "FLWR_HOME": str(flwr_home(Path(tmp) / "home", exp))}
         cmd = [_flwr(), "run", str(app), "fedtune", "--stream"]
+        if resume:
+            cmd += ["--run-config", "resume=true"]
         return subprocess.run(cmd, env=env, timeout=timeout, check=False).returncode
 
 
@@ -127,26 +204,37 @@ def _flwr() -> str:
     return str(exe) if exe.exists() else "flwr"
 
 
-def run_on_flower(exp: Experiment, *, quiet: bool = False):
-    """Run ``exp`` on Flower as ``exp.runtime.mode`` says; return the RunResult (read back from the outputs)."""
-    from fedtune.experiment import RunResult
+def run_on_flower(exp: Experiment, *, quiet: bool = False, resume: bool = False):
+    """Run ``exp`` on Flower as ``exp.runtime.mode`` says; return the RunResult (read back from the outputs).
 
+    ``resume``: the ServerApp continues from the checkpoint in the output folder (the caller has
+    checked it fits, :func:`fedtune.checkpoint.checkpoint_to_resume`).
+    """
+    from fedtune.runtime.flower.secagg import check_experiment
+
+    check_experiment(exp)  # before anything is submitted
     out = exp.resolved_output_dir.resolve()
     if exp.runtime.mode == "flower-simulation":
-        return _simulate(exp, quiet=quiet)
+        return _simulate(exp, quiet=quiet, resume=resume)
     # The ServerApp runs next to the SuperLink: pin the output folder to an absolute path.
     import dataclasses
 
     shipped = dataclasses.replace(exp, output_dir=str(out))
     r = exp.runtime  # generous bound so a stuck run can never hang `fedtune run` forever
-    limit = r.connect_timeout + exp.federation.rounds * r.round_timeout + 300
+    stages = 4 if r.secagg else 1  # SecAgg+ waits up to round_timeout in each of its four stages
+    limit = r.connect_timeout + exp.federation.rounds * stages * r.round_timeout + 300
+    summary = out / "summary.json"
+    before = summary.stat().st_mtime_ns if summary.exists() else None
     try:
-        code = submit(shipped, timeout=limit)
+        code = submit(shipped, timeout=limit, resume=resume)
     except subprocess.TimeoutExpired:
         raise TimeoutError(f"the Flower run on {r.superlink} did not finish within {limit:g}s") from None
     if code != 0:
         raise RuntimeError(f"flwr run exited with code {code} (SuperLink {exp.runtime.superlink})")
-    return _read_result(out) if (out / "summary.json").exists() else RunResult(out, [], {}, {})
+    if not summary.exists() or summary.stat().st_mtime_ns == before:  # flwr run exits 0 when the ServerApp raised
+        raise RuntimeError(f"the Flower run on {r.superlink} ended without writing {summary}; "
+                           "the ServerApp failed (its log is above)")
+    return _read_result(out)
 
 
 def _read_result(out: Path):
@@ -160,7 +248,7 @@ def _read_result(out: Path):
     return RunResult(out, history, summary.get("final_metrics", {}), summary)
 
 
-def _simulate(exp: Experiment, *, quiet: bool):
+def _simulate(exp: Experiment, *, quiet: bool, resume: bool = False):
     """Flower's simulation engine (Ray) in this process, one virtual SuperNode per client."""
     from flwr.simulation import run_simulation
 
@@ -175,7 +263,7 @@ def _simulate(exp: Experiment, *, quiet: bool):
     data = load_task_data(exp.data, seed=exp.seed)
     make_shards(exp, classification_units(data), data.name, out)  # the virtual nodes' manifests
     results: list = []
-    server = make_server_app(fixed(exp), on_result=results.append, quiet=quiet)
+    server = make_server_app(fixed(exp), on_result=results.append, quiet=quiet, resume=resume)
     client = make_client_app(fixed(exp), manifest_dir=out / "partition")
     backend = {
         "client_resources": {"num_cpus": exp.runtime.cpus_per_client, "num_gpus": 0.0},

@@ -20,6 +20,10 @@ Keys (all optional, but the node must end up with a client id and exactly one da
     and keeps the listed rows. This reproduces a simulation's shards on real nodes.
 ``data-dir``
     Use this folder as ``FEDTUNE_DATA_DIR`` (GLUE / AG News layouts) on this node.
+``require-secagg``
+    ``true``: this node trains only in SecAgg+ rounds (``runtime.secagg``); a plain train request,
+    which would send its update to the server in clear, is refused with an error. The data
+    holder's own guard: the server's configuration is not theirs to check.
 ``partition-id`` / ``num-partitions``
     Set by Flower's simulation engine for virtual nodes; the node becomes client
     ``client_{partition-id:03d}`` and reads that manifest from the run's partition folder.
@@ -40,8 +44,8 @@ from fedtune.partition import client_ids
 from fedtune.tasks.data import DataError, TextDataset, load_task_data
 
 CLIENT_ID, TRAIN_FILE, MANIFEST, DATA_DIR = "client-id", "train-file", "manifest", "data-dir"
-PARTITION_ID, NUM_PARTITIONS = "partition-id", "num-partitions"
-KNOWN_KEYS = (CLIENT_ID, TRAIN_FILE, MANIFEST, DATA_DIR, PARTITION_ID, NUM_PARTITIONS)
+PARTITION_ID, NUM_PARTITIONS, REQUIRE_SECAGG = "partition-id", "num-partitions", "require-secagg"
+KNOWN_KEYS = (CLIENT_ID, TRAIN_FILE, MANIFEST, DATA_DIR, REQUIRE_SECAGG, PARTITION_ID, NUM_PARTITIONS)
 
 
 class NodeConfigError(ValueError):
@@ -56,6 +60,8 @@ class NodeData:
     train_file: str = ""
     manifest: str = ""
     data_dir: str = ""
+    require_secagg: bool = False
+    """Refuse train requests outside SecAgg+ rounds (node config ``require-secagg = true``)."""
 
     @classmethod
     def from_node_config(cls, raw: Mapping[str, Any], manifest_dir: str | Path | None = None) -> "NodeData":
@@ -92,7 +98,11 @@ class NodeData:
             client_id = _manifest(manifest).get("client_id", "")
         if not client_id:
             raise NodeConfigError(f"node-config needs {CLIENT_ID}=<name> with {TRAIN_FILE} (got {dict(raw)})")
-        return cls(client_id=client_id, train_file=train_file, manifest=manifest, data_dir=data_dir)
+        require_secagg = raw.get(REQUIRE_SECAGG, False)
+        if not isinstance(require_secagg, bool):
+            raise NodeConfigError(f"node-config {REQUIRE_SECAGG}: expected true or false, got {require_secagg!r}")
+        return cls(client_id=client_id, train_file=train_file, manifest=manifest, data_dir=data_dir,
+                   require_secagg=require_secagg)
 
     def load_rows(self, exp: Experiment, label_names: tuple[str, ...] | None) -> TextDataset:
         """This node's training rows, with labels mapped to the server's ``label_names``."""

@@ -17,18 +17,20 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.channel import Channel
-from fedtune.runtime.flower.experiment_source import ExperimentSource
+from fedtune.runtime.flower.experiment_source import RESUME_KEY, ExperimentSource
 from fedtune.runtime.flower.transport import FlowerTransport
 
 log = logging.getLogger(__name__)
 
 
 def make_server_app(
-    experiment: ExperimentSource, *, on_result: Callable[[Any], None] | None = None, quiet: bool = False
+    experiment: ExperimentSource, *, on_result: Callable[[Any], None] | None = None, quiet: bool = False,
+    resume: bool = False,
 ) -> ServerApp:
     """A ServerApp running the Experiment built by ``experiment`` from the run config.
 
     ``on_result`` receives the RunResult (when the app runs in this process, e.g. Flower simulation).
+    ``resume`` (or the run config's ``resume = true``) continues from the output folder's checkpoint.
     """
     app = ServerApp()
 
@@ -41,7 +43,10 @@ def make_server_app(
         exp = experiment(context.run_config)
         transport = FlowerTransport(grid, exp.runtime, expected_clients=exp.partition.num_clients,
                                     channel=Channel.from_config(exp.federation))
-        result = run_experiment(exp, quiet=quiet, remote=transport)
+        again = resume or bool(context.run_config.get(RESUME_KEY, False))
+        if again:
+            log.info("resuming from the checkpoint in %s", exp.resolved_output_dir.resolve())
+        result = run_experiment(exp, quiet=quiet, remote=transport, resume=again)
         if transport.failures:
             log.warning("client failures: %s", transport.failures)
         log.info("outputs in %s", result.output_dir.resolve())

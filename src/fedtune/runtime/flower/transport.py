@@ -69,6 +69,8 @@ class FlowerTransport:
         """(round, client id, reason) of every client that failed or timed out."""
         self.missing: list = []
         """Keys of the messages that got no reply in the last exchange."""
+        self.sizes: dict[str, int] = {}
+        """client id -> training rows, from the IDENTIFY replies."""
 
     @property
     def transport(self) -> "FlowerTransport":
@@ -77,6 +79,9 @@ class FlowerTransport:
 
     def load_task(self, exp: Experiment) -> TaskData:
         """See :func:`server_task`; refuses experiment options that need the clients' data on the server."""
+        from fedtune.runtime.flower.secagg import check_experiment
+
+        check_experiment(exp)
         if exp.mode != "federated":
             raise ConfigError(f"mode = {exp.mode!r} needs every client's data in one place; use runtime.mode = 'simulation'")
         if exp.eval.per_client:
@@ -111,6 +116,7 @@ class FlowerTransport:
                                       f"client id {ident.client_id!r}; give each node its own client-id")
             self.nodes[ident.client_id] = int(node_id)
             sizes[ident.client_id] = ident.num_examples
+        self.sizes = sizes
         if len(sizes) < self.needed:
             raise FederationError(f"only {len(sizes)} of {self.needed} SuperNodes identified within "
                                   f"runtime.connect_timeout = {self.runtime.connect_timeout:g}s")
@@ -123,11 +129,20 @@ class FlowerTransport:
         Replies are decoded as they come in, but handed on in the order of ``clients``, so the
         aggregate sums in the same order as the simulation (float sums are order-sensitive; this
         is what makes the two runtimes agree to 1e-6 and runs reproducible). An update waits only
-        for the earlier clients' replies; a client that fails or times out is skipped and logged.
+        for the earlier clients' replies; a client that is offline, fails or times out
+        (``runtime.round_timeout``) is skipped and logged, and the round goes on with the others
+        as long as :meth:`quorum` of them answered (else :class:`FederationError`).
         """
         unknown = [c for c in clients if c not in self.nodes]
         if unknown:
             raise FederationError(f"round {plan.round}: no SuperNode serves client(s) {unknown}")
+        need = self.quorum(len(clients))
+        clients = self._online(plan.round, clients, need)
+        if self.runtime.secagg:
+            update, summed = self._secagg_round(plan, clients, stats)
+            self._check_quorum(plan.round, len(summed), len(clients), need)
+            yield update
+            return
         out = []
         for cid in clients:
             content = messages.encode_train_request(messages.TrainRequest(cid, plan, self.task, self.channel))
@@ -136,18 +151,69 @@ class FlowerTransport:
                                group_id=str(plan.round)))
         deadline = time.monotonic() + self.runtime.round_timeout
         arrived: dict[int, ClientUpdate | None] = {}
-        next_up = 0
+        next_up = answered = 0
         for i, reply in self._exchange(out, deadline, list(range(len(clients))), f"round {plan.round}"):
             arrived[i] = self._decode(plan.round, clients[i], reply, stats)
             while next_up in arrived:
                 update = arrived.pop(next_up)
                 next_up += 1
                 if update is not None:
+                    answered += 1
                     yield update
         self.failures.extend((plan.round, clients[i], "timeout") for i in self.missing)
         for i in sorted(arrived):  # replies queued behind a client that never answered
             if arrived[i] is not None:
+                answered += 1
                 yield arrived[i]
+        self._check_quorum(plan.round, answered, len(clients), need)
+
+    def quorum(self, sampled: int) -> int:
+        """Answers a round needs: ``runtime.min_clients`` (at most the sampled count), or 1 when it is 0."""
+        return min(self.runtime.min_clients, sampled) if self.runtime.min_clients > 0 else 1
+
+    def _online(self, rnd: int, clients: Sequence[str], need: int) -> list[str]:
+        """The sampled clients whose nodes the SuperLink still lists as online; the others are failures."""
+        online = set(self.grid.get_node_ids())
+        gone = [c for c in clients if self.nodes[c] not in online]
+        for cid in gone:
+            log.error("round %d: client %s (node %d) is offline; left out", rnd, cid, self.nodes[cid])
+            self.failures.append((rnd, cid, "offline"))
+        if len(clients) - len(gone) < need:
+            raise FederationError(
+                f"round {rnd}: only {len(clients) - len(gone)} of {len(clients)} sampled clients are online "
+                f"(offline: {gone}); runtime.min_clients = {self.runtime.min_clients} needs {need}"
+            )
+        return [c for c in clients if c not in gone]
+
+    def _check_quorum(self, rnd: int, answered: int, sampled: int, need: int) -> None:
+        if answered < need:
+            failed = [f"{c} ({why})" for r, c, why in self.failures if r == rnd]
+            raise FederationError(
+                f"round {rnd}: only {answered} of {sampled} clients answered within runtime.round_timeout = "
+                f"{self.runtime.round_timeout:g}s, runtime.min_clients = {self.runtime.min_clients} needs {need}; "
+                f"failed: {', '.join(failed) or 'none'}"
+            )
+
+    def _secagg_round(self, plan: RoundPlan, clients: Sequence[str],
+                      stats: CommStats) -> tuple[ClientUpdate, list[str]]:
+        """One SecAgg+ round (:mod:`.secagg`): the weighted mean as a single update, and the clients in it."""
+        from fedtune.runtime.flower import secagg
+
+        if len(clients) < 2:
+            raise FederationError(f"round {plan.round}: SecAgg+ needs at least 2 clients per round, got {len(clients)}")
+        big = {c: self.sizes[c] for c in clients if self.sizes.get(c, 0) > self.runtime.secagg_max_weight}
+        if big:
+            raise FederationError(f"round {plan.round}: client(s) {big} hold more examples than "
+                                  f"runtime.secagg_max_weight = {self.runtime.secagg_max_weight:g}; raise it")
+        requests = {
+            self.nodes[c]: messages.encode_train_request(messages.TrainRequest(c, plan, self.task, self.channel))
+            for c in clients
+        }
+        client_of = {self.nodes[c]: c for c in clients}
+        update, summed = secagg.aggregate_round(_CountingGrid(self.grid, stats), self.runtime, plan.round,
+                                                secagg.delta_names(plan.params), requests, client_of)
+        self.failures.extend((plan.round, c, "left the SecAgg+ round") for c in clients if c not in summed)
+        return update, summed
 
     def _decode(self, rnd: int, cid: str, reply: Message, stats: CommStats) -> ClientUpdate | None:
         if reply.has_error():
@@ -186,3 +252,19 @@ class FlowerTransport:
                 log.error("%s: no reply from %s before the timeout", what, ", ".join(map(str, self.missing)))
                 return
             time.sleep(self.poll)
+
+
+class _CountingGrid:
+    """A Grid for Flower's SecAgg+ workflow that counts the bytes of every message it carries."""
+
+    def __init__(self, grid: Grid, stats: CommStats) -> None:
+        self.grid = grid
+        self.stats = stats
+
+    def send_and_receive(self, out: Any, *, timeout: float | None = None) -> list[Message]:
+        """``Grid.send_and_receive``, adding the serialized size of requests and replies to the round's stats."""
+        out = list(out)
+        self.stats.bytes_down += sum(messages.encoded_size(m.content) for m in out)
+        replies = list(self.grid.send_and_receive(out, timeout=timeout))
+        self.stats.bytes_up += sum(messages.encoded_size(r.content) for r in replies if not r.has_error())
+        return replies

@@ -1,0 +1,78 @@
+"""Client failures on real Flower processes: a SuperNode killed mid-round, one that hangs and never answers.
+
+Three SuperNodes, ``runtime.min_clients = 2``, two rounds. In round 1 one node is killed while it
+trains: the round waits ``runtime.round_timeout`` for it, then completes with the two others. In
+round 2 a second node freezes (SIGSTOP: connected, never answers): only one client answers, fewer
+than ``min_clients``, and the run stops with an error naming the round, the setting and the clients.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from fedtune.experiment import run_experiment  # noqa: E402
+
+from flower_processes import federation, write_manifests  # noqa: E402
+
+LABELS = '["money","sports","tech"]'
+TIMEOUT = 15
+
+
+def _wait_for_training(log: Path, rnd: int, timeout: float = 120) -> None:
+    """Block until the SuperNode writing ``log`` has received its round-``rnd`` train message."""
+    pattern = re.compile(rf"ROUND {rnd}\][^\n]*\n[^\n]*Receiving: train message")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and pattern.search(log.read_text()):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{log.name}: no round-{rnd} train message within {timeout}s:\n{log.read_text()[-2000:]}")
+
+
+def test_killed_and_hanging_clients(tiny_experiment, tmp_path, capfd):
+    """Round 1 survives a killed client (2 of 3 >= min_clients); round 2 with 1 answer is a clear error."""
+    def exp(*extra: str):
+        return tiny_experiment("partition.num_clients=3", "federation.rounds=2", "train.epochs=1",
+                               f"data.label_names={LABELS}", f'output_dir="{tmp_path / "out"}"', *extra)
+
+    manifests = write_manifests(exp(), tmp_path / "shards")
+    work = tmp_path / "flower"
+    work.mkdir()
+    with federation(work) as fed:
+        fed.start_superlink()
+        nodes = [fed.start_supernode(f"node{i}", f'manifest="{manifests[i]}"') for i in range(3)]
+        run = exp('runtime.mode="flower"', f'runtime.superlink="{fed.address}"', "runtime.insecure=true",
+                  "runtime.min_clients=2", "runtime.connect_timeout=90", f"runtime.round_timeout={TIMEOUT}")
+        outcome: dict = {}
+
+        def submit() -> None:
+            try:
+                outcome["result"] = run_experiment(run, quiet=True)
+            except Exception as exc:  # noqa: BLE001 (checked below)
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=submit, daemon=True)
+        thread.start()
+        _wait_for_training(work / "node2.log", 1)
+        fed.kill(nodes[2])  # dies while training round 1
+        _wait_for_training(work / "node1.log", 2)
+        fed.freeze(nodes[1])  # hangs in round 2: connected, never answers
+        thread.join(300)
+        assert not thread.is_alive(), "fedtune run did not return"
+        log = capfd.readouterr().out
+
+    records = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["round"], r["clients"], r["clients_aggregated"]) for r in records] == [(1, 3, 2)], log[-3000:]
+    assert "round 1: no reply from 2 before the timeout" in log
+    assert isinstance(outcome.get("error"), RuntimeError), outcome
+    assert (f"round 2: only 1 of 3 clients answered within runtime.round_timeout = {TIMEOUT}s, "
+            "runtime.min_clients = 2 needs 2") in log, log[-3000:]
+    assert re.search(r"failed: (client_00[12] \((timeout|offline)\)(, )?){2}", log), log[-3000:]

@@ -1,0 +1,73 @@
+"""TLS and SuperNode authentication on real Flower processes (SuperLink, SuperNodes, ``fedtune run``).
+
+One federation on localhost: the SuperLink serves TLS with a CA made by
+:mod:`fedtune.runtime.flower.credentials` and admits only SuperNodes whose public keys were
+registered with ``flwr supernode register``. Two registered nodes train one round; a node with an
+unregistered key and a node that does not trust the CA are refused; ``fedtune run`` without the
+CA fails with an error naming ``runtime.root_certificates``, and with ``runtime.insecure = true`` one
+naming ``runtime.insecure``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from fedtune.experiment import run_experiment  # noqa: E402
+from fedtune.runtime.flower.credentials import make_node_keys, make_tls_certificates  # noqa: E402
+
+from flower_processes import federation, wait_exit, write_manifests  # noqa: E402
+
+LABELS = '["money","sports","tech"]'
+
+
+def test_tls_and_supernode_authentication(tiny_experiment, tmp_path):
+    """Registered nodes train over TLS; an unregistered key or an untrusted CA cannot join."""
+    tls = make_tls_certificates(tmp_path / "certs")
+    keys = make_node_keys(tmp_path / "keys", ["site_a", "site_b", "intruder"])
+
+    def exp(*extra: str):
+        return tiny_experiment("partition.num_clients=2", "federation.rounds=1", "train.epochs=1",
+                               f"data.label_names={LABELS}", f'output_dir="{tmp_path / "out"}"', *extra)
+
+    manifests = write_manifests(exp(), tmp_path / "shards")
+    work = tmp_path / "flower"
+    work.mkdir()
+    with federation(work) as fed:
+        fed.start_superlink(tls=[*tls.superlink_flags(), "--enable-supernode-auth"])
+        for name in ("site_a", "site_b"):
+            reg = fed.flwr("supernode", "register", str(keys[name].public_key), "test",
+                           root_certificates=str(tls.ca_cert))
+            assert reg.returncode == 0 and "registered successfully" in reg.stdout, reg.stdout + reg.stderr
+        for i, name in enumerate(("site_a", "site_b")):
+            fed.start_supernode(name, f'manifest="{manifests[i]}"', tls=tls.supernode_flags(),
+                                extra=["--auth-supernode-private-key", str(keys[name].private_key)])
+        intruder = fed.start_supernode("intruder", 'client-id="intruder" train-file="x.csv"',
+                                       tls=tls.supernode_flags(),
+                                       extra=["--auth-supernode-private-key", str(keys["intruder"].private_key)])
+        no_ca = fed.start_supernode("no_ca", 'client-id="no_ca" train-file="x.csv"', tls=[],
+                                    extra=["--auth-supernode-private-key", str(keys["site_a"].private_key)])
+
+        # Refused before any run: the SuperNode exits with Flower's exit code 305 (no connection).
+        for proc, name, reason in ((intruder, "intruder", "Failed to activate SuperNode"),
+                                   (no_ca, "no_ca", "CERTIFICATE_VERIFY_FAILED")):
+            assert wait_exit(proc, 60) not in (None, 0), fed.tail()
+            log = (work / f"{name}.log").read_text()
+            assert "Exit Code: 305" in log and reason in log, log
+
+        common = ['runtime.mode="flower"', f'runtime.superlink="{fed.address}"', "runtime.min_clients=2",
+                  "runtime.connect_timeout=90", "runtime.round_timeout=120"]
+        with pytest.raises(ConnectionError, match="runtime.root_certificates"):
+            run_experiment(exp(*common), quiet=True)  # TLS on, but the system CAs do not know ours
+        with pytest.raises(ConnectionError, match="probably serves TLS.*runtime.insecure = false"):
+            run_experiment(exp(*common, "runtime.insecure=true"), quiet=True)
+
+        try:
+            result = run_experiment(exp(*common, f'runtime.root_certificates="{tls.ca_cert}"'), quiet=True)
+        except Exception as exc:
+            raise AssertionError(f"TLS run failed: {exc}\n{fed.tail()}") from exc
+        assert [r["clients"] for r in result.history] == [2], fed.tail()
+        assert result.history[0]["bytes_up"] > 0 and "accuracy" in result.final_metrics
+        nodes = fed.flwr("supernode", "ls", "--format", "json", "test", root_certificates=str(tls.ca_cert))
+        assert nodes.stdout.count('"online"') == 2, nodes.stdout  # the two registered sites, nobody else

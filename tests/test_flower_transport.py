@@ -1,0 +1,63 @@
+"""FlowerTransport's round rules that need no SuperLink: offline clients, the min_clients quorum, SecAgg+ limits."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("flwr")
+
+import torch  # noqa: E402
+
+from fedtune.config import Experiment  # noqa: E402
+from fedtune.payload import CommStats  # noqa: E402
+from fedtune.runtime.flower.transport import FederationError, FlowerTransport  # noqa: E402
+from fedtune.types import LocalTrainConfig, RoundPlan  # noqa: E402
+
+
+class _Grid:
+    """The SuperLink's view of which nodes are online; sending anything is a test failure."""
+
+    def __init__(self, online: set[int]) -> None:
+        self.online = online
+
+    def get_node_ids(self) -> set[int]:
+        return self.online
+
+    def push_messages(self, messages):  # pragma: no cover - must not be reached
+        raise AssertionError("nothing should be sent")
+
+
+def _transport(online: set[int], *overrides: str) -> FlowerTransport:
+    runtime = Experiment.from_overrides(['runtime.mode="flower"', *overrides]).runtime
+    t = FlowerTransport(_Grid(online), runtime, expected_clients=3)
+    t.nodes = {"a": 1, "b": 2, "c": 3}
+    t.sizes = {"a": 50, "b": 60, "c": 70}
+    return t
+
+
+PLAN = RoundPlan(1, {"w": torch.zeros(2)}, LocalTrainConfig(1.0, 0, 0.1, 4))
+
+
+def test_quorum_follows_min_clients():
+    """min(runtime.min_clients, sampled) answers, or 1 when min_clients = 0."""
+    assert _transport({1, 2, 3}).quorum(3) == 1
+    assert _transport({1, 2, 3}, "runtime.min_clients=2").quorum(3) == 2
+    assert _transport({1, 2, 3}, "runtime.min_clients=5").quorum(3) == 3
+
+
+def test_offline_clients_are_left_out_or_stop_the_round():
+    """Clients the SuperLink lists as offline are failures; too few online is an error naming min_clients."""
+    t = _transport({1}, "runtime.min_clients=2")
+    with pytest.raises(FederationError, match=r"round 1: only 1 of 3 sampled clients are online .*min_clients = 2"):
+        list(t.run_round(PLAN, ["a", "b", "c"], CommStats()))
+    assert [(r, c, why) for r, c, why in t.failures] == [(1, "b", "offline"), (1, "c", "offline")]
+    assert _transport({1, 3}, "runtime.min_clients=2")._online(1, ["a", "b", "c"], 2) == ["a", "c"]
+
+
+def test_secagg_refuses_clients_above_max_weight_and_single_clients():
+    """SecAgg+ weights by num_examples / max_weight: a larger client is an error naming the key."""
+    t = _transport({1, 2, 3}, "runtime.secagg=true", "runtime.secagg_max_weight=60")
+    with pytest.raises(FederationError, match=r"'c': 70.*runtime.secagg_max_weight = 60"):
+        list(t.run_round(PLAN, ["a", "b", "c"], CommStats()))
+    with pytest.raises(FederationError, match="at least 2 clients"):
+        list(_transport({1, 2, 3}, "runtime.secagg=true").run_round(PLAN, ["a"], CommStats()))

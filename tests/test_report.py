@@ -183,3 +183,16 @@ def test_key_missing_from_an_older_run_compares_as_its_default(tmp_path):
     runs = [load_run(old), load_run(other)]
     assert label_runs(runs) == ["strategy.name", "partition.min_examples"]
     assert runs[0].differs["partition.min_examples"] == 10
+
+
+def test_int_and_float_of_one_value_do_not_differ_and_long_labels_become_names(tmp_path):
+    from fedtune.report import MAX_LABEL, label_runs
+
+    a = fake_run(tmp_path / "a", {"strategy.mu": 1}, rounds({1: 0.5}, [1.0]), {"wall_time": 1})
+    b = fake_run(tmp_path / "b", {"strategy.mu": 1.0}, rounds({1: 0.5}, [1.0]), {"wall_time": 1})
+    assert label_runs([load_run(a), load_run(b)]) == []
+    long = "x" * (MAX_LABEL + 5)
+    c = fake_run(tmp_path / "c", {"strategy.name": long}, rounds({1: 0.5}, [1.0]), {"wall_time": 1})
+    runs = [load_run(a), load_run(c)]
+    label_runs(runs)
+    assert [r.label for r in runs] == ["a", "c"]

@@ -450,12 +450,12 @@ class RuntimeConfig:
                        "only the example-weighted mean of the updates. fedavg / fedprox only."),
     )
     secagg_num_shares: float = field(
-        default=3,
+        default=3.0,
         metadata=_help("SecAgg+: shares of each client's secrets; an integer > 2 is a count, a number in (0, 1] "
                        "a fraction of the round's clients."),
     )
     secagg_reconstruction_threshold: float = field(
-        default=2,
+        default=2.0,
         metadata=_help("SecAgg+: shares needed to unmask (integer < num_shares, or a fraction in (0, 1] of "
                        "num_shares); higher = more private, less tolerant of dropouts."),
     )

@@ -157,6 +157,10 @@ def load_run(path: Path) -> RunData:
     return RunData(path=path, summary=summary, config=config, records=records)
 
 
+MAX_LABEL = 70
+"""Longest plot label built from the differing keys; longer ones give way to the run names."""
+
+
 def label_runs(runs: list[RunData]) -> list[str]:
     """Set each run's name, differing keys and plot label; return the differing keys (config order)."""
     names = [r.path.name for r in runs]
@@ -172,15 +176,21 @@ def label_runs(runs: list[RunData]) -> list[str]:
     def value(r: RunData, k: str) -> Any:
         return r.config.get(k, defaults.get(k, missing))
 
+    def comparable(v: Any) -> str:  # 3 and 3.0 are the same setting
+        return json.dumps(float(v) if isinstance(v, int) and not isinstance(v, bool) else v, default=str)
+
     differing = [
         k for k in keys
-        if k not in IGNORED_KEYS and len({json.dumps(value(r, k), default=str) for r in runs}) > 1
+        if k not in IGNORED_KEYS and len({comparable(value(r, k)) for r in runs}) > 1
     ]
     short = _short_keys(differing)
     for r, name in zip(runs, names):
         r.name = name
         r.differs = {k: (None if value(r, k) is missing else value(r, k)) for k in differing}
         r.label = ", ".join(f"{short[k]}={_fmt_value(v)}" for k, v in r.differs.items()) or name
+    if max(len(r.label) for r in runs) > MAX_LABEL:  # too many differing keys to read: the run names say it
+        for r in runs:
+            r.label = r.name
     return differing
 
 

@@ -3,9 +3,10 @@
     python scripts/lora_study_report.py runs/lora_rank_study --out docs/img
 
 Reads every run's ``metrics.jsonl`` and ``summary.json`` (runs named ``r<rank>_<rule>``), prints a
-Markdown table (final and best accuracy, exact bytes per client per round each way, the mean
+Markdown table (accuracy after round 2, final and best accuracy, exact bytes per client per round each way, the mean
 ``lora_gap``, the SVD energy kept) and writes ``lora_accuracy_vs_bytes.png``: final accuracy against
-the bytes a client uploads per round, one line per rule, points labelled by rank.
+the bytes a client uploads per round (left) and moves both ways (right), one line per rule,
+points labelled by rank.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def load_runs(root: Path) -> list[dict]:
         energy = [r["lora_energy_kept"] for r in rows if "lora_energy_kept" in r]
         out.append({
             "rank": int(m.group(1)), "rule": m.group(2), "final": accs[-1], "best": max(accs),
+            "round2": next((r["eval_accuracy"] for r in rows if r["round"] == 2 and "eval_accuracy" in r), None),
             "last3": sum(accs[-3:]) / len(accs[-3:]),
             "up": sum(r["bytes_up"] for r in rows) / clients,
             "down": sum(r["bytes_down"] for r in rows) / clients,
@@ -43,40 +45,43 @@ def load_runs(root: Path) -> list[dict]:
 
 def markdown(runs: list[dict]) -> str:
     """The long table (one row per run), ordered by rule then rank."""
-    lines = ["| rule | rank | final acc | best acc | mean of last 3 | bytes up / client / round | "
+    lines = ["| rule | rank | acc after round 2 | final acc | best acc | mean of last 3 | bytes up / client / round | "
              "bytes down / client / round | mean lora_gap | min energy kept | wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(runs, key=lambda r: (RULES.index(r["rule"]) if r["rule"] in RULES else 99, r["rank"])):
         energy = f"{r['energy']:.4f}" if r["energy"] is not None else "—"
-        lines.append(f"| {r['rule']} | {r['rank']} | {r['final']:.4f} | {r['best']:.4f} | {r['last3']:.4f} | "
+        r2 = f"{r['round2']:.4f}" if r["round2"] is not None else "—"
+        lines.append(f"| {r['rule']} | {r['rank']} | {r2} | {r['final']:.4f} | {r['best']:.4f} | {r['last3']:.4f} | "
                      f"{r['up']:,.0f} | {r['down']:,.0f} | {r['gap']:.2e} | {energy} | {r['seconds']:.0f} s |")
     return "\n".join(lines)
 
 
 def plot(runs: list[dict], path: Path) -> None:
-    """Final accuracy against bytes uploaded per client per round, one line per rule."""
+    """Final accuracy against bytes per client per round: uploaded (left), both ways (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for rule in RULES:
-        pts = sorted((r for r in runs if r["rule"] == rule), key=lambda r: r["rank"])
-        if not pts:
-            continue
-        ax.plot([p["up"] / 1e3 for p in pts], [p["final"] for p in pts], marker="o", label=rule)
-        for p in pts:
-            ax.annotate(f"r{p['rank']}", (p["up"] / 1e3, p["final"]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("kB uploaded per client per round (exact, float32 safetensors)")
-    ax.set_ylabel("final accuracy (SST-2 dev)")
-    ax.set_title("LoRA rules: accuracy vs upload (MiniLM-L6, 8 Dirichlet(0.3) clients, 5 rounds)")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for ax, (key, xlabel) in zip(axes, [("up", "kB uploaded per client per round"),
+                                        ("both", "kB up + down per client per round")]):
+        for rule in RULES:
+            pts = sorted((r for r in runs if r["rule"] == rule), key=lambda r: r["rank"])
+            if not pts:
+                continue
+            xs = [(p["up"] if key == "up" else p["up"] + p["down"]) / 1e3 for p in pts]
+            ax.plot(xs, [p["final"] for p in pts], marker="o", label=rule)
+            for x, p in zip(xs, pts):
+                ax.annotate(f"r{p['rank']}", (x, p["final"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel + " (exact, float32 safetensors)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("final accuracy (SST-2 dev)")
+    axes[0].legend()
+    fig.suptitle("LoRA aggregation rules: accuracy vs bytes (MiniLM-L6, 8 Dirichlet(0.3) clients, 5 rounds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:

@@ -169,6 +169,17 @@ def federation(workdir: Path):
         fed.stop()
 
 
+LABELS = '["money","sports","tech"]'
+"""The tiny data's label names, given to Flower runs so the server needs no training file."""
+
+
+def flower_experiment(tiny_experiment, out: Path, clients: int, rounds: int = 1, *extra: str):
+    """The tiny experiment as the Flower tests run it: ``clients`` clients, ``rounds`` rounds of one
+    epoch, fixed label names, outputs in ``out``; ``extra`` overrides on top."""
+    return tiny_experiment(f"partition.num_clients={clients}", f"federation.rounds={rounds}", "train.epochs=1",
+                           f"data.label_names={LABELS}", f'output_dir="{out}"', *extra)
+
+
 def write_manifests(exp, out: Path) -> list[Path]:
     """Partition ``exp``'s training set as the simulation would; return the clients' manifest files."""
     from fedtune.experiment import make_shards

@@ -20,9 +20,8 @@ pytest.importorskip("flwr")
 
 from fedtune.experiment import run_experiment  # noqa: E402
 
-from flower_processes import federation, write_manifests  # noqa: E402
+from flower_processes import federation, flower_experiment, write_manifests  # noqa: E402
 
-LABELS = '["money","sports","tech"]'
 TIMEOUT = 15
 
 
@@ -40,8 +39,7 @@ def _wait_for_training(log: Path, rnd: int, timeout: float = 120) -> None:
 def test_killed_and_hanging_clients(tiny_experiment, tmp_path, capfd):
     """Round 1 survives a killed client (2 of 3 >= min_clients); round 2 with 1 answer is a clear error."""
     def exp(*extra: str):
-        return tiny_experiment("partition.num_clients=3", "federation.rounds=2", "train.epochs=1",
-                               f"data.label_names={LABELS}", f'output_dir="{tmp_path / "out"}"', *extra)
+        return flower_experiment(tiny_experiment, tmp_path / "out", 3, 2, *extra)
 
     manifests = write_manifests(exp(), tmp_path / "shards")
     work = tmp_path / "flower"

@@ -26,9 +26,8 @@ from fedtune.config import ConfigError  # noqa: E402
 from fedtune.experiment import run_experiment  # noqa: E402
 from fedtune.runtime.flower.secagg import check_experiment  # noqa: E402
 
-from flower_processes import federation, write_manifests  # noqa: E402
+from flower_processes import LABELS, federation, flower_experiment, write_manifests  # noqa: E402
 
-LABELS = '["money","sports","tech"]'
 CLIP, LEVELS, MAX_WEIGHT = 8.0, 2**22, 100.0
 
 
@@ -85,8 +84,7 @@ def test_secagg_needs_a_weighted_mean(tiny_experiment):
 def test_secagg_aggregate_equals_plain_mean(tiny_experiment, tmp_path, capfd):
     """3 SuperNodes, 1 round: SecAgg+'s global model = the simulation's within the quantization bound."""
     def exp(out, *extra):
-        return tiny_experiment("partition.num_clients=3", "federation.rounds=1", "train.epochs=1",
-                               f"data.label_names={LABELS}", f'output_dir="{out}"', *extra)
+        return flower_experiment(tiny_experiment, out, 3, 1, *extra)
 
     sim = run_experiment(exp(tmp_path / "sim"), quiet=True)
     manifests = tmp_path / "manifests"
@@ -127,8 +125,7 @@ def test_secagg_aggregate_equals_plain_mean(tiny_experiment, tmp_path, capfd):
 def test_secagg_survives_a_dropout(tiny_experiment, tmp_path, capfd):
     """A node killed in stage 2 (while training) leaves; the 2 others' mean = a 2-client simulation's."""
     def exp(out, n, *extra):
-        return tiny_experiment(f"partition.num_clients={n}", "federation.rounds=1", "train.epochs=1",
-                               f"data.label_names={LABELS}", f'output_dir="{out}"', *extra)
+        return flower_experiment(tiny_experiment, out, n, 1, *extra)
 
     manifests = write_manifests(exp(tmp_path / "x", 3), tmp_path / "shards")
     survivors = tmp_path / "survivors"  # the same shards minus client_002, for the reference run

@@ -17,9 +17,8 @@ pytest.importorskip("flwr")
 from fedtune.experiment import run_experiment  # noqa: E402
 from fedtune.runtime.flower.credentials import make_node_keys, make_tls_certificates  # noqa: E402
 
-from flower_processes import federation, wait_exit, write_manifests  # noqa: E402
+from flower_processes import federation, flower_experiment, wait_exit, write_manifests  # noqa: E402
 
-LABELS = '["money","sports","tech"]'
 
 
 def test_tls_and_supernode_authentication(tiny_experiment, tmp_path):
@@ -28,8 +27,7 @@ def test_tls_and_supernode_authentication(tiny_experiment, tmp_path):
     keys = make_node_keys(tmp_path / "keys", ["site_a", "site_b", "intruder"])
 
     def exp(*extra: str):
-        return tiny_experiment("partition.num_clients=2", "federation.rounds=1", "train.epochs=1",
-                               f"data.label_names={LABELS}", f'output_dir="{tmp_path / "out"}"', *extra)
+        return flower_experiment(tiny_experiment, tmp_path / "out", 2, 1, *extra)
 
     manifests = write_manifests(exp(), tmp_path / "shards")
     work = tmp_path / "flower"

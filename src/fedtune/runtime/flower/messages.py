@@ -28,7 +28,6 @@ an IDENTIFY request carries ``"fedtune.task"`` (schema, task.*), its reply ``"fe
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch

@@ -161,7 +161,8 @@ def _family(proc: subprocess.Popen) -> list[psutil.Process]:
 
 @contextmanager
 def federation(workdir: Path):
-    """A :class:`Federation` that is always stopped on exit."""
+    """A :class:`Federation` working in ``workdir`` (created), always stopped on exit."""
+    Path(workdir).mkdir(parents=True, exist_ok=True)
     fed = Federation(workdir)
     try:
         yield fed

@@ -22,7 +22,7 @@ from fedtune.experiment import run_experiment  # noqa: E402
 
 from flower_processes import federation, flower_experiment, write_manifests  # noqa: E402
 
-TIMEOUT = 15
+TIMEOUT = 40  # seconds; a ClientApp process starts, loads the model and trains within it even on loaded cores
 
 
 def _wait_for_training(log: Path, rnd: int, timeout: float = 120) -> None:
@@ -42,9 +42,7 @@ def test_killed_and_hanging_clients(tiny_experiment, tmp_path, capfd):
         return flower_experiment(tiny_experiment, tmp_path / "out", 3, 2, *extra)
 
     manifests = write_manifests(exp(), tmp_path / "shards")
-    work = tmp_path / "flower"
-    work.mkdir()
-    with federation(work) as fed:
+    with federation(tmp_path / "flower") as fed:
         fed.start_superlink()
         nodes = [fed.start_supernode(f"node{i}", f'manifest="{manifests[i]}"') for i in range(3)]
         run = exp('runtime.mode="flower"', f'runtime.superlink="{fed.address}"', "runtime.insecure=true",
@@ -59,9 +57,9 @@ def test_killed_and_hanging_clients(tiny_experiment, tmp_path, capfd):
 
         thread = threading.Thread(target=submit, daemon=True)
         thread.start()
-        _wait_for_training(work / "node2.log", 1)
+        _wait_for_training(fed.workdir / "node2.log", 1)
         fed.kill(nodes[2])  # dies while training round 1
-        _wait_for_training(work / "node1.log", 2)
+        _wait_for_training(fed.workdir / "node1.log", 2)
         fed.freeze(nodes[1])  # hangs in round 2: connected, never answers
         thread.join(300)
         assert not thread.is_alive(), "fedtune run did not return"
@@ -73,4 +71,5 @@ def test_killed_and_hanging_clients(tiny_experiment, tmp_path, capfd):
     assert isinstance(outcome.get("error"), RuntimeError), outcome
     assert (f"round 2: only 1 of 3 clients answered within runtime.round_timeout = {TIMEOUT}s, "
             "runtime.min_clients = 2 needs 2") in log, log[-3000:]
-    assert re.search(r"failed: (client_00[12] \((timeout|offline)\)(, )?){2}", log), log[-3000:]
+    # both round-2 failures are named, with their reason (timeout, offline, or the SuperLink's error)
+    assert re.search(r"failed: client_00[12] \([^)]+\), client_00[12] \([^)]+\)", log), log[-3000:]

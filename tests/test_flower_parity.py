@@ -54,10 +54,7 @@ def test_flower_deployment_matches_simulation(common, tmp_path):
             for name, opts in {**STRATEGIES, "fedadam": ['strategy.name="fedadam"']}.items()}
     manifests = tmp_path / "manifests"
     shutil.copytree(sims["fedavg"].output_dir / "partition", manifests)
-
-    work = tmp_path / "flower"
-    work.mkdir()
-    with federation(work) as fed:
+    with federation(tmp_path / "flower") as fed:
         fed.start_superlink()
         for i in range(2):
             fed.start_supernode(f"node{i}", f'manifest="{manifests / f"client_{i:03d}.json"}"')

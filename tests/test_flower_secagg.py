@@ -90,10 +90,7 @@ def test_secagg_aggregate_equals_plain_mean(tiny_experiment, tmp_path, capfd):
     manifests = tmp_path / "manifests"
     shutil.copytree(sim.output_dir / "partition", manifests)
     sizes = [len(json.loads((manifests / f"client_{i:03d}.json").read_text())["indices"]) for i in range(3)]
-
-    work = tmp_path / "flower"
-    work.mkdir()
-    with federation(work) as fed:
+    with federation(tmp_path / "flower") as fed:
         fed.start_superlink()
         for i in range(3):  # the nodes' own guard: no plain train requests
             fed.start_supernode(f"node{i}", f'manifest="{manifests / f"client_{i:03d}.json"}" require-secagg=true')
@@ -137,10 +134,7 @@ def test_secagg_survives_a_dropout(tiny_experiment, tmp_path, capfd):
     for m in manifests[:2]:
         shutil.copy(m, survivors / m.name)
     plain = run_experiment(exp(tmp_path / "plain", 2, f'partition.manifest_dir="{survivors}"'), quiet=True)
-
-    work = tmp_path / "flower"
-    work.mkdir()
-    with federation(work) as fed:
+    with federation(tmp_path / "flower") as fed:
         fed.start_superlink()
         nodes = [fed.start_supernode(f"node{i}", f'manifest="{manifests[i]}"') for i in range(3)]
         secure = exp(tmp_path / "secagg", 3, 'runtime.mode="flower"', f'runtime.superlink="{fed.address}"',
@@ -150,7 +144,7 @@ def test_secagg_survives_a_dropout(tiny_experiment, tmp_path, capfd):
         thread = threading.Thread(target=lambda: outcome.update(result=run_experiment(secure, quiet=True)),
                                   daemon=True)
         thread.start()
-        log = work / "node2.log"
+        log = fed.workdir / "node2.log"
         deadline = time.monotonic() + 180
         while not (log.exists() and log.read_text().count("Receiving: train message") >= 3):  # setup, keys, train
             assert time.monotonic() < deadline, fed.tail()

@@ -30,9 +30,7 @@ def test_tls_and_supernode_authentication(tiny_experiment, tmp_path):
         return flower_experiment(tiny_experiment, tmp_path / "out", 2, 1, *extra)
 
     manifests = write_manifests(exp(), tmp_path / "shards")
-    work = tmp_path / "flower"
-    work.mkdir()
-    with federation(work) as fed:
+    with federation(tmp_path / "flower") as fed:
         fed.start_superlink(tls=[*tls.superlink_flags(), "--enable-supernode-auth"])
         for name in ("site_a", "site_b"):
             reg = fed.flwr("supernode", "register", str(keys[name].public_key), "test",
@@ -51,7 +49,7 @@ def test_tls_and_supernode_authentication(tiny_experiment, tmp_path):
         for proc, name, reason in ((intruder, "intruder", "Failed to activate SuperNode"),
                                    (no_ca, "no_ca", "CERTIFICATE_VERIFY_FAILED")):
             assert wait_exit(proc, 60) not in (None, 0), fed.tail()
-            log = (work / f"{name}.log").read_text()
+            log = (fed.workdir / f"{name}.log").read_text()
             assert "Exit Code: 305" in log and reason in log, log
 
         common = ['runtime.mode="flower"', f'runtime.superlink="{fed.address}"', "runtime.min_clients=2",

@@ -85,6 +85,15 @@ def _add_correction(params: dict[str, nn.Parameter], correction: TensorDict) -> 
                 p.grad.add_(correction[name])
 
 
+def new_client_control(grad_sum: TensorDict | None, c_i: TensorDict, c: TensorDict, x_global: TensorDict,
+                       x_local: TensorDict, steps: int, lr: float) -> TensorDict:
+    """SCAFFOLD's c_i+ after a round of ``steps`` local steps: the mean clipped gradient when the
+    client summed its gradients (``grad_sum``, adaptive optimizers), else option II."""
+    if grad_sum is not None:
+        return {k: v / steps for k, v in grad_sum.items()}
+    return scaffold_client_control(c_i, c, x_global, x_local, steps, lr)
+
+
 def _accumulate_gradients(total: TensorDict, params: dict[str, nn.Parameter]) -> None:
     """total += each parameter's current gradient (a parameter without one adds nothing)."""
     with torch.no_grad():
@@ -200,10 +209,7 @@ def _train(model, data, plan, client_id, *, pad_id, seed, device, state: ClientS
     extras: dict[str, TensorDict] = {}
     if control is not None:
         local_dev = {k: v.to(device) for k, v in local.items()}
-        if grad_sum is not None:
-            c_new = {k: v / step for k, v in grad_sum.items()}
-        else:
-            c_new = scaffold_client_control(c_own, c_global, reference, local_dev, step, cfg.lr)
+        c_new = new_client_control(grad_sum, c_own, c_global, reference, local_dev, step, cfg.lr)
         state[SCAFFOLD_STATE] = {k: v.detach().cpu() for k, v in c_new.items()}
         extras[CONTROL_DELTA] = {k: (c_new[k] - c_own[k]).detach().cpu() for k in c_new}
     return ClientUpdate(client_id=client_id, delta=delta, num_examples=len(data), metrics=metrics, extras=extras)

@@ -41,7 +41,7 @@ from fedtune.client import (
     SCAFFOLD_STATE,
     local_train,
     planned_steps,
-    scaffold_client_control,
+    new_client_control,
     scaffold_tracks_gradients,
 )
 from fedtune.channel import Channel
@@ -419,10 +419,8 @@ def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, 
         extras: dict[str, TensorDict] = {}
         if control is not None:
             local_dev = {n: v.to(device) for n, v in local.items()}
-            if grad_sum is not None:
-                c_new = {n: grad_sum[n][i] / steps[i] for n in layout.names}
-            else:
-                c_new = scaffold_client_control(c_own[i], c_global, reference, local_dev, steps[i], cfg.lr)
+            own_sum = {n: grad_sum[n][i] for n in layout.names} if grad_sum is not None else None
+            c_new = new_client_control(own_sum, c_own[i], c_global, reference, local_dev, steps[i], cfg.lr)
             states[i][SCAFFOLD_STATE] = {n: v.detach().cpu() for n, v in c_new.items()}
             extras[CONTROL_DELTA] = {n: (c_new[n] - c_own[i][n]).detach().cpu() for n in c_new}
         updates.append(ClientUpdate(client_id=cid, delta=delta, num_examples=len(datas[i]), metrics=metrics,

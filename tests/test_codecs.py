@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedtune.channel import RESIDUAL, Channel, residual_key
+from fedtune.channel import RESIDUAL, UPLINK_ERROR, Channel, residual_key
 from fedtune.codecs import Codec, CodecError, encode_with_feedback, parse_codec
 from fedtune.config import ConfigError, Experiment
 from fedtune.payload import CommStats, encode_tensors
@@ -111,6 +111,41 @@ def test_topk_keeps_exactly_the_largest_entries(fraction):
             assert float(v[kept].abs().min()) >= float(v[~kept].abs().max())
 
 
+@pytest.mark.parametrize("fraction", [0.003, 0.05, 1.0])
+def test_global_topk_keeps_the_largest_entries_of_the_whole_payload(fraction):
+    """``:global`` ranks all floating entries together: exactly ceil(F * total) survive, the largest overall."""
+    g = torch.Generator().manual_seed(3)
+    t = {"big": torch.randn(40, 50, generator=g), "small": torch.randn(30, generator=g) * 1e-3,
+         "loud": torch.randn(6, 6, generator=g).sign() * (10 + torch.rand(6, 6, generator=g)), "ids": torch.arange(4)}
+    codec = parse_codec(f"topk:{fraction}:global")
+    back = codec.decode(codec.encode(t))
+    assert torch.equal(back["ids"], t["ids"]) and back["small"].shape == (30,)
+    floats = [k for k in t if t[k].is_floating_point()]
+    total = sum(t[k].numel() for k in floats)
+    kept = {k: back[k] != 0 for k in floats}
+    assert sum(int(m.sum()) for m in kept.values()) == min(total, math.ceil(fraction * total))
+    kept_values = torch.cat([t[k][kept[k]].abs() for k in floats])
+    dropped = torch.cat([t[k][~kept[k]].abs() for k in floats])
+    if dropped.numel():
+        assert float(kept_values.min()) >= float(dropped.max())
+    for k in floats:
+        assert torch.equal(back[k][kept[k]], t[k][kept[k]])
+    if fraction == 0.003:  # ceil(0.003 * 2066) = 7 entries: all from the loud tensor (|x| >= 10); the others keep none and decode to zeros
+        assert int(kept["loud"].sum()) == 7 and not back["small"].any() and not back["big"].any()
+
+
+def test_global_topk_composes_with_a_value_stage_and_error_feedback():
+    g = torch.Generator().manual_seed(4)
+    t = {"a": torch.randn(20, 20, generator=g), "b": torch.randn(10, generator=g) * 1e-4}
+    codec = parse_codec("topk:0.05:global+int8+gzip")
+    assert str(codec) == "topk:0.05:global+int8+gzip:6" and parse_codec(str(codec)) == codec
+    data, decoded, residual = encode_with_feedback(codec, t, None)
+    assert not decoded["b"].any()  # too small to make the budget: all of it stays in the residual
+    assert torch.allclose(residual["b"], t["b"]) and int((decoded["a"] != 0).sum()) == 21  # ceil(0.05 * 410)
+    for k in t:
+        assert torch.allclose(decoded[k] + residual[k], t[k], atol=1e-6)
+
+
 def test_composition_topk_int8_gzip():
     """Each stage does its own job: gzip changes no value, int8 bounds the kept values, top-k picks the support."""
     g = torch.Generator().manual_seed(5)
@@ -178,6 +213,20 @@ def test_channel_keeps_residuals_in_client_state_for_delta_and_extras():
     decoded = channel.decode_update(encoded)
     assert torch.allclose(decoded.delta["w"] + state[RESIDUAL]["w"], delta["w"], atol=1e-6)
     assert encoded.nbytes == len(encoded.delta) + len(encoded.extras[CONTROL_DELTA])
+    left_out = state[RESIDUAL]["w"].norm() / delta["w"].norm()  # first round: no earlier residual
+    assert encoded.metrics[UPLINK_ERROR] == pytest.approx(float(left_out), rel=1e-5) and 0.5 < left_out < 1
+    assert encoded.metrics["train_loss"] == 1.0
+
+
+@pytest.mark.parametrize("feedback", [True, False])
+def test_uplink_error_is_the_share_of_the_update_left_out(feedback):
+    """topk:0.5 on [3, 4, 0, 0] (+ residual [0, 0, 1, 0] with feedback): the metric is ||left out|| / ||x||."""
+    channel = Channel.from_specs(up="topk:0.5", error_feedback=feedback)
+    state = {RESIDUAL: {"w": torch.tensor([0.0, 0.0, 1.0, 0.0])}} if feedback else {}
+    update = ClientUpdate("c1", {"w": torch.tensor([3.0, 4.0, 0.0, 0.0])}, 5, {})
+    encoded = channel.encode_update(update, state)
+    assert channel.decode_update(encoded).delta["w"].tolist() == [3.0, 4.0, 0.0, 0.0]
+    assert encoded.metrics[UPLINK_ERROR] == pytest.approx((1 / 26) ** 0.5 if feedback else 0.0)
     no_ef: dict = {}
     Channel.from_specs(up="topk:0.1", error_feedback=False).encode_update(update, no_ef)
     assert no_ef == {}
@@ -216,6 +265,7 @@ def test_server_refuses_an_update_encoded_with_another_codec():
     ("int8++gzip", "empty stage"),
     ("none+gzip", "'none' cannot be combined"),
     ("topk:0.1+int8:channel", "per-channel"),
+    ("topk:0.1:layer", "scope is :tensor or :global"),
 ])
 def test_bad_specs_name_the_bad_part(spec, fragment):
     with pytest.raises(CodecError) as info:
@@ -367,6 +417,8 @@ def test_end_to_end_int8_gzip_and_lossless_gzip(tiny_experiment, tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the server aggregated the decoded (lossy) updates
     assert all(torch.equal(a[k], c[k]) for k in a)  # lossless: bit for bit the uncompressed run
     assert lossy.summary["bytes_up_total"] == sum(r["bytes_up"] for r in lossy.history)
+    assert all(0 < r["uplink_error"] < 0.05 for r in lossy.history)  # int8 leaves out a sliver of each update
+    assert all("uplink_error" not in r for r in plain.history + gz.history)  # lossless: nothing to report
 
 
 @pytest.mark.parametrize("parallel", [1, 3])

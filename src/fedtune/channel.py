@@ -24,7 +24,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from fedtune.codecs import Codec, CodecError, encode_with_feedback, parse_codec
-from fedtune.types import ClientState, ClientUpdate, ControlVariate, RoundPlan
+from fedtune.types import ClientState, ClientUpdate, ControlVariate, RoundPlan, TensorDict
+
+UPLINK_ERROR = "uplink_error"
+"""Client metric of a lossy uplink: ||x - sent|| / ||x||, x = the delta plus its residual (metrics.jsonl)."""
 
 RESIDUAL = "codec_residual"
 """ClientState entry holding a client's uplink error-feedback residual for its delta."""
@@ -99,22 +102,36 @@ class Channel:
         return self.error_feedback and not self.up.is_lossless
 
     def encode_update(self, update: ClientUpdate, state: ClientState) -> EncodedUpdate:
-        """Client side: encode ``update``'s tensors, with error feedback kept in ``state`` when lossy."""
+        """Client side: encode ``update``'s tensors, with error feedback kept in ``state`` when lossy.
+
+        A lossy uplink adds the metric :data:`UPLINK_ERROR`: how much of the delta (plus its
+        residual) this round's payload left out, relative, so a run shows what its codec costs.
+        """
         feedback = self.keeps_residuals
+        errors: list[float] = []
 
         def encode(tensors, key: str) -> bytes:
-            if not feedback:
+            if self.up.is_lossless:
                 return self.up.encode(tensors)
-            data, _, residual = encode_with_feedback(self.up, tensors, state.get(key))
-            state[key] = residual
+            if feedback:
+                data, decoded, residual = encode_with_feedback(self.up, tensors, state.get(key))
+                state[key] = residual
+            else:
+                data = self.up.encode(tensors)
+                decoded = self.up.decode(data)
+                residual = {k: v.detach().cpu().float() - decoded[k].float()
+                            for k, v in tensors.items() if v.is_floating_point()}
+            if key == residual_key():
+                errors.append(relative_error(decoded, residual))
             return data
 
+        delta = encode(update.delta, residual_key())
         return EncodedUpdate(
             client_id=update.client_id,
-            delta=encode(update.delta, residual_key()),
+            delta=delta,
             num_examples=update.num_examples,
             codec=str(self.up),
-            metrics=dict(update.metrics),
+            metrics={**update.metrics, **({UPLINK_ERROR: errors[0]} if errors else {})},
             extras={name: encode(t, residual_key(name)) for name, t in update.extras.items()},
         )
 
@@ -138,3 +155,10 @@ class Channel:
             return update, size
         encoded = self.encode_update(update, state)
         return self.decode_update(encoded), encoded.nbytes
+
+
+def relative_error(sent: TensorDict, left_out: TensorDict) -> float:
+    """``||left_out|| / ||sent + left_out||`` over all tensors of ``left_out`` (0 when both are zero)."""
+    lost = sum(float(r.double().pow(2).sum()) for r in left_out.values())
+    whole = sum(float((sent[k].double() + r.double()).pow(2).sum()) for k, r in left_out.items())
+    return (lost / whole) ** 0.5 if whole > 0 else 0.0

@@ -3,8 +3,12 @@
 A codec is a pipeline written as a spec string of ``+``-separated stages, in this order:
 
 ==================  =====================================================================================
-``topk:F``          keep the ``ceil(F * numel)`` largest-magnitude entries of every tensor (0 < F <= 1);
-                    sent as sorted indices (the narrowest integer type that fits) plus the kept values
+``topk:F[:tensor|:global]``
+                    keep the ``ceil(F * numel)`` largest-magnitude entries of every tensor (``:tensor``, the
+                    default), or of the whole payload (``:global``: ``ceil(F * total)`` entries ranked across
+                    all floating tensors, so large-change tensors get more of the budget and a tensor may
+                    keep none); 0 < F <= 1. Sent as sorted indices (the narrowest integer type that fits)
+                    plus the kept values
 ``fp16`` / ``bf16`` values as 16-bit floats (fp16 saturates at +-65504)
 ``int8[:tensor|:channel]`` / ``int16[:...]``
                     affine quantization: per tensor (default) or per channel (per row of dim 0; 1-D
@@ -61,7 +65,9 @@ class Codec:
     """A parsed codec pipeline (build with :func:`parse_codec`); ``str(codec)`` is its canonical spec."""
 
     topk: float = 0.0
-    """Fraction of entries kept per tensor (0 = no sparsification)."""
+    """Fraction of entries kept per tensor, or of the whole payload with ``topk_global`` (0 = no sparsification)."""
+    topk_global: bool = False
+    """Rank entries across all floating tensors of the payload instead of within each tensor."""
     quant: str = ""
     """Value stage: "", "fp16", "bf16", "int8" or "int16"."""
     per_channel: bool = False
@@ -74,7 +80,7 @@ class Codec:
     def __str__(self) -> str:
         parts = []
         if self.topk:
-            parts.append(f"topk:{self.topk:g}")
+            parts.append(f"topk:{self.topk:g}" + (":global" if self.topk_global else ""))
         if self.quant:
             parts.append(self.quant + (":channel" if self.per_channel else ""))
         if self.lossless:
@@ -98,6 +104,7 @@ class Codec:
         out: dict[str, torch.Tensor] = {}
         dtypes: dict[str, str] = {}  # original dtype of the floating tensors that are not float32
         shapes: dict[str, list[int]] = {}  # original shape of the sparsified tensors
+        kept = self._global_topk(tensors) if self.topk and self.topk_global else {}
         for name, value in tensors.items():
             for suffix in (_SCALE, _MIN, _INDEX):
                 if suffix in name:
@@ -112,10 +119,16 @@ class Codec:
             if self.topk:
                 shapes[name] = list(value.shape)
                 flat = x.flatten()
-                k = min(flat.numel(), max(1, math.ceil(self.topk * flat.numel())))
-                index = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
+                if self.topk_global:
+                    index = kept[name]
+                else:
+                    k = min(flat.numel(), max(1, math.ceil(self.topk * flat.numel())))
+                    index = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
                 out[name + _INDEX] = index.to(_index_dtype(flat.numel()))
                 x = flat[index]
+                if x.numel() == 0:  # (global top-k kept nothing of this tensor: no values, no scale)
+                    out[name] = x
+                    continue
             out.update(self._quantize(name, x))
         metadata = {_META_CODEC: str(self)}
         for key, table in ((_META_DTYPES, dtypes), (_META_SHAPES, shapes)):
@@ -142,7 +155,7 @@ class Codec:
         for name, value in sorted(stored.items()):
             if name.endswith((_SCALE, _MIN, _INDEX)):
                 continue
-            if not value.is_floating_point() and name + _SCALE not in stored:
+            if not value.is_floating_point() and name + _SCALE not in stored and name + _INDEX not in stored:
                 result[name] = value  # a non-floating tensor, sent as it is
                 continue
             x = self._dequantize(name, value, stored)
@@ -154,6 +167,19 @@ class Codec:
         return result
 
     # ------------------------------------------------------------------ stages
+
+    def _global_topk(self, tensors: TensorDict) -> dict[str, torch.Tensor]:
+        """Sorted flat indices kept in each floating tensor: the ``ceil(F * total)`` largest magnitudes overall."""
+        names = [n for n, v in tensors.items() if v.is_floating_point() and v.numel() > 0]
+        if not names:
+            return {}
+        flats = [tensors[n].detach().cpu().to(torch.float32).flatten() for n in names]
+        sizes = [f.numel() for f in flats]
+        total = sum(sizes)
+        k = min(total, max(1, math.ceil(self.topk * total)))
+        chosen = torch.topk(torch.cat(flats).abs(), k, sorted=False).indices.sort().values
+        bounds = torch.tensor([0] + sizes).cumsum(0)
+        return {n: chosen[(chosen >= bounds[i]) & (chosen < bounds[i + 1])] - bounds[i] for i, n in enumerate(names)}
 
     def _quantize(self, name: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.quant:
@@ -266,6 +292,10 @@ def parse_codec(spec: str, *, downlink: bool = False) -> Codec:
             if downlink:
                 raise CodecError(f"stage {part.strip()!r} in {spec!r}: top-k is for updates (uplink), not for the "
                                  "model the server broadcasts")
+            arg, _, scope = arg.partition(":")
+            if scope not in ("", "tensor", "global"):
+                raise CodecError(f"stage {part.strip()!r} in {spec!r}: the top-k scope is :tensor or :global")
+            fields["topk_global"] = scope == "global"
             try:
                 fraction = float(arg)
             except ValueError:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from fedtune.channel import UPLINK_ERROR
 from fedtune.divergence import Divergence
 from fedtune.payload import CommStats
 from fedtune.strategies.base import Strategy
@@ -126,6 +127,9 @@ def run_rounds(
             "bytes_up": stats.bytes_up,
             "divergence": tap.divergence.result(),
         }
+        uplink_error = tap.weighted(UPLINK_ERROR)
+        if uplink_error is not None:  # (a lossy codec_up: what the payloads left out, relative)
+            record[UPLINK_ERROR] = uplink_error
         record.update({k: v for k, v in agg_metrics.items() if k not in record})
         if tap.rejected:
             record["rejected"] = [{"client": c, "reason": r} for c, r in tap.rejected]

@@ -88,6 +88,16 @@ def test_table_shows_differing_keys_and_summary_values(sweep_dir):
         assert_png(sweep_dir / png)
 
 
+def test_uplink_error_is_plotted_when_a_run_has_it(tmp_path):
+    plain = fake_run(tmp_path / "plain", {}, rounds({2: 0.5}, [1.0, 0.9]),
+                     {"final_metrics": {"accuracy": 0.5}, "best_accuracy": 0.5})
+    topk = fake_run(tmp_path / "topk", {"strategy.mu": 0.1}, rounds({2: 0.45}, [1.0, 0.95], uplink_error=0.98),
+                    {"final_metrics": {"accuracy": 0.45}, "best_accuracy": 0.45})
+    text = build_report([plain, topk], out=tmp_path / "out").read_text()
+    assert "## Uplink codec error by round" in text and "](uplink_error.png)" in text
+    assert_png(tmp_path / "out" / "uplink_error.png")
+
+
 def test_series_keep_only_rounds_with_the_key(sweep_dir):
     run = load_run(sweep_dir / "fedavg_iid")
     assert run.series("eval_accuracy") == ([0, 2, 3], [0.3, 0.7, 0.65])
@@ -105,7 +115,7 @@ def test_no_divergence_no_divergence_plot_or_column(tmp_path):
     out = tmp_path / "report"
     text = build_report([a, b], out=out).read_text()
     assert "final divergence" not in text and "divergence.png" not in text
-    assert not (out / "divergence.png").exists()
+    assert not (out / "divergence.png").exists() and not (out / "uplink_error.png").exists()
     assert "| run | strategy.mu |" in text
     assert_png(out / "metric.png")
     assert_png(out / "loss.png")

@@ -7,7 +7,8 @@ headline metric, rounds, bytes up/down, wall time and the last round's client di
 ``metrics.jsonl`` records it).
 
 Plots overlay the runs per round: the headline eval metric (only rounds that were evaluated,
-including a round-0 record), ``train_loss``, and ``divergence`` (only when some run has it).
+including a round-0 record), ``train_loss``, and ``divergence`` and ``uplink_error`` (each only
+when some run has it).
 Local-baseline runs (``mode = "local"``) have one line per client and round, marked with a
 ``client`` key: they are plotted as the mean over clients at each round, and their "final"
 value is the mean over clients from ``summary.json``.
@@ -319,6 +320,8 @@ def build_report(dirs: list[str | Path], out: str | Path | None = None) -> Path:
         ("train_loss", "train loss (example-weighted mean over clients)", "Training loss by round", "loss.png"),
         ("divergence", "RMS distance of client models from their mean", "Client divergence by round",
          "divergence.png"),
+        ("uplink_error", "share of each update's norm the payload left out", "Uplink codec error by round",
+         "uplink_error.png"),
     ]
     written = []
     for key, ylabel, title, filename in plots:

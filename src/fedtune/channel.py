@@ -108,31 +108,24 @@ class Channel:
         residual) this round's payload left out, relative, so a run shows what its codec costs.
         """
         feedback = self.keeps_residuals
-        errors: list[float] = []
 
-        def encode(tensors, key: str) -> bytes:
+        def encode(tensors, key: str) -> tuple[bytes, float | None]:
+            """The payload, and the share of ``tensors`` (plus residual) it left out (None when lossless)."""
             if self.up.is_lossless:
-                return self.up.encode(tensors)
+                return self.up.encode(tensors), None
+            data, decoded, residual = encode_with_feedback(self.up, tensors, state.get(key) if feedback else None)
             if feedback:
-                data, decoded, residual = encode_with_feedback(self.up, tensors, state.get(key))
                 state[key] = residual
-            else:
-                data = self.up.encode(tensors)
-                decoded = self.up.decode(data)
-                residual = {k: v.detach().cpu().float() - decoded[k].float()
-                            for k, v in tensors.items() if v.is_floating_point()}
-            if key == residual_key():
-                errors.append(relative_error(decoded, residual))
-            return data
+            return data, relative_error(decoded, residual)
 
-        delta = encode(update.delta, residual_key())
+        delta, error = encode(update.delta, residual_key())
         return EncodedUpdate(
             client_id=update.client_id,
             delta=delta,
             num_examples=update.num_examples,
             codec=str(self.up),
-            metrics={**update.metrics, **({UPLINK_ERROR: errors[0]} if errors else {})},
-            extras={name: encode(t, residual_key(name)) for name, t in update.extras.items()},
+            metrics=dict(update.metrics) if error is None else {**update.metrics, UPLINK_ERROR: error},
+            extras={name: encode(t, residual_key(name))[0] for name, t in update.extras.items()},
         )
 
     def decode_update(self, encoded: EncodedUpdate) -> ClientUpdate:

@@ -109,22 +109,25 @@ class Channel:
         """
         feedback = self.keeps_residuals
 
-        def encode(tensors, key: str) -> tuple[bytes, float | None]:
-            """The payload, and the share of ``tensors`` (plus residual) it left out (None when lossless)."""
+        def encode(tensors, key: str) -> tuple[bytes, TensorDict | None, TensorDict | None]:
+            """The payload, what the server decodes, and what it left out (both None when lossless)."""
             if self.up.is_lossless:
-                return self.up.encode(tensors), None
+                return self.up.encode(tensors), None, None
             data, decoded, residual = encode_with_feedback(self.up, tensors, state.get(key) if feedback else None)
             if feedback:
                 state[key] = residual
-            return data, relative_error(decoded, residual)
+            return data, decoded, residual
 
-        delta, error = encode(update.delta, residual_key())
+        delta, decoded, left_out = encode(update.delta, residual_key())
+        metrics = dict(update.metrics)
+        if decoded is not None:  # (the delta's only: extras are not scored)
+            metrics[UPLINK_ERROR] = relative_error(decoded, left_out)
         return EncodedUpdate(
             client_id=update.client_id,
             delta=delta,
             num_examples=update.num_examples,
             codec=str(self.up),
-            metrics=dict(update.metrics) if error is None else {**update.metrics, UPLINK_ERROR: error},
+            metrics=metrics,
             extras={name: encode(t, residual_key(name))[0] for name, t in update.extras.items()},
         )
 

@@ -183,7 +183,7 @@ def flower_experiment(tiny_experiment, out: Path, clients: int, rounds: int = 1,
 
 def write_manifests(exp, out: Path) -> list[Path]:
     """Partition ``exp``'s training set as the simulation would; return the clients' manifest files."""
-    from fedtune.experiment import make_shards
+    from fedtune.shards import make_shards
     from fedtune.tasks.classification_task import classification_units
     from fedtune.tasks.data import load_task_data
 

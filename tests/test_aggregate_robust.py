@@ -133,3 +133,38 @@ def test_median_lies_within_coordinate_range(data):
     for k in med:
         stack = torch.stack([x[k] for x in items])
         assert bool((med[k] >= stack.min(0).values).all() and (med[k] <= stack.max(0).values).all())
+
+
+# --- the strategies use these rules -------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_multikrum_strategy_steps_by_aggregate_multi_krum(m):
+    """MultiKrum.aggregate moves the global tensors by exactly aggregate.multi_krum of the deltas."""
+    from fedtune.strategies import Krum, MultiKrum
+    from fedtune.types import ClientUpdate
+
+    g = torch.Generator().manual_seed(3)
+    deltas = [{"w": torch.randn(4, 3, generator=g), "b": torch.randn(2, generator=g)} for _ in range(5)]
+    deltas.append({"w": torch.full((4, 3), 40.0), "b": torch.full((2,), -40.0)})  # an outlier Krum must skip
+    start = {"w": torch.randn(4, 3, generator=g), "b": torch.randn(2, generator=g)}
+    ups = [ClientUpdate(f"c{i}", d, num_examples=1 + 7 * i) for i, d in enumerate(deltas)]  # counts are ignored
+    strategies = [MultiKrum(f=1, m=m)] + ([Krum(f=1)] if m == 1 else [])
+    expected = multi_krum(deltas, f=1, m=m)
+    assert not same(expected, multi_krum(deltas, f=1, m=len(deltas)))  # the selection matters here
+    for s in strategies:
+        new, metrics = s.aggregate(1, s.init(start), iter(ups))
+        assert new.params.keys() == start.keys()
+        assert all(torch.equal(new.params[k], start[k] + expected[k]) for k in start), type(s).__name__
+        assert metrics["krum_selected"] == float(m) and metrics["clients_aggregated"] == 6.0
+
+
+def test_multikrum_strategy_caps_m_at_the_number_of_updates():
+    from fedtune.strategies import MultiKrum
+    from fedtune.types import ClientUpdate
+
+    deltas = [td(0.0, 1.0), td(1.0, 2.0), td(2.0, 4.0)]
+    s = MultiKrum(f=0, m=10)
+    new, metrics = s.aggregate(1, s.init(td(0.0, 0.0)), [ClientUpdate(str(i), d, 1) for i, d in enumerate(deltas)])
+    assert torch.equal(new.params["w"], multi_krum(deltas, f=0, m=3)["w"])
+    assert metrics["krum_selected"] == 3.0

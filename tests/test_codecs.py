@@ -11,7 +11,8 @@ from fedtune.channel import RESIDUAL, UPLINK_ERROR, Channel, residual_key
 from fedtune.codecs import Codec, CodecError, encode_with_feedback, parse_codec
 from fedtune.config import ConfigError, Experiment
 from fedtune.payload import CommStats, encode_tensors
-from fedtune.types import CONTROL_DELTA, ClientUpdate, ControlVariate, LocalTrainConfig, RoundPlan
+from fedtune.types import ClientUpdate, LocalTrainConfig, RoundPlan
+from fedtune.strategies.scaffold import CONTROL_DELTA, ControlVariate
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -350,7 +351,7 @@ def test_parallel_transport_uses_the_channel(monkeypatch):
                 for i, c in enumerate(client_ids)]
 
     monkeypatch.setattr(parallel, "train_group", fake_group)
-    monkeypatch.setattr(parallel, "parallel_support", lambda model, plan, device: "")
+    monkeypatch.setattr(parallel, "parallel_support", lambda model, plan, device, clients=(): "")
     monkeypatch.setattr(parallel, "_batchable", lambda data: True)
     channel = Channel.from_specs("int8+gzip", "bf16")
     transport = parallel.ParallelSimulationTransport(None, {"a": [], "b": []}, pad_id=0, seed=0,
@@ -372,7 +373,7 @@ def test_flower_messages_carry_codec_bytes():
     params = {"w": torch.randn(6, 7)}
     plan = RoundPlan(2, params, LocalTrainConfig(1.0, 0, 0.1, 4), ControlVariate({"w": torch.ones(6, 7)}))
     content = messages.encode_train_request(messages.TrainRequest("c", plan, messages.TaskInfo(("x", "y")), channel))
-    assert messages.record_payload(content, "fedtune.params") == channel.down.encode(params)
+    assert messages.record_payload(content, "fedtune.tensor.params") == channel.down.encode(params)
     back = messages.decode_train_request(content)
     assert back.channel == channel
     assert torch.equal(back.plan.params["w"], channel.down.decode(channel.down.encode(params))["w"])

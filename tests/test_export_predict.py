@@ -28,6 +28,23 @@ def trained_run(tiny_model_dir, tiny_csv, tmp_path_factory):
     return result
 
 
+def _final_global_model(run, initial=False):
+    """The run's model rebuilt in memory: its config and seed, with the last checkpoint's global tensors.
+
+    That is what the run saved to ``model/`` (``set_trainable(model, state.params)`` then ``save_model``).
+    ``initial`` leaves the starting tensors in place instead.
+    """
+    from fedtune.checkpoint import read_checkpoint
+    from fedtune.config import Experiment
+    from fedtune.models import load_classifier, set_trainable
+
+    exp = Experiment.from_toml(run / "config.toml")
+    model = load_classifier(exp.model, 3, False, exp.seed)
+    if not initial:
+        set_trainable(model, read_checkpoint(run).state.params)
+    return model.eval()
+
+
 def test_every_export_matches_the_trained_model(trained_run):
     from fedtune.artifacts import load_for_inference
     from fedtune.batching import collate
@@ -42,6 +59,11 @@ def test_every_export_matches_the_trained_model(trained_run):
     batch = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     with torch.no_grad():
         ref = ref_model(**batch).logits
+        # The reloaded run model is the final global model that was saved, logit for logit.
+        saved = _final_global_model(run)
+        want = saved(**batch).logits
+        assert torch.allclose(ref, want, atol=1e-5, rtol=0), (ref - want).abs().max()
+        assert (want - _final_global_model(run, initial=True)(**batch).logits).abs().max() > 1e-2  # training moved it
         scale = float(ref.abs().max())  # INT8: within 10% of the largest logit, same predicted classes
         for fmt, tol in (("merged", 1e-5), ("onnx", 1e-4), ("int8", 0.1 * scale), ("onnx-int8", 0.1 * scale)):
             model, _, m = load_for_inference(written[fmt])

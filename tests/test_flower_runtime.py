@@ -15,7 +15,9 @@ from fedtune.experiment import run_experiment  # noqa: E402
 from fedtune.runtime.flower import messages  # noqa: E402
 from fedtune.runtime.flower.launch import app_files, check_reachable  # noqa: E402
 from fedtune.runtime.flower.node import NodeConfigError, NodeData  # noqa: E402
-from fedtune.types import ClientUpdate, ControlVariate, LocalTrainConfig, ProxTerm, RoundPlan  # noqa: E402
+from fedtune.types import ClientUpdate, LocalTrainConfig, RoundPlan  # noqa: E402
+from fedtune.strategies.fedprox import ProxTerm  # noqa: E402
+from fedtune.strategies.scaffold import ControlVariate  # noqa: E402
 
 from flower_processes import free_port  # noqa: E402
 

@@ -11,10 +11,10 @@ from fedtune.lora_aggregation import lora_modules, other_names
 from fedtune.models import get_trainable, load_classifier
 from fedtune.payload import CommStats, payload_bytes
 from fedtune.personalization import PERSONAL_STATE_KEY
-from fedtune.runtime.lora import LoraTransport
 from fedtune.runtime.simulation import SimulationTransport
-from fedtune.strategies.lora import BASE_OFFSET, LoraAggregation
-from fedtune.types import LocalTrainConfig
+from fedtune.server.run import apply_state
+from fedtune.strategies.lora import LoraAggregation
+from fedtune.types import BASE_OFFSET, LocalTrainConfig
 
 CPU = torch.device("cpu")
 SIZES = {"c0": 12, "c1": 20, "c2": 9}
@@ -34,10 +34,10 @@ def setup(tiny_model_dir, rule, ranks=RANKS, weight_decay=0.0):
     model = load_classifier(ModelConfig(name=str(tiny_model_dir), mode="lora", lora=LoraConfig(r=R, alpha=ALPHA)),
                             3, False, seed=0)
     data = {cid: make_data(n, seed=i) for i, (cid, n) in enumerate(SIZES.items())}
-    inner = SimulationTransport(model, data, pad_id=0, seed=0, device=CPU)
+    transport = SimulationTransport(model, data, pad_id=0, seed=0, device=CPU)  # no wrapper: the plan says it all
     local = LocalTrainConfig(epochs=2.0, max_steps=0, lr=0.05, batch_size=4, weight_decay=weight_decay)
     strategy = LoraAggregation(rule, local, scaling=SCALING, rank=R, client_ranks=ranks, seed=3)
-    return model, LoraTransport(inner, strategy, model), strategy
+    return model, transport, strategy
 
 
 def run_round(strategy, transport, state, rnd):
@@ -160,8 +160,9 @@ def test_fedsa_keeps_b_on_each_client_and_reports_a_global_b(tiny_model_dir):
         for m in mods:
             torch.testing.assert_close(u.delta[m.b], now[m.b] - s1.params[m.b])
             assert not torch.equal(now[m.b], start[m.b])
-    b_bytes = sum(4 * s1.params[m.b].numel() for m in mods)
-    assert stats1.bytes_down - stats2.bytes_down >= len(SIZES) * b_bytes  # B is not sent to returning clients
+    # The global B still goes down every round: a server cannot know that a node kept its own B
+    # (a restarted node has lost it), and the client ignores it when it has one.
+    assert stats2.bytes_down == stats1.bytes_down
 
 
 @pytest.mark.parametrize("rule", ["fedex", "flora"])
@@ -173,14 +174,14 @@ def test_base_corrections_reach_the_model_and_are_counted(tiny_model_dir, rule):
     s1, m1, _, stats1 = run_round(strategy, transport, state, 1)
     offset = s1.buffers[BASE_OFFSET]
     assert set(offset) == {m.base for m in mods} and m1["lora_base_offset_norm"] > 0
-    transport.sync_state(s1)
+    apply_state(model, s1)
     torch.testing.assert_close(model.get_parameter(mods[0].base), pristine + offset[mods[0].base])
     if rule == "flora":  # merged: fresh adapters (B = 0), a new seeded A
         assert all(torch.count_nonzero(s1.params[m.b]) == 0 for m in mods)
         assert not torch.equal(s1.params[mods[0].a], state.params[mods[0].a])
     _, _, _, stats2 = run_round(strategy, transport, s1, 2)
     assert stats2.bytes_down - stats1.bytes_down >= len(SIZES) * payload_bytes(offset) - 1000 * len(SIZES)
-    transport.sync_state(state)  # an empty correction restores the pristine base
+    apply_state(model, state)  # an empty correction restores the pristine base
     torch.testing.assert_close(model.get_parameter(mods[0].base), pristine)
 
 
@@ -237,12 +238,13 @@ def test_config_rejects_bad_lora_settings(tiny_experiment):
         tiny_experiment("model.lora.client_ranks=[2]")
     with pytest.raises(ConfigError, match="model.lora.aggregation needs model.mode = 'lora'"):
         tiny_experiment("model.mode=full", "model.lora.aggregation=svd")
-    with pytest.raises(ConfigError, match="strategy.name = 'scaffold' is not supported"):
+    with pytest.raises(ConfigError, match="strategy.name = 'scaffold' is another aggregation rule"):
         build_strategy(tiny_experiment("model.lora.aggregation=svd", "strategy.name=scaffold"))
-    with pytest.raises(ConfigError, match="simulation.parallel_clients = 2: rule 'ffa'"):
-        build_strategy(tiny_experiment("model.lora.aggregation=ffa", "simulation.parallel_clients=2"))
-    with pytest.raises(ConfigError, match="federation.codec_up"):
-        build_strategy(tiny_experiment("model.lora.aggregation=fedex", 'federation.codec_up="fp16"'))
+    with pytest.raises(ConfigError, match=r"central DP .* do not compose"):
+        build_strategy(tiny_experiment("model.lora.aggregation=svd", "privacy.enabled=true"))
+    # No longer refused: the batched trainer trains such clients one at a time, and codecs apply to the factors.
+    assert build_strategy(tiny_experiment("model.lora.aggregation=ffa", "simulation.parallel_clients=2")).rule == "ffa"
+    assert build_strategy(tiny_experiment("model.lora.aggregation=fedex", 'federation.codec_up="fp16"')).rule == "fedex"
     s = build_strategy(tiny_experiment("model.lora.aggregation=svd", "model.lora.r=8", "strategy.name=fedprox",
                                        "strategy.mu=0.1", "model.lora.client_ranks=[2, 4]"))
     assert s.client_ranks == {"client_000": 2, "client_001": 4, "client_002": 2} and s.objective().mu == 0.1

@@ -109,3 +109,34 @@ def test_unreachable_hub_id_names_the_id(monkeypatch):
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(ModelLoadError, match="some-org/some-model-that-is-not-cached.*hub"):
         load_classifier(ModelConfig(name="some-org/some-model-that-is-not-cached"), 2, False, 0)
+
+
+@pytest.mark.parametrize("mode", ["lora", "partial", "full"])
+def test_saved_model_reloads_with_the_same_logits(tiny_model_dir, tmp_path, mode):
+    """save_model + fedtune.json, then load_for_inference: the same logits as the model that was saved."""
+    from transformers import AutoTokenizer
+
+    from fedtune.artifacts import ModelMeta, load_for_inference
+    from fedtune.models import save_model
+
+    cfg = ModelConfig(name=str(tiny_model_dir), mode=mode, lora=LoraConfig(r=2), last_layers=1)
+    model = load_classifier(cfg, 3, False, 0)
+    g = torch.Generator().manual_seed(1)
+    trained = {k: v + 0.2 * torch.randn(v.shape, generator=g) for k, v in get_trainable(model).items()}
+    set_trainable(model, trained)  # as if trained: every saved tensor (LoRA B too) is away from its init
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    save_model(model, tok, tmp_path / "model")
+    ModelMeta(task="classification", base_model=str(tiny_model_dir), num_labels=3,
+              problem_type="single_label_classification").write(tmp_path / "model")
+    enc = tok(["goal match the", "bank stock a new", "robot code today chip", "the"], padding=True,
+              return_tensors="pt")
+    reloaded, _, meta = load_for_inference(tmp_path / "model")
+    fresh = load_classifier(cfg, 3, False, 0).eval()
+    with torch.no_grad():
+        want = model.eval()(**enc).logits
+        got = reloaded(**enc).logits
+        untrained = fresh(**enc).logits
+    assert meta.format == "pytorch" and got.shape == want.shape == (4, 3)
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
+    # The comparison can tell models apart: the unsaved initial model is far from the saved one.
+    assert (untrained - want).abs().max() > 1e-2

@@ -7,13 +7,16 @@ import torch
 
 from fedtune import tensors
 from fedtune.batching import EncodedDataset
-from fedtune.client import SCAFFOLD_STATE, local_train
+from fedtune.client import local_train
+from fedtune.strategies.scaffold import SCAFFOLD_STATE
 from fedtune.config import ConfigError, Experiment, ModelConfig
 from fedtune.models import get_trainable, load_classifier
 from fedtune.payload import CommStats
 from fedtune.runtime.parallel import ParallelSimulationTransport, parallel_support, train_group
 from fedtune.runtime.simulation import SimulationTransport, client_seed
-from fedtune.types import CONTROL_DELTA, ControlVariate, LocalTrainConfig, ProxTerm, RoundPlan
+from fedtune.types import LocalTrainConfig, RoundPlan
+from fedtune.strategies.fedprox import ProxTerm
+from fedtune.strategies.scaffold import CONTROL_DELTA, ControlVariate
 
 CPU = torch.device("cpu")
 SIZES = {"c0": 13, "c1": 29, "c2": 40, "c3": 7}  # mixed sizes: clients finish at different steps

@@ -3,7 +3,8 @@
 import torch
 
 from fedtune.strategies import FedAvg, FedProx
-from fedtune.types import ClientUpdate, ProxTerm
+from fedtune.types import ClientUpdate
+from fedtune.strategies.fedprox import ProxTerm
 
 
 def test_fedavg_weighted_by_examples():

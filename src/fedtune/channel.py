@@ -23,8 +23,10 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from fedtune.client.kinds import plan_kinds
 from fedtune.codecs import Codec, CodecError, encode_with_feedback, parse_codec
-from fedtune.types import ClientState, ClientUpdate, ControlVariate, RoundPlan, TensorDict
+from fedtune.types import ClientState, ClientUpdate, RoundPlan, TensorDict
+from fedtune.wire import plan_tensors, with_tensors
 
 UPLINK_ERROR = "uplink_error"
 """Client metric of a lossy uplink: ||x - sent|| / ||x||, x = the delta plus its residual (metrics.jsonl)."""
@@ -76,23 +78,20 @@ class Channel:
 
     # ------------------------------------------------------------------ downlink
 
-    def send_plan(self, plan: RoundPlan) -> tuple[RoundPlan, int]:
-        """The plan as every client decodes it, and the bytes one client receives.
+    def send_plan(self, plan: RoundPlan, client_id: str | None = None) -> tuple[RoundPlan, int]:
+        """The plan as ``client_id`` decodes it, and the bytes it receives.
 
-        Lossless codecs give back the very same tensors (a test checks decode(encode(x)) == x).
+        Every TensorDict field of the plan and of its client-side kinds travels (params, base
+        corrections, SCAFFOLD's ``c``, ...; :mod:`fedtune.wire`). A LoRA rule's adapter is cut to
+        the client's rank first (:func:`client_view`). Lossless codecs give back the very same
+        tensors (a test checks decode(encode(x)) == x).
         """
-        params_bytes = self.down.encode(plan.params)
-        size = len(params_bytes)
+        view = client_view(plan, client_id)
+        payloads = {path: self.down.encode(t) for path, t in plan_tensors(view).items()}
+        size = sum(len(b) for b in payloads.values())
         if self.down.is_lossless:
-            if isinstance(plan.objective, ControlVariate):
-                size += len(self.down.encode(plan.objective.c))
-            return plan, size
-        objective = plan.objective
-        if isinstance(objective, ControlVariate):
-            c_bytes = self.down.encode(objective.c)
-            size += len(c_bytes)
-            objective = ControlVariate(self.down.decode(c_bytes))
-        return dataclasses.replace(plan, params=self.down.decode(params_bytes), objective=objective), size
+            return view, size
+        return with_tensors(view, {path: self.down.decode(b) for path, b in payloads.items()}), size
 
     # ------------------------------------------------------------------ uplink
 
@@ -101,13 +100,17 @@ class Channel:
         """Whether clients keep error-feedback residuals in their state (a lossy uplink with feedback on)."""
         return self.error_feedback and not self.up.is_lossless
 
-    def encode_update(self, update: ClientUpdate, state: ClientState) -> EncodedUpdate:
+    def encode_update(self, update: ClientUpdate, state: ClientState, plan: RoundPlan | None = None) -> EncodedUpdate:
         """Client side: encode ``update``'s tensors, with error feedback kept in ``state`` when lossy.
+
+        ``plan`` is the round's plan as the client received it: a LoRA rule's adapter then
+        travels cut to the client's rank (:func:`wire_update`).
 
         A lossy uplink adds the metric :data:`UPLINK_ERROR`: how much of the delta (plus its
         residual) this round's payload left out, relative, so a run shows what its codec costs.
         """
         feedback = self.keeps_residuals
+        update = wire_update(update, plan)
 
         def encode(tensors, key: str) -> tuple[bytes, TensorDict | None, TensorDict | None]:
             """The payload, what the server decodes, and what it left out (both None when lossless)."""
@@ -131,26 +134,68 @@ class Channel:
             extras={name: encode(t, residual_key(name))[0] for name, t in update.extras.items()},
         )
 
-    def decode_update(self, encoded: EncodedUpdate) -> ClientUpdate:
-        """Server side: the update the strategy aggregates (what the codec let through)."""
+    def decode_update(self, encoded: EncodedUpdate, plan: RoundPlan | None = None) -> ClientUpdate:
+        """Server side: the update the strategy aggregates (what the codec let through).
+
+        ``plan`` is the round's full plan: a LoRA adapter sent at a client's rank is read back
+        at the global shapes (zeros beyond its rank; FFA's unsent A unchanged).
+        """
         if encoded.codec != str(self.up):
             raise CodecError(f"client {encoded.client_id} encoded its update with {encoded.codec!r}, "
                              f"the server expects codec_up = {str(self.up)!r}")
-        return ClientUpdate(
+        update = ClientUpdate(
             client_id=encoded.client_id,
             delta=self.up.decode(encoded.delta),
             num_examples=encoded.num_examples,
             metrics=dict(encoded.metrics),
             extras={name: self.up.decode(b) for name, b in encoded.extras.items()},
         )
+        return server_update(update, plan)
 
-    def transmit_update(self, update: ClientUpdate, state: ClientState) -> tuple[ClientUpdate, int]:
+    def transmit_update(self, update: ClientUpdate, state: ClientState,
+                        plan: RoundPlan | None = None) -> tuple[ClientUpdate, int]:
         """Both halves in one process (the simulation): what the server aggregates, and the bytes sent."""
         if self.up.is_identity:  # float32 safetensors round-trips exactly: count the bytes, keep the tensors
-            size = len(self.up.encode(update.delta)) + sum(len(self.up.encode(t)) for t in update.extras.values())
+            sent = wire_update(update, plan)  # (what is cut away is exactly zero: see LoraClient.shrink)
+            size = len(self.up.encode(sent.delta)) + sum(len(self.up.encode(t)) for t in sent.extras.values())
             return update, size
-        encoded = self.encode_update(update, state)
-        return self.decode_update(encoded), encoded.nbytes
+        encoded = self.encode_update(update, state, plan)
+        return self.decode_update(encoded, plan), encoded.nbytes
+
+
+def client_view(plan: RoundPlan, client_id: str | None) -> RoundPlan:
+    """``plan`` as it travels to ``client_id``: a LoRA adapter cut to the client's rank (else unchanged)."""
+    if client_id is None:
+        return plan
+    params = plan.params
+    for kind in plan_kinds(plan):
+        params = kind.shrink(params, client_id)
+    return dataclasses.replace(plan, params=params)
+
+
+def wire_update(update: ClientUpdate, plan: RoundPlan | None) -> ClientUpdate:
+    """``update`` as it travels: a LoRA adapter's delta and extras cut to the client's rank."""
+    kinds = plan_kinds(plan) if plan is not None else []
+    if not kinds:
+        return update
+    cid = update.client_id
+    delta, extras = update.delta, dict(update.extras)
+    for kind in kinds:
+        delta, extras = kind.shrink(delta, cid), {k: kind.shrink(v, cid) for k, v in extras.items()}
+    return dataclasses.replace(update, delta=delta, extras=extras)
+
+
+def server_update(update: ClientUpdate, plan: RoundPlan | None) -> ClientUpdate:
+    """Inverse of :func:`wire_update` on the server: tensors at the global shapes of ``plan.params``."""
+    kinds = plan_kinds(plan) if plan is not None else []
+    if not kinds:
+        return update
+    cid = update.client_id
+    delta, extras = update.delta, dict(update.extras)
+    for kind in reversed(kinds):
+        delta = kind.expand(delta, cid, plan.params)
+        extras = {k: kind.expand(v, cid, plan.params) for k, v in extras.items()}
+    return dataclasses.replace(update, delta=delta, extras=extras)
 
 
 def relative_error(sent: TensorDict, left_out: TensorDict) -> float:

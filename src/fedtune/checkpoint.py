@@ -298,16 +298,15 @@ def checkpoint_to_resume(exp: Experiment, remote: object | None = None) -> Check
     return ckpt
 
 
-def restore(ckpt: Checkpoint, fresh: ServerState, transport: object,
+def restore(ckpt: Checkpoint, fresh: ServerState, states: dict[str, ClientState] | None,
             metrics_path: Path) -> tuple[ServerState, list[dict]]:
     """Put a run back at the checkpoint's round; return its ServerState and the metrics records kept.
 
     ``fresh`` is the strategy's ``init`` state (checks the checkpoint fits the model and strategy);
-    the transport's ``client_states`` (simulation) are replaced by the checkpointed ones; the
-    global RNGs are restored; ``metrics.jsonl`` is cut back to the checkpoint's round.
+    ``states`` (the in-process clients' states, None on Flower) are replaced by the checkpointed
+    ones; the global RNGs are restored; ``metrics.jsonl`` is cut back to the checkpoint's round.
     """
     ckpt.check_layout(fresh)
-    states = getattr(transport, "client_states", None)
     if states is not None:
         states.clear()
         states.update(ckpt.client_states)

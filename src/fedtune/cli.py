@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_partition(args: argparse.Namespace) -> int:
     """Partition an experiment's training set and write the manifests, without training."""
-    from fedtune.experiment import make_shards
+    from fedtune.shards import make_shards
     from fedtune.models import load_tokenizer
     from fedtune.tasks.classification_task import classification_units
     from fedtune.tasks.data import load_task_data

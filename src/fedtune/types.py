@@ -38,31 +38,10 @@ class LocalTrainConfig:
     """Run the training forward through ``torch.compile`` (fedtune.compiled; in-process simulation)."""
 
 
-@dataclass(frozen=True)
-class ProxTerm:
-    """FedProx: add ``mu / 2 * ||w - w_global||^2`` to the local loss."""
-
-    mu: float
-
-
-@dataclass(frozen=True, eq=False)
-class ControlVariate:
-    """SCAFFOLD (Karimireddy et al. 2020): the server control variate ``c``.
-
-    Every local step adds ``c - c_i`` to the gradient (``c_i`` is the client's own control
-    variate, kept in its ClientState); the client returns its control change under the extras
-    name :data:`CONTROL_DELTA`.
-    """
-
-    c: TensorDict
-
-
-CONTROL_DELTA = "scaffold_delta_c"
-"""Name of the ClientUpdate extras entry carrying a SCAFFOLD client's change of control variate."""
-
-
-ClientObjective = ProxTerm | ControlVariate
-"""Client-side part of a strategy, declared as data (more kinds join this union)."""
+BASE_OFFSET = "lora_base_offset"
+"""ServerState.buffers entry: dense corrections of the frozen base weights, by base weight name
+(cumulative since round 1; FedEx-LoRA residuals, FLoRA merges). Part of the global model: evaluation,
+saving and every client apply it (:func:`fedtune.models.sync_base`)."""
 
 
 @dataclass(frozen=True)
@@ -72,12 +51,16 @@ class RoundPlan:
     round: int
     params: TensorDict
     local: LocalTrainConfig
-    objective: ClientObjective | None = None
+    # (ClientKind is fedtune.client.kinds.ClientKind; not imported here, so this module imports nothing of fedtune)
+    objective: ClientKind | None = None
+    """The client-side half of the strategy that changes local training (FedProx's term, SCAFFOLD's c, ...)."""
+    adapter: ClientKind | None = None
+    """The client-side half of a LoRA-aware rule (per-client rank, frozen A, personal B); None otherwise."""
     personal: frozenset[str] = frozenset()
     """Tensors each client keeps to itself (FedPer's head): trained from its own copy, sent as zero change."""
     base_offset: TensorDict = field(default_factory=dict)
     """Dense corrections the client adds to frozen base weights, by base weight name (cumulative since round 1):
-    FedEx-LoRA residuals, FLoRA merges. Empty for every other strategy (see fedtune.runtime.lora)."""
+    FedEx-LoRA residuals, FLoRA merges (:data:`BASE_OFFSET`). Empty for every other strategy."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +72,7 @@ class ClientUpdate:
     num_examples: int
     metrics: Mapping[str, float] = field(default_factory=dict)
     extras: Mapping[str, TensorDict] = field(default_factory=dict)
-    """Named per-client tensors a strategy asks for (e.g. :data:`CONTROL_DELTA`), each shaped like ``delta``."""
+    """Named per-client tensors a strategy asks for (e.g. SCAFFOLD's control change), each shaped like ``delta``."""
 
 
 @dataclass(frozen=True)

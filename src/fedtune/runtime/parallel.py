@@ -37,18 +37,14 @@ from torch.func import functional_call
 
 from fedtune import tensors
 from fedtune.batching import IGNORE_INDEX, EncodedDataset, collate, epoch_batches
-from fedtune.client import (
-    SCAFFOLD_STATE,
-    local_train,
-    planned_steps,
-    new_client_control,
-    scaffold_tracks_gradients,
-)
 from fedtune.channel import Channel
+from fedtune.client.kinds import LocalResult, StackedContext, plan_kinds
+from fedtune.client.train import finish_update, local_train, planned_steps
+from fedtune.models import sync_base
 from fedtune.payload import CommStats
 from fedtune.precision import autocast
 from fedtune.runtime.simulation import SimulationTransport, client_seed
-from fedtune.types import CONTROL_DELTA, ClientState, ClientUpdate, ControlVariate, ProxTerm, RoundPlan, TensorDict
+from fedtune.types import ClientState, ClientUpdate, RoundPlan
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +120,18 @@ def _layout(model: nn.Module) -> tuple[_Layout | None, str]:
     return layout, ""
 
 
-def parallel_support(model: nn.Module, plan: RoundPlan, device: torch.device) -> str:
-    """Empty when the batched trainer can train ``plan`` on ``model``; otherwise why it cannot."""
+def parallel_support(model: nn.Module, plan: RoundPlan, device: torch.device,
+                     client_ids: Sequence[str] = ()) -> str:
+    """Empty when the batched trainer can train ``plan`` on ``model`` for ``client_ids``; otherwise why not."""
     _, reason = _layout(model)
     if reason:
         return reason
     if plan.local.precision == "fp16":
         return "precision fp16 needs per-client loss scaling, which the batched trainer does not do yet"
-    if plan.objective is not None and not isinstance(plan.objective, (ProxTerm, ControlVariate)):
-        return f"client objective {type(plan.objective).__name__} is not supported by the batched trainer"
+    for kind in plan_kinds(plan):
+        why = kind.stacked_refusal(client_ids)
+        if why:
+            return why
     if plan.local.optimizer not in ("adamw", "sgd"):
         return f"local optimizer {plan.local.optimizer!r}"
     if plan.personal:
@@ -329,25 +328,24 @@ def train_group(
 def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, pad_id, seeds, device, states):
     cfg = plan.local
     k = len(client_ids)
+    sync_base(model, plan.base_offset)
     reference = {n: plan.params[n].to(device, torch.float32) for n in layout.names}
     stacks = {n: reference[n].unsqueeze(0).repeat(k, *([1] * reference[n].dim())).requires_grad_(True)
               for n in layout.names}
     optimizer = _StackedOptimizer(cfg.optimizer, stacks, cfg.lr, cfg.weight_decay)
-    prox_mu = plan.objective.mu if isinstance(plan.objective, ProxTerm) else 0.0
-    control = plan.objective if isinstance(plan.objective, ControlVariate) else None
-    if control is not None:
-        c_global = {n: control.c[n].to(device) for n in layout.names}
-        c_own = [{n: v.to(device) for n, v in (st.get(SCAFFOLD_STATE) or tensors.zeros_like(plan.params)).items()}
-                 for st in states]
-        correction = {n: torch.stack([c_global[n] - c[n] for c in c_own]) for n in layout.names}
-        grad_sum = ({n: torch.zeros_like(stacks[n]) for n in layout.names}
-                    if scaffold_tracks_gradients(cfg.optimizer) else None)
+    ctx = StackedContext(client_ids=list(client_ids), reference=reference, states=states, local=cfg, device=device)
+    hooks = []
+    for kind in plan_kinds(plan):
+        h = kind.start_stacked(ctx)
+        if h is None:
+            raise ValueError(f"batched training not possible: {kind.stacked_refusal(client_ids)}")
+        hooks.append(h)
     totals = [planned_steps(len(d), cfg.batch_size, cfg.epochs, cfg.max_steps) for d in datas]
     batches = [_client_batches(d, plan, torch.Generator().manual_seed(s), t) for d, s, t in zip(datas, seeds, totals)]
     problem = model.config.problem_type
     causal = datas[0].token_labels is not None
     router = _Router()
-    loss_sum, prox_sum = [0.0] * k, [0.0] * k
+    loss_sum = [0.0] * k
     steps = [0] * k
     model.train()
     with _routed(layout, stacks, router):
@@ -383,48 +381,31 @@ def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, 
             torch.stack([v.float() for v in losses]).sum().backward()
             grads = {n: p.grad for n, p in stacks.items() if p.grad is not None}
             with torch.no_grad():
-                if prox_mu != 0.0:
-                    value = torch.zeros(k, dtype=torch.float64, device=device)
-                    for n, g in grads.items():
-                        diff = stacks[n].detach() - reference[n]
-                        value += diff.pow(2).flatten(1).sum(1).double()
-                        g.add_(diff, alpha=prox_mu)
-                    for i in active:
-                        prox_sum[i] += 0.5 * prox_mu * float(value[i])
+                for h in hooks:
+                    h.before_clip(stacks, grads, active)
                 if cfg.grad_clip > 0 and grads:
                     coef = (cfg.grad_clip / (_per_client_norms(list(grads.values())) + 1e-6)).clamp(max=1.0)
                     for g in grads.values():
                         g.mul_(_bcast(coef, g))
-                if control is not None:
-                    if grad_sum is not None:  # inactive slots have zero gradient rows
-                        for n, g in grads.items():
-                            grad_sum[n].add_(g.float())
-                    for n, p in stacks.items():
-                        if p.grad is None:
-                            p.grad = correction[n].clone()
-                        else:
-                            p.grad.add_(correction[n])
+                for h in hooks:
+                    h.after_clip(stacks, grads, active)
             optimizer.step(active)
             for i, v in zip(active, values):
                 loss_sum[i] += v
                 steps[i] += 1
 
     updates = []
+    start_cpu = {n: plan.params[n] for n in layout.names}
     for i, cid in enumerate(client_ids):
         local = {n: stacks[n][i].detach().to("cpu", torch.float32, copy=True) for n in layout.names}
-        delta = tensors.sub(local, plan.params)
-        metrics = {"train_loss": loss_sum[i] / steps[i], "steps": float(steps[i])}
-        if isinstance(plan.objective, ProxTerm):
-            metrics["prox_term"] = prox_sum[i] / steps[i]
-        extras: dict[str, TensorDict] = {}
-        if control is not None:
-            local_dev = {n: v.to(device) for n, v in local.items()}
-            own_sum = {n: grad_sum[n][i] for n in layout.names} if grad_sum is not None else None
-            c_new = new_client_control(own_sum, c_own[i], c_global, reference, local_dev, steps[i], cfg.lr)
-            states[i][SCAFFOLD_STATE] = {n: v.detach().cpu() for n, v in c_new.items()}
-            extras[CONTROL_DELTA] = {n: (c_new[n] - c_own[i][n]).detach().cpu() for n in c_new}
-        updates.append(ClientUpdate(client_id=cid, delta=delta, num_examples=len(datas[i]), metrics=metrics,
-                                    extras=extras))
+        result = LocalResult(client_id=cid, start=start_cpu, local=local, delta=tensors.sub(local, plan.params),
+                             steps=steps[i], metrics={"train_loss": loss_sum[i] / steps[i], "steps": float(steps[i])})
+
+        def finish(r: LocalResult, slot: int = i) -> None:
+            for h in hooks:
+                h.finish(slot, r)
+
+        updates.append(finish_update(result, frozenset(), states[i], len(datas[i]), finish))
     return updates
 
 
@@ -471,7 +452,7 @@ class ParallelSimulationTransport(SimulationTransport):
         self._fallback_logged = False
 
     def run_round(self, plan: RoundPlan, clients: Sequence[str], stats: CommStats) -> Iterator[ClientUpdate]:
-        reason = (parallel_support(self.model, plan, self.device) if self.parallel_clients > 1
+        reason = (parallel_support(self.model, plan, self.device, clients) if self.parallel_clients > 1
                   else "parallel_clients = 1")
         if not reason and not all(_batchable(self.client_data[c]) for c in clients):
             reason = "the batched trainer handles single-label classification, regression and causal LM only"
@@ -499,4 +480,4 @@ class ParallelSimulationTransport(SimulationTransport):
                 )
             for u, state in zip(updates, states):
                 stats.bytes_down += down
-                yield self.upload(u, state, stats)
+                yield self.upload(u, state, stats, plan)

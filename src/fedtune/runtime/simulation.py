@@ -52,8 +52,9 @@ class SimulationTransport:
 
     def run_round(self, plan: RoundPlan, clients: Sequence[str], stats: CommStats) -> Iterator[ClientUpdate]:
         """Train each client on the plan as it decodes it; yield the updates as the server decodes them."""
-        received, down = self.channel.send_plan(plan)
+        shared = self.channel.send_plan(plan) if plan.adapter is None else None  # (the same for every client)
         for cid in clients:
+            received, down = shared if shared is not None else self.channel.send_plan(plan, cid)
             stats.bytes_down += down
             state = self.client_states.setdefault(cid, {})
             update = local_train(
@@ -66,10 +67,13 @@ class SimulationTransport:
                 device=self.device,
                 state=state,
             )
-            yield self.upload(update, state, stats)
+            yield self.upload(update, state, stats, plan)
 
-    def upload(self, update: ClientUpdate, state: ClientState, stats: CommStats) -> ClientUpdate:
-        """The client's update through the uplink codec (error feedback in ``state``); bytes into ``stats``."""
-        update, size = self.channel.transmit_update(update, state)
+    def upload(self, update: ClientUpdate, state: ClientState, stats: CommStats, plan: RoundPlan) -> ClientUpdate:
+        """The client's update through the uplink codec (error feedback in ``state``); bytes into ``stats``.
+
+        ``plan`` is the round's full plan (the server reads a cut LoRA adapter back at its shapes).
+        """
+        update, size = self.channel.transmit_update(update, state, plan)
         stats.bytes_up += size
         return update

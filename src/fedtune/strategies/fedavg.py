@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from fedtune import tensors
 from fedtune.aggregate import mean_delta
-from fedtune.types import ClientObjective, ClientUpdate, LocalTrainConfig, Metrics, RoundPlan, ServerState, TensorDict
+from fedtune.client.kinds import ClientKind
+from fedtune.types import ClientUpdate, LocalTrainConfig, Metrics, RoundPlan, ServerState, TensorDict
 
 
 @dataclass
@@ -16,7 +17,7 @@ class FedAvg:
 
     local: LocalTrainConfig = field(default_factory=lambda: LocalTrainConfig(1.0, 0, 5e-4, 16))
 
-    def objective(self) -> ClientObjective | None:
+    def objective(self) -> ClientKind | None:
         """The client-side term this strategy declares (none for FedAvg)."""
         return None
 

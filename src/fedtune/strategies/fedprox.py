@@ -1,16 +1,85 @@
-"""FedProx (Li et al. 2020): FedAvg whose clients add a proximal term to their loss."""
+"""FedProx (Li et al. 2020): FedAvg whose clients add a proximal term to their loss.
+
+One file, both halves: :class:`FedProx` is the server side (FedAvg's aggregation);
+:class:`ProxTerm` is the client side, typed data in every RoundPlan whose hooks add
+``mu * (w - w_global)`` to each local gradient, in the sequential and the batched trainer alike.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
+from fedtune.client.kinds import (
+    ClientHooks, ClientKind, LocalContext, LocalResult, StackedContext, StackedHooks, register_kind,
+)
 from fedtune.strategies.fedavg import FedAvg
-from fedtune.types import ProxTerm
+
+
+@register_kind
+@dataclass(frozen=True)
+class ProxTerm(ClientKind):
+    """FedProx's client half: add ``mu / 2 * ||w - w_global||^2`` to the local loss."""
+
+    wire = "prox"
+    mu: float
+
+    def start(self, ctx: LocalContext) -> ClientHooks:
+        """Hooks adding the term's gradient before clipping; reports its mean value as ``prox_term``."""
+        return _Prox(self.mu, ctx.reference)
+
+    def start_stacked(self, ctx: StackedContext) -> StackedHooks:
+        """The same term for K clients trained together (one value per slot)."""
+        return _StackedProx(self.mu, ctx.reference, len(ctx.client_ids))
+
+
+class _Prox(ClientHooks):
+    def __init__(self, mu: float, reference) -> None:
+        self.mu, self.reference, self.total = mu, reference, 0.0
+
+    def before_clip(self, params: Mapping[str, nn.Parameter]) -> None:
+        if self.mu == 0.0:
+            return
+        value = 0.0
+        with torch.no_grad():
+            for name, p in params.items():
+                diff = p - self.reference[name]
+                value += float(diff.pow(2).sum())
+                if p.grad is not None:
+                    p.grad.add_(diff, alpha=self.mu)  # d/dw of mu/2 ||w - w_g||^2
+        self.total += 0.5 * self.mu * value
+
+    def finish(self, result: LocalResult) -> None:
+        result.metrics["prox_term"] = self.total / result.steps
+
+
+class _StackedProx(StackedHooks):
+    def __init__(self, mu: float, reference, k: int) -> None:
+        self.mu, self.reference, self.totals = mu, reference, [0.0] * k
+
+    def before_clip(self, stacks, grads, active: Sequence[int]) -> None:
+        if self.mu == 0.0:
+            return
+        value = None
+        for n, g in grads.items():
+            diff = stacks[n].detach() - self.reference[n]
+            part = diff.pow(2).flatten(1).sum(1).double()
+            value = part if value is None else value + part
+            g.add_(diff, alpha=self.mu)
+        if value is not None:
+            for i in active:
+                self.totals[i] += 0.5 * self.mu * float(value[i])
+
+    def finish(self, slot: int, result: LocalResult) -> None:
+        result.metrics["prox_term"] = self.totals[slot] / result.steps
 
 
 @dataclass
 class FedProx(FedAvg):
-    """FedAvg aggregation; each client minimizes loss + mu/2 * ||w - w_global||^2 (enforced in local_train)."""
+    """FedAvg aggregation; each client minimizes loss + mu/2 * ||w - w_global||^2 (its :class:`ProxTerm`)."""
 
     mu: float = 0.01
 

@@ -70,11 +70,8 @@ class MultiKrum(_Robust):
             raise ValueError(f"{type(self).__name__} m must be >= 1, got {self.m}")
 
     def _rule(self, deltas):
-        chosen = aggregate.multi_krum_select(deltas, self.f, min(self.m, len(deltas)))
-        acc = aggregate.WeightedMean()
-        for i in chosen:
-            acc.add(deltas[i], 1.0)
-        return acc.result(), {"krum_selected": float(len(chosen))}
+        m = min(self.m, len(deltas))  # multi_krum averages exactly the m best-scored deltas
+        return aggregate.multi_krum(deltas, self.f, m), {"krum_selected": float(m)}
 
 
 @dataclass(kw_only=True)

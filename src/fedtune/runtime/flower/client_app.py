@@ -1,4 +1,9 @@
-"""The Flower ClientApp: ``fedtune.client.local_train`` on the node's own data.
+"""The Flower ClientApp: the one client runtime, ``fedtune.client.local_train``, on the node's own data.
+
+The node builds the experiment's task on its own rows (every task kind: the registry's Task, with the
+server's label names), the model with that task's head (:func:`fedtune.server.run.build_model`, as
+the server does), and trains whatever the RoundPlan declares: its objective, a LoRA rule's client
+half, personal tensors, base corrections (all decoded generically, :mod:`fedtune.wire`).
 
 Two message handlers:
 
@@ -27,48 +32,42 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from fedtune.batching import EncodedDataset, encode_texts
 from fedtune.client import local_train
 from fedtune.config import Experiment
-from fedtune.models import load_classifier, load_tokenizer
+from fedtune.models import load_tokenizer
 from fedtune.precision import default_device
 from fedtune.runtime.flower import messages, secagg
 from fedtune.runtime.flower.experiment_source import ExperimentSource
 from fedtune.runtime.flower.node import NodeData
 from fedtune.runtime.simulation import client_seed
+from fedtune.server.run import build_model
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class _Model:
+class _Resident:
+    """This process's resident model and this node's encoded training rows."""
+
     model: torch.nn.Module
-    tokenizer: Any
+    rows: Any
     pad_id: int
 
 
-_MODELS: dict[tuple, _Model] = {}
-_ROWS: dict[tuple, EncodedDataset] = {}
+_RESIDENT: dict[tuple, _Resident] = {}
 
 
-def _model(exp: Experiment, task: messages.TaskInfo, device: torch.device) -> _Model:
-    key = (exp.to_toml(), task, str(device))
-    if key not in _MODELS:
-        _MODELS.clear()  # one resident model per process
+def _resident(exp: Experiment, node: NodeData, task_info: messages.TaskInfo, device: torch.device) -> _Resident:
+    """Build (once per process) the task on this node's data and the model with the task's head."""
+    key = (exp.to_toml(), node, task_info, str(device))
+    if key not in _RESIDENT:
+        _RESIDENT.clear()  # one resident model per process
         tokenizer = load_tokenizer(exp.model.name)
+        task, rows = node.load_task(exp, task_info.label_names, tokenizer)
+        model = build_model(task, exp, device)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        model = load_classifier(exp.model, task.num_labels, task.label_names is None, exp.seed).to(device)
-        _MODELS[key] = _Model(model, tokenizer, pad_id)
-    return _MODELS[key]
-
-
-def _rows(exp: Experiment, node: NodeData, task: messages.TaskInfo, resident: _Model) -> EncodedDataset:
-    key = (exp.to_toml(), node, task)
-    if key not in _ROWS:
-        rows = node.load_rows(exp, task.label_names)
-        _ROWS[key] = encode_texts(resident.tokenizer, rows.texts, rows.text_pairs, rows.labels,
-                                  exp.data.max_length, task.label_names is None)
-    return _ROWS[key]
+        _RESIDENT[key] = _Resident(model, rows, pad_id)
+    return _RESIDENT[key]
 
 
 def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | None = None) -> ClientApp:
@@ -86,7 +85,7 @@ def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | Non
         exp = experiment(context.run_config)
         task = messages.decode_identify_request(msg.content)
         node = node_of(context)
-        rows = _rows(exp, node, task, _model(exp, task, default_device()))
+        rows = _resident(exp, node, task, default_device()).rows
         log.info("node %s is client %s with %d rows", context.node_id, node.client_id, len(rows))
         return Message(messages.encode_identity(messages.Identity(node.client_id, len(rows))), reply_to=msg)
 
@@ -103,17 +102,16 @@ def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | Non
                                   "require-secagg = true); the server asked for a plain update "
                                   "(runtime.secagg = false)")
         device = default_device()
-        resident = _model(exp, request.task, device)
-        data = _rows(exp, node, request.task, resident)
+        resident = _resident(exp, node, request.task, device)
         state = messages.load_client_state(context.state)
         update = local_train(
-            resident.model, data, request.plan, node.client_id, pad_id=resident.pad_id,
+            resident.model, resident.rows, request.plan, node.client_id, pad_id=resident.pad_id,
             seed=client_seed(exp.seed, request.plan.round, node.client_id), device=device, state=state,
         )
         if secagg.is_secagg(msg.content):  # secaggplus_mod masks the delta and drops the plain arrays
             messages.save_client_state(state, context.state)
             return Message(secagg.encode_reply(update, secagg.delta_names(request.plan.params)), reply_to=msg)
-        encoded = request.channel.encode_update(update, state)  # codec_up; error feedback lives in state
+        encoded = request.channel.encode_update(update, state, request.plan)  # codec_up; feedback in state
         messages.save_client_state(state, context.state)
         return Message(messages.encode_update(encoded), reply_to=msg)
 

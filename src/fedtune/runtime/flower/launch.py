@@ -210,7 +210,7 @@ def run_on_flower(exp: Experiment, *, quiet: bool = False, resume: bool = False)
     ``resume``: the ServerApp continues from the checkpoint in the output folder (the caller has
     checked it fits, :func:`fedtune.checkpoint.checkpoint_to_resume`).
     """
-    from fedtune.runtime.flower.secagg import check_experiment
+    from fedtune.config.checks import check_experiment
 
     check_experiment(exp)  # before anything is submitted
     out = exp.resolved_output_dir.resolve()
@@ -240,7 +240,7 @@ def run_on_flower(exp: Experiment, *, quiet: bool = False, resume: bool = False)
 def _read_result(out: Path):
     import json
 
-    from fedtune.experiment import RunResult
+    from fedtune.server.run import RunResult
 
     summary = json.loads((out / "summary.json").read_text())
     metrics = out / "metrics.jsonl"
@@ -252,16 +252,16 @@ def _simulate(exp: Experiment, *, quiet: bool, resume: bool = False):
     """Flower's simulation engine (Ray) in this process, one virtual SuperNode per client."""
     from flwr.simulation import run_simulation
 
-    from fedtune.experiment import make_shards
+    from fedtune.models import load_tokenizer
+    from fedtune.shards import make_shards
     from fedtune.runtime.flower.client_app import make_client_app
     from fedtune.runtime.flower.experiment_source import fixed
     from fedtune.runtime.flower.server_app import make_server_app
-    from fedtune.tasks.classification_task import classification_units
-    from fedtune.tasks.data import load_task_data
+    from fedtune.tasks.registry import build_task
 
     out = exp.resolved_output_dir
-    data = load_task_data(exp.data, seed=exp.seed)
-    make_shards(exp, classification_units(data), data.name, out)  # the virtual nodes' manifests
+    task = build_task(exp, load_tokenizer(exp.model.name))
+    make_shards(exp, task.units, task.name, out)  # the virtual nodes' manifests
     results: list = []
     server = make_server_app(fixed(exp), on_result=results.append, quiet=quiet, resume=resume)
     client = make_client_app(fixed(exp), manifest_dir=out / "partition")

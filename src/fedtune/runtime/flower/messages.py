@@ -8,13 +8,15 @@ sparsified and compressed; never pickle), each in an ``ArrayRecord`` holding one
 ``ConfigRecord`` / ``MetricRecord`` values. A message that does not match the schema is a
 :class:`MessageError` naming the record and key.
 
-Layout of a train request (server -> node) ``RecordDict``::
+Layout of a train request (server -> node) ``RecordDict``; the plan's fields are walked
+generically by :mod:`fedtune.wire`, so every RoundPlan field and every client-side kind travels::
 
-    "fedtune.plan"    ConfigRecord  schema, client_id, round, local.<LocalTrainConfig field>,
-                                    objective.kind, objective.<field>, task.label_names, task.regression,
-                                    codec.up, codec.down, codec.error_feedback
-    "fedtune.params"  ArrayRecord   RoundPlan.params, encoded with codec.down
-    "fedtune.objective.<field>"  ArrayRecord   a tensor field of the objective (SCAFFOLD's ``c``), codec.down
+    "fedtune.plan"    ConfigRecord  schema, client_id, task.label_names, task.regression,
+                                    codec.up, codec.down, codec.error_feedback, and plan.<key> for every
+                                    key of wire.plan_config (round, local.*, objective.kind, objective.<field>,
+                                    adapter.kind, adapter.<field>, personal, tensors)
+    "fedtune.tensor.<path>"  ArrayRecord   each TensorDict field (params, base_offset, objective.c, ...),
+                                    encoded with codec.down
 
 an IDENTIFY request carries ``"fedtune.task"`` (schema, task.*), its reply ``"fedtune.identity"``
 (schema, client_id, num_examples); a train reply (node -> server)::
@@ -35,11 +37,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.channel import Channel, EncodedUpdate
 from fedtune.codecs import Codec, CodecError
-from fedtune.types import (
-    ClientObjective, ClientState, ControlVariate, LocalTrainConfig, ProxTerm, RoundPlan, TensorDict,
-)
+from fedtune.types import ClientState, RoundPlan, TensorDict
+from fedtune.wire import WireError, plan_config, plan_from_config, plan_tensors
 
-SCHEMA = 2
+SCHEMA = 3
 """Version of this layout; a peer speaking another version is refused with a clear error."""
 
 TRAIN = "train"
@@ -47,16 +48,11 @@ TRAIN = "train"
 IDENTIFY = "query.identify"
 """Flower message type asking a node which fedtune client it is."""
 
-_PLAN, _PARAMS = "fedtune.plan", "fedtune.params"
+_PLAN, _TENSOR, _PLAN_KEY = "fedtune.plan", "fedtune.tensor.", "plan."
 _UPDATE, _DELTA, _METRICS, _EXTRA = "fedtune.update", "fedtune.delta", "fedtune.metrics", "fedtune.extra."
 _IDENTITY, _TASK = "fedtune.identity", "fedtune.task"
-_OBJECTIVE = "fedtune.objective."
 _STATE = "fedtune.state."
 _PAYLOAD, _PAYLOAD_STYPE = "payload", "fedtune.codec"
-
-_OBJECTIVES: dict[str, type] = {"prox": ProxTerm, "scaffold": ControlVariate}
-"""Client objectives by wire name; a new kind registers here (its TensorDict fields travel as ArrayRecords)."""
-
 
 class MessageError(ValueError):
     """A Flower message does not follow fedtune's schema (names the record and key)."""
@@ -159,58 +155,6 @@ def _check_schema(record: ConfigRecord, name: str) -> None:
         raise MessageError(f"record {name!r} uses fedtune message schema {got}, this side speaks {SCHEMA}")
 
 
-def _encode_dataclass(prefix: str, obj) -> dict:
-    return {f"{prefix}.{f.name}": getattr(obj, f.name) for f in dataclasses.fields(obj)}
-
-
-def _scalar(record: ConfigRecord, name: str, key: str, type_name: str):
-    expected = {"int": int, "float": (float, int), "str": str, "bool": bool}.get(type_name)
-    if expected is None:
-        raise MessageError(f"record {name!r} key {key!r}: field type {type_name} has no wire encoding")
-    value = _get(record, name, key, expected)
-    return float(value) if type_name == "float" else value
-
-
-def _decode_dataclass(cls: type, prefix: str, record: ConfigRecord, name: str):
-    return cls(**{f.name: _scalar(record, name, f"{prefix}.{f.name}", str(f.type)) for f in dataclasses.fields(cls)})
-
-
-def _tensor_fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls) if str(f.type) == "TensorDict"}
-
-
-def _encode_objective(objective: ClientObjective | None, codec: Codec) -> tuple[dict, dict[str, ArrayRecord]]:
-    """Scalar fields into the plan's ConfigRecord, TensorDict fields as codec payloads of their own."""
-    if objective is None:
-        return {"objective.kind": ""}, {}
-    for kind, cls in _OBJECTIVES.items():
-        if type(objective) is cls:
-            tensor_fields = _tensor_fields(cls)
-            scalars = {f"objective.{f.name}": getattr(objective, f.name)
-                       for f in dataclasses.fields(cls) if f.name not in tensor_fields}
-            arrays = {_OBJECTIVE + name: payload_record(codec.encode(getattr(objective, name)))
-                      for name in tensor_fields}
-            return {"objective.kind": kind, **scalars}, arrays
-    raise MessageError(f"client objective {type(objective).__name__} has no wire encoding")
-
-
-def _decode_objective(content: RecordDict, record: ConfigRecord, name: str, codec: Codec) -> ClientObjective | None:
-    kind = _get(record, name, "objective.kind", str)
-    if not kind:
-        return None
-    if kind not in _OBJECTIVES:
-        raise MessageError(f"record {name!r}: unknown objective kind {kind!r} (known: {sorted(_OBJECTIVES)})")
-    cls = _OBJECTIVES[kind]
-    tensor_fields = _tensor_fields(cls)
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        if f.name in tensor_fields:
-            kwargs[f.name] = _decode_payload(codec, record_payload(content, _OBJECTIVE + f.name), _OBJECTIVE + f.name)
-        else:
-            kwargs[f.name] = _scalar(record, name, f"objective.{f.name}", str(f.type))
-    return cls(**kwargs)
-
-
 # ----------------------------------------------------------------------------- train request / reply
 
 
@@ -243,18 +187,19 @@ def encode_train_request(request: TrainRequest) -> RecordDict:
     """RecordDict of a train message (see the module docstring for the layout); tensors via ``channel.down``."""
     plan = request.plan
     down = request.channel.down
-    objective, objective_arrays = _encode_objective(plan.objective, down)
+    try:
+        fields = plan_config(plan)
+    except WireError as exc:
+        raise MessageError(str(exc)) from None
     config = {
         "schema": SCHEMA,
         "client_id": request.client_id,
-        "round": plan.round,
-        **_encode_dataclass("local", plan.local),
-        **objective,
+        **{_PLAN_KEY + k: v for k, v in fields.items()},
         **_encode_task(request.task),
         **_encode_channel(request.channel),
     }
-    return RecordDict({_PLAN: ConfigRecord(config), _PARAMS: payload_record(down.encode(plan.params)),
-                       **objective_arrays})
+    arrays = {_TENSOR + path: payload_record(down.encode(t)) for path, t in plan_tensors(plan).items()}
+    return RecordDict({_PLAN: ConfigRecord(config), **arrays})
 
 
 def decode_train_request(content: RecordDict) -> TrainRequest:
@@ -262,12 +207,13 @@ def decode_train_request(content: RecordDict) -> TrainRequest:
     rec = _record(content, _PLAN, ConfigRecord)
     _check_schema(rec, _PLAN)
     channel = _decode_channel(rec, _PLAN)
-    plan = RoundPlan(
-        round=_get(rec, _PLAN, "round", int),
-        params=_decode_payload(channel.down, record_payload(content, _PARAMS), _PARAMS),
-        local=_decode_dataclass(LocalTrainConfig, "local", rec, _PLAN),
-        objective=_decode_objective(content, rec, _PLAN, channel.down),
-    )
+    fields = {k[len(_PLAN_KEY):]: v for k, v in rec.items() if k.startswith(_PLAN_KEY)}
+    paths = [k[len(_TENSOR):] for k in content.keys() if k.startswith(_TENSOR)]
+    tensors = {p: _decode_payload(channel.down, record_payload(content, _TENSOR + p), _TENSOR + p) for p in paths}
+    try:
+        plan = plan_from_config(fields, tensors)
+    except WireError as exc:
+        raise MessageError(f"record {_PLAN!r}: {exc}") from None
     return TrainRequest(
         client_id=_get(rec, _PLAN, "client_id", str),
         plan=plan,

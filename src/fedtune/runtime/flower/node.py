@@ -12,8 +12,9 @@ Keys (all optional, but the node must end up with a client id and exactly one da
     seeds its local training (``seed``, round, client id), so the same id on the same rows gives
     the same update as the in-process simulation. Defaults to the manifest's ``client_id``.
 ``train-file``
-    This node's own training rows (CSV/TSV/JSON/JSONL/Parquet with the experiment's
-    ``data.text_column`` / ``data.label_column``). Labels are mapped with the server's label names.
+    This node's own training rows in the experiment's task format (classification: CSV/TSV/JSON/JSONL/
+    Parquet with ``data.text_column`` / ``data.label_column``; qa: SQuAD JSON; causal_lm: Alpaca JSON;
+    multilabel: a table with a label list column). Labels are mapped with the server's label names.
 ``manifest``
     A partition manifest (``client_NNN.json`` from ``fedtune partition``): the node reads the
     experiment's training set from its own copy (``data.train_file`` or ``$FEDTUNE_DATA_DIR``)
@@ -39,9 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtune.batching import EncodedDataset
 from fedtune.config import Experiment
 from fedtune.partition import client_ids
-from fedtune.tasks.data import DataError, TextDataset, load_task_data
+from fedtune.tasks.data import DataError
+from fedtune.tasks.task import Task
 
 CLIENT_ID, TRAIN_FILE, MANIFEST, DATA_DIR = "client-id", "train-file", "manifest", "data-dir"
 PARTITION_ID, NUM_PARTITIONS, REQUIRE_SECAGG = "partition-id", "num-partitions", "require-secagg"
@@ -104,29 +107,56 @@ class NodeData:
         return cls(client_id=client_id, train_file=train_file, manifest=manifest, data_dir=data_dir,
                    require_secagg=require_secagg)
 
-    def load_rows(self, exp: Experiment, label_names: tuple[str, ...] | None) -> TextDataset:
-        """This node's training rows, with labels mapped to the server's ``label_names``."""
+    def node_experiment(self, exp: Experiment, label_names: tuple[str, ...] | None) -> Experiment:
+        """``exp`` as this node reads it: its own ``train-file`` (every row trains) with the server's label names;
+        unchanged for a manifest (the node's copy of the experiment's own data)."""
+        d = exp.data
+        if self.train_file:
+            from fedtune.tasks.registry import task_kind
+
+            kind = task_kind(exp)
+            d = dataclasses.replace(
+                d, train_file=self.train_file, eval_file=self.train_file, eval_split="", train_size=0, eval_size=0,
+                dataset="files" if kind in ("classification", "generative_classification") else d.dataset,
+                task=kind,
+            )
+            if label_names is not None and kind_has_label_names(exp):
+                d = dataclasses.replace(d, label_names=list(label_names))
+        return dataclasses.replace(exp, data=d)
+
+    def load_task(self, exp: Experiment, label_names: tuple[str, ...] | None, tokenizer) -> tuple[Task, EncodedDataset]:
+        """This node's task (the experiment's kind, on its data) and its encoded training rows.
+
+        A manifest selects the node's partitioning units (rows, questions, instructions) of its own
+        copy of the experiment's training set; a ``train-file`` is all this node's rows. The label
+        names must be the server's (they fix the model head).
+        """
+        from fedtune.tasks.registry import build_task
+
         if self.data_dir:
             os.environ["FEDTUNE_DATA_DIR"] = self.data_dir
+        task = build_task(self.node_experiment(exp, label_names), tokenizer)
+        own = tuple(task.units.label_names) if task.units.label_names is not None else None
+        if label_names is not None and own != tuple(label_names):
+            raise DataError(f"client {self.client_id}: this node's data has labels {list(own or [])}, "
+                            f"the server's are {list(label_names)}")
         if self.train_file:
-            cfg = dataclasses.replace(
-                exp.data, dataset="files", train_file=self.train_file, eval_file=self.train_file, eval_split="",
-                label_names=list(label_names or []), regression=label_names is None, train_size=0, eval_size=0,
-            )
-            return load_task_data(cfg, seed=exp.seed).train
-        task = load_task_data(exp.data, seed=exp.seed)
-        if (tuple(task.label_names) if task.label_names is not None else None) != label_names:
-            raise DataError(
-                f"client {self.client_id}: this node's copy of the training set has labels {task.label_names}, "
-                f"the server's are {list(label_names) if label_names else None}"
-            )
+            return task, task.train
         indices = _manifest(self.manifest).get("indices")
         if not isinstance(indices, list):
             raise NodeConfigError(f"manifest {self.manifest}: no 'indices' list")
-        try:
-            return task.train.subset(indices)
-        except IndexError as exc:
-            raise NodeConfigError(f"manifest {self.manifest} does not fit this node's training set: {exc}") from None
+        bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < task.units.count]
+        if bad:
+            raise NodeConfigError(f"manifest {self.manifest} does not fit this node's training set: unit {bad[0]} "
+                                  f"is out of range for {task.units.count} units")
+        return task, task.train.subset(task.rows_of(indices))
+
+
+def kind_has_label_names(exp: Experiment) -> bool:
+    """Whether the experiment's task has a label vocabulary the server and the nodes must share."""
+    from fedtune.tasks.registry import task_kind
+
+    return task_kind(exp) in ("classification", "generative_classification", "multilabel")
 
 
 def _manifest(path: str) -> dict:

@@ -52,34 +52,6 @@ class SecAggError(RuntimeError):
     """A SecAgg+ round could not produce the aggregate (too few clients stayed to unmask it)."""
 
 
-def check_experiment(exp: Experiment) -> None:
-    """Refuse ``runtime.secagg`` with anything but a plain example-weighted mean of float32 deltas."""
-    if not exp.runtime.secagg:
-        return
-    from fedtune.experiment import build_strategy
-    from fedtune.server import clients_per_round
-    from fedtune.strategies.fedavg import FedAvg
-    from fedtune.strategies.fedprox import FedProx
-
-    why = []
-    if exp.strategy.name not in ("fedavg", "fedprox"):
-        why.append(f"strategy.name = {exp.strategy.name!r}")
-    if exp.privacy.enabled:
-        why.append("privacy.enabled = true (central DP clips each client's update on the server)")
-    if exp.federation.codec_up.strip() not in ("", "none"):
-        why.append(f"federation.codec_up = {exp.federation.codec_up!r} (SecAgg+ quantizes and masks itself)")
-    f = exp.federation
-    if clients_per_round(exp.partition.num_clients, f.clients_per_round, f.fraction) < 2:
-        why.append(f"fewer than 2 clients per round (partition.num_clients = {exp.partition.num_clients}, "
-                   f"federation.clients_per_round = {f.clients_per_round}, federation.fraction = {f.fraction:g})")
-    if not why and type(build_strategy(exp)) not in (FedAvg, FedProx):
-        why.append(f"the strategy resolves to {type(build_strategy(exp)).__name__} (e.g. model.lora.aggregation)")
-    if why:
-        raise ConfigError("runtime.secagg = true only hides the clients' updates inside an example-weighted mean "
-                          "of at least 2 clients (strategy.name = 'fedavg' or 'fedprox', no [privacy], "
-                          "federation.codec_up = 'none'); not with " + "; ".join(why))
-
-
 def _shares(value: float) -> int | float:
     """Flower's convention: an int > 2 is a count, a float in (0, 1] a fraction of the round's clients."""
     return int(value) if value > 1 else float(value)

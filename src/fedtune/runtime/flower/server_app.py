@@ -1,4 +1,4 @@
-"""The Flower ServerApp: fedtune's own round loop (``run_experiment`` -> ``run_rounds``) over a FlowerTransport.
+"""The Flower ServerApp: the one server run (:func:`fedtune.server.run.run_federation`) over a FlowerTransport.
 
 The strategy, sampling, validation, evaluation of the global model (on the server's eval split)
 and outputs (``metrics.jsonl``, ``summary.json``, ``model/``) are exactly the simulation's; only
@@ -36,8 +36,6 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from fedtune.experiment import run_experiment
-
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         logging.getLogger("httpx").setLevel(logging.WARNING)
         exp = experiment(context.run_config)
@@ -46,7 +44,7 @@ def make_server_app(
         again = resume or bool(context.run_config.get(RESUME_KEY, False))
         if again:
             log.info("resuming from the checkpoint in %s", exp.resolved_output_dir.resolve())
-        result = run_experiment(exp, quiet=quiet, remote=transport, resume=again)
+        result = run_on_grid(exp, transport, quiet=quiet, resume=again)
         if transport.failures:
             log.warning("client failures: %s", transport.failures)
         log.info("outputs in %s", result.output_dir.resolve())
@@ -54,3 +52,25 @@ def make_server_app(
             on_result(result)
 
     return app
+
+
+def run_on_grid(exp, transport: FlowerTransport, *, quiet: bool = False, resume: bool = False):
+    """The server run of ``exp`` with its clients behind ``transport``: prepare, connect, the round loop, outputs."""
+    from fedtune import checkpoint
+    from fedtune.config.checks import check_experiment
+    from fedtune.precision import default_device
+    from fedtune.server.loop import clients_per_round
+    from fedtune.server.run import Federation, prepare_server, run_federation
+    from fedtune.strategies.from_config import build_strategy
+    from fedtune.runtime.flower.transport import server_task
+
+    check_experiment(exp)
+    ckpt = checkpoint.checkpoint_to_resume(exp, remote=True) if resume else None
+    side = prepare_server(exp, server_task, default_device(), resume=ckpt is not None)
+    sizes = transport.connect(side.task.units.label_names)  # the training data stays on the nodes
+    ids = sorted(sizes)
+    log.info("%s (%s): %d train rows over %d clients", side.task.name, side.task.kind, sum(sizes.values()), len(ids))
+    strategy = build_strategy(exp, num_clients=len(ids))
+    per_round = clients_per_round(len(ids), exp.federation.clients_per_round, exp.federation.fraction)
+    return run_federation(side, strategy, transport, Federation(ids, sum(sizes.values()), None, per_round),
+                          quiet=quiet, ckpt=ckpt)

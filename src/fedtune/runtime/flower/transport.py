@@ -21,12 +21,13 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from fedtune.channel import Channel
+from fedtune.channel import Channel, client_view
 from fedtune.codecs import CodecError
-from fedtune.config import ConfigError, Experiment, RuntimeConfig
+from fedtune.config import Experiment, RuntimeConfig
 from fedtune.payload import CommStats
 from fedtune.runtime.flower import messages
-from fedtune.tasks.data import TaskData, load_task_data
+from fedtune.tasks.data import load_task_data
+from fedtune.tasks.task import Task
 from fedtune.types import ClientUpdate, RoundPlan
 
 log = logging.getLogger(__name__)
@@ -36,23 +37,30 @@ class FederationError(RuntimeError):
     """The federation cannot proceed: too few nodes, a node that cannot identify, clashing client ids."""
 
 
-def server_task(exp: Experiment) -> TaskData:
-    """The task as the server needs it: label vocabulary and eval split, never the clients' training rows.
+def server_task(exp: Experiment, tokenizer) -> Task:
+    """The task as the server needs it: its evaluation data (and label vocabulary); the clients' rows stay home.
 
-    For local files with ``data.label_names`` set (or regression) only ``data.eval_file`` is read;
-    otherwise the label vocabulary is inferred from ``data.train_file`` as in the simulation.
+    Classification from local files with ``data.label_names`` set (or regression) reads only
+    ``data.eval_file``; every other task is built from the server's copy of the experiment's data
+    (its training rows are never trained on here: they only fix held-out splits and vocabularies).
     """
+    from fedtune.tasks.registry import build_task, task_kind
+
     d = exp.data
-    if (d.dataset.strip() == "files" or d.train_file) and d.eval_file and (d.label_names or d.regression):
-        return load_task_data(dataclasses.replace(d, train_file=d.eval_file, train_size=0), seed=exp.seed)
-    if d.dataset.strip() == "files" or d.train_file:
+    files = d.dataset.strip() == "files" or d.train_file
+    if task_kind(exp) == "classification" and files and d.eval_file and (d.label_names or d.regression):
+        from fedtune.tasks.classification_task import ClassificationTask
+
+        data = load_task_data(dataclasses.replace(d, train_file=d.eval_file, train_size=0), seed=exp.seed)
+        return ClassificationTask(data, tokenizer, d.max_length)
+    if files and task_kind(exp) == "classification":
         log.warning("data.label_names is empty: the server reads %s only to infer the label names; "
                     "set data.label_names so it needs no training file", d.train_file)
-    return load_task_data(d, seed=exp.seed)
+    return build_task(exp, tokenizer)
 
 
 class FlowerTransport:
-    """Reaches fedtune clients running the ClientApp on Flower nodes (a RemoteClients and a Transport)."""
+    """The round loop's Transport to fedtune clients running the ClientApp on Flower nodes."""
 
     def __init__(self, grid: Grid, runtime: RuntimeConfig, expected_clients: int, *, poll: float = 0.2,
                  channel: Channel | None = None) -> None:
@@ -72,27 +80,13 @@ class FlowerTransport:
         self.sizes: dict[str, int] = {}
         """client id -> training rows, from the IDENTIFY replies."""
 
-    @property
-    def transport(self) -> "FlowerTransport":
-        """This object (RemoteClients protocol)."""
-        return self
+    def connect(self, label_names: Sequence[str] | None) -> dict[str, int]:
+        """Wait for enough SuperNodes, ask each which client it is; return ``{client_id: num_examples}``.
 
-    def load_task(self, exp: Experiment) -> TaskData:
-        """See :func:`server_task`; refuses experiment options that need the clients' data on the server."""
-        from fedtune.runtime.flower.secagg import check_experiment
-
-        check_experiment(exp)
-        if exp.mode != "federated":
-            raise ConfigError(f"mode = {exp.mode!r} needs every client's data in one place; use runtime.mode = 'simulation'")
-        if exp.eval.per_client:
-            raise ConfigError("eval.per_client needs the clients' shards on the server; not available on Flower")
-        if exp.attack.kind != "none":
-            raise ConfigError("attack.* is a simulation-only study tool; not available on Flower")
-        return server_task(exp)
-
-    def connect(self, task: TaskData) -> dict[str, int]:
-        """Wait for enough SuperNodes, ask each which client it is; return ``{client_id: num_examples}``."""
-        self.task = messages.TaskInfo(tuple(task.label_names) if task.label_names is not None else None)
+        ``label_names`` (the server task's vocabulary, None when it has none) go to every node, whose
+        data must use them.
+        """
+        self.task = messages.TaskInfo(tuple(label_names) if label_names is not None else None)
         deadline = time.monotonic() + self.runtime.connect_timeout
         nodes = list(self.grid.get_node_ids())
         while len(nodes) < self.needed:
@@ -145,7 +139,8 @@ class FlowerTransport:
             return
         out = []
         for cid in clients:
-            content = messages.encode_train_request(messages.TrainRequest(cid, plan, self.task, self.channel))
+            content = messages.encode_train_request(
+                messages.TrainRequest(cid, client_view(plan, cid), self.task, self.channel))
             stats.bytes_down += messages.encoded_size(content)
             out.append(Message(content, dst_node_id=self.nodes[cid], message_type=messages.TRAIN,
                                group_id=str(plan.round)))
@@ -153,7 +148,7 @@ class FlowerTransport:
         arrived: dict[int, ClientUpdate | None] = {}
         next_up = answered = 0
         for i, reply in self._exchange(out, deadline, list(range(len(clients))), f"round {plan.round}"):
-            arrived[i] = self._decode(plan.round, clients[i], reply, stats)
+            arrived[i] = self._decode(plan, clients[i], reply, stats)
             while next_up in arrived:
                 update = arrived.pop(next_up)
                 next_up += 1
@@ -215,14 +210,15 @@ class FlowerTransport:
         self.failures.extend((plan.round, c, "left the SecAgg+ round") for c in clients if c not in summed)
         return update, summed
 
-    def _decode(self, rnd: int, cid: str, reply: Message, stats: CommStats) -> ClientUpdate | None:
+    def _decode(self, plan: RoundPlan, cid: str, reply: Message, stats: CommStats) -> ClientUpdate | None:
+        rnd = plan.round
         if reply.has_error():
             log.error("round %d: client %s failed: %s", rnd, cid, reply.error.reason)
             self.failures.append((rnd, cid, reply.error.reason))
             return None
         stats.bytes_up += messages.encoded_size(reply.content)
         try:
-            update = self.channel.decode_update(messages.decode_update(reply.content))
+            update = self.channel.decode_update(messages.decode_update(reply.content), plan)
         except (messages.MessageError, CodecError) as exc:
             log.error("round %d: client %s sent an unreadable update: %s", rnd, cid, exc)
             self.failures.append((rnd, cid, f"unreadable update: {exc}"))

@@ -1,0 +1,98 @@
+"""The ONE table of "X cannot be combined with Y": every refusal of a configuration, each with its reason.
+
+A check is here only when the combination cannot work (its mathematics, or data that is not where
+it would have to be), or when it is not built yet on a runtime, which the message then says
+plainly. :func:`check_experiment` runs the table before anything is loaded or written; each row
+is one line of the feature x runtime matrix in the documentation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fedtune.config import ConfigError, Experiment
+
+
+@dataclass(frozen=True)
+class Check:
+    """One refused combination: when it applies, and the one-line error naming the settings and why."""
+
+    name: str
+    applies: Callable[[Experiment], bool]
+    message: Callable[[Experiment], str]
+
+
+def _kind(exp: Experiment) -> str:
+    from fedtune.tasks.registry import task_kind
+
+    return task_kind(exp)
+
+
+def _flower(exp: Experiment) -> bool:
+    return exp.runtime.mode != "simulation"
+
+
+CHECKS: tuple[Check, ...] = (
+    Check("personalization-needs-federation",
+          lambda e: e.personalization.method != "none" and e.mode != "federated",
+          lambda e: f"[personalization] personalizes the clients of a federation; mode = {e.mode!r} has none "
+                    "(use mode = 'federated')"),
+    Check("client-scores-classification",
+          lambda e: (e.eval.per_client or e.personalization.method != "none") and _kind(e) != "classification",
+          lambda e: f"eval.per_client and [personalization] score clients' own rows with Task.score_rows, "
+                    f"which only the classification task has so far; not data.task = {_kind(e)!r}"),
+    Check("label-flip-needs-classes",
+          lambda e: e.attack.kind == "label_flip" and _kind(e) != "classification",
+          lambda e: f"attack.kind = 'label_flip' flips class labels: single-label classification only, "
+                    f"not data.task = {_kind(e)!r}"),
+    Check("flower-needs-federation",
+          lambda e: _flower(e) and e.mode != "federated",
+          lambda e: f"mode = {e.mode!r} needs every client's data in one place; on runtime.mode = "
+                    f"{e.runtime.mode!r} the data stays on the nodes (use runtime.mode = 'simulation')"),
+    Check("flower-client-scores",
+          lambda e: _flower(e) and (e.eval.per_client or e.personalization.method != "none"),
+          lambda e: "eval.per_client and [personalization] score each client's rows on the server, which does not "
+                    f"hold them on runtime.mode = {e.runtime.mode!r}; node-side scoring is not built yet "
+                    "(use runtime.mode = 'simulation')"),
+    Check("secagg-weighted-mean",
+          lambda e: e.runtime.secagg and bool(_secagg_problems(e)),
+          lambda e: "runtime.secagg = true only hides the clients' updates inside an example-weighted mean of at "
+                    "least 2 clients (strategy.name = 'fedavg' or 'fedprox', no [privacy], federation.codec_up = "
+                    "'none'): SecAgg+ sums quantized vectors, so no rule that needs individual updates fits; "
+                    "not with " + "; ".join(_secagg_problems(e))),
+    Check("flower-attacks",
+          lambda e: _flower(e) and e.attack.kind != "none",
+          lambda e: f"attack.kind = {e.attack.kind!r} is simulated by the in-process transport; node-side "
+                    f"attacks are not built yet on runtime.mode = {e.runtime.mode!r}"),
+)
+"""Every refused combination, in the order they are checked."""
+
+
+def _secagg_problems(exp: Experiment) -> list[str]:
+    from fedtune.server.loop import clients_per_round
+    from fedtune.strategies.fedavg import FedAvg
+    from fedtune.strategies.fedprox import FedProx
+    from fedtune.strategies.from_config import build_strategy
+
+    why = []
+    if exp.strategy.name not in ("fedavg", "fedprox"):
+        why.append(f"strategy.name = {exp.strategy.name!r}")
+    if exp.privacy.enabled:
+        why.append("privacy.enabled = true (central DP clips each client's update on the server)")
+    if exp.federation.codec_up.strip() not in ("", "none"):
+        why.append(f"federation.codec_up = {exp.federation.codec_up!r} (SecAgg+ quantizes and masks itself)")
+    f = exp.federation
+    if clients_per_round(exp.partition.num_clients, f.clients_per_round, f.fraction) < 2:
+        why.append(f"fewer than 2 clients per round (partition.num_clients = {exp.partition.num_clients}, "
+                   f"federation.clients_per_round = {f.clients_per_round}, federation.fraction = {f.fraction:g})")
+    if not why and type(build_strategy(exp)) not in (FedAvg, FedProx):
+        why.append(f"the strategy resolves to {type(build_strategy(exp)).__name__} (e.g. model.lora.aggregation)")
+    return why
+
+
+def check_experiment(exp: Experiment, checks: tuple[Check, ...] = CHECKS) -> None:
+    """Raise ConfigError with the first applicable check's message (nothing is loaded or written before)."""
+    for check in checks:
+        if check.applies(exp):
+            raise ConfigError(check.message(exp))

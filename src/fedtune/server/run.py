@@ -1,0 +1,221 @@
+"""The one server run: the server's side of a federation, the round loop over a transport, the outputs.
+
+:func:`run_federation` never looks at ``runtime.mode``: the caller builds the transport (the
+simulation's in :mod:`fedtune.experiment`, a Flower ``Grid``'s in the ServerApp) and hands it in.
+Both then evaluate, log, checkpoint, save and summarize through the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from fedtune import checkpoint, tensors
+from fedtune.artifacts import BASE_OFFSET_FILE, ModelMeta
+from fedtune.config import Experiment
+from fedtune.models import get_trainable, load_tokenizer, save_model, set_trainable, sync_base
+from fedtune.outputs import JsonlWriter, prepare_output_dir, print_table, write_summary
+from fedtune.server.loop import Transport, run_rounds
+from fedtune.server.progress import Progress
+from fedtune.strategies.base import Strategy
+from fedtune.tasks.task import EvalContext, Task
+from fedtune.types import BASE_OFFSET, ClientState, ServerState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """What a run produced: its folder, one record per round, and the final evaluation."""
+
+    output_dir: Path
+    history: list[dict]
+    final_metrics: dict[str, float]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def build_model(task: Task, exp: Experiment, device: torch.device) -> torch.nn.Module:
+    """The resident model every side builds alike: the task's head, the fine-tuning mode, a warm start."""
+    model = task.build_model(exp.model, exp.seed).to(device)
+    if exp.model.init_adapter:  # warm start from a trained peft adapter
+        from fedtune.lora_merge import warm_start
+
+        warm_start(model, exp.model.init_adapter)
+    return model
+
+
+def apply_state(model: torch.nn.Module, state: ServerState) -> None:
+    """Make ``model`` the global model of ``state``: its trainable tensors and its base corrections."""
+    set_trainable(model, state.params)
+    sync_base(model, state.buffers.get(BASE_OFFSET, {}))
+
+
+@dataclass
+class ServerSide:
+    """What the server holds: the configuration, the task (its evaluation data), the model, the output folder."""
+
+    exp: Experiment
+    task: Task
+    model: torch.nn.Module
+    tokenizer: Any
+    device: torch.device
+    out: Path
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def pad_id(self) -> int:
+        """The tokenizer's padding id (0 when it has none)."""
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    @property
+    def eval_context(self) -> EvalContext:
+        """How the server scores a model."""
+        return EvalContext(self.exp.eval.batch_size, self.pad_id, self.device, self.exp.train.precision)
+
+
+def prepare_server(exp: Experiment, build_task: Callable[[Experiment, Any], Task], device: torch.device, *,
+                   resume: bool) -> ServerSide:
+    """Output folder, tokenizer, task and model of the server (``build_task(exp, tokenizer)`` loads the task)."""
+    t_start = time.perf_counter()
+    torch.manual_seed(exp.seed)
+    out = prepare_output_dir(exp, resume=resume)
+    tokenizer = load_tokenizer(exp.model.name)
+    task = build_task(exp, tokenizer)
+    model = build_model(task, exp, device)
+    return ServerSide(exp, task, model, tokenizer, device, out, t_start)
+
+
+@dataclass
+class Federation:
+    """Who the clients are, how much they hold, and where their own state lives."""
+
+    clients: Sequence[str]
+    train_rows: int
+    client_states: dict[str, ClientState] | None = None
+    """The clients' states when they live in this process (checkpointed with the run); None on Flower."""
+    per_round: int = 1
+
+
+def model_meta(exp: Experiment, task: Task, model) -> ModelMeta:
+    """What the saved model is, for `fedtune export` and `fedtune predict`."""
+    config = model.config
+    return ModelMeta(
+        task=task.kind, base_model=exp.model.name, num_labels=int(getattr(config, "num_labels", 0) or 0),
+        problem_type=getattr(config, "problem_type", None) or "", label_names=task.units.label_names,
+        max_length=exp.data.max_length, doc_stride=exp.data.doc_stride, prompt_template=exp.data.prompt_template,
+        threshold=float(task.details().get("threshold", exp.eval.threshold)),
+    )
+
+
+def save_base_offset(state: ServerState, directory: Path) -> Path | None:
+    """Write the state's base corrections (fedex / flora) to ``directory``; None when there are none."""
+    offset = state.buffers.get(BASE_OFFSET)
+    if not offset:
+        return None
+    path = Path(directory) / BASE_OFFSET_FILE
+    save_file({k: v.contiguous() for k, v in offset.items()}, str(path))
+    return path
+
+
+def base_summary(side: ServerSide, strategy_name: str, fed: Federation, initial) -> dict[str, Any]:
+    """The summary fields every run has."""
+    exp, task = side.exp, side.task
+    return {
+        "name": exp.name, "mode": exp.mode, "dataset": task.name, "task": task.kind, "model": exp.model.name,
+        "finetuning": exp.model.mode, "strategy": strategy_name, "rounds": exp.federation.rounds,
+        "num_clients": len(fed.clients), "train_rows": fed.train_rows, "trainable_params": tensors.numel(initial),
+        "device": str(side.device), "headline_metric": task.headline,
+    }
+
+
+ClientScores = Callable[[ServerState], Mapping[str, float]]
+"""Extra per-round scores of the global model (e.g. on every client's rows), merged into the evaluation."""
+
+
+def run_federation(
+    side: ServerSide,
+    strategy: Strategy,
+    transport: Transport,
+    fed: Federation,
+    *,
+    quiet: bool = False,
+    ckpt: checkpoint.Checkpoint | None = None,
+    client_scores: ClientScores | None = None,
+    summary: dict[str, Any] | None = None,
+    after: Callable[[ServerState, dict[str, float], dict[str, Any]], None] | None = None,
+) -> RunResult:
+    """Run the rounds of ``side.exp`` over ``transport`` and write every output of the run.
+
+    ``ckpt`` continues from a checkpoint (its client states go back into ``fed.client_states``);
+    ``after(state, final, summary)`` may add results (e.g. personalization) before the summary is written.
+    """
+    exp, task, model = side.exp, side.task, side.model
+    out, ctx, headline = side.out, side.eval_context, side.task.headline
+    samples_path = out / "samples.jsonl"
+    initial = get_trainable(model)
+    summary = {**base_summary(side, exp.strategy.name, fed, initial), **(summary or {})}
+
+    def evaluate(state: ServerState) -> dict[str, float]:
+        apply_state(model, state)
+        result = task.evaluate(model, ctx)
+        task.write_samples(model, ctx, samples_path, state.round)
+        if client_scores is not None:
+            result.update(client_scores(state))
+        return result
+
+    rounds = exp.federation.rounds
+    progress = Progress(quiet, rounds, fed.per_round)
+    start, previous = strategy.init(initial), []
+    if ckpt is not None:  # server state, client states, RNGs and metrics.jsonl back to the checkpoint's round
+        start, previous = checkpoint.restore(ckpt, start, fed.client_states, out / "metrics.jsonl")
+    state, history = run_rounds(
+        strategy, transport, list(fed.clients), start,
+        rounds=rounds, per_round=fed.per_round, seed=exp.seed, evaluate=evaluate, eval_every=exp.eval.every,
+        callbacks=[JsonlWriter(out / "metrics.jsonl"), progress.round_done,
+                   checkpoint.Checkpointer(out, exp, fed.client_states)],
+        on_client_done=progress.client_done, eval_initial=exp.eval.initial and start.round == 0,
+        wall_time_offset=ckpt.wall_time if ckpt is not None else 0.0,
+    )
+    history = previous + history
+    progress.close()
+    final = {k[len("eval_"):]: v for k, v in history[-1].items() if k.startswith("eval_") and k != "eval_time"}
+    if after is not None:
+        after(state, final, summary)
+    apply_state(model, state)
+    save_model(model, side.tokenizer, out / "model")
+    save_base_offset(state, out / "model")
+    model_meta(exp, task, model).write(out / "model")
+    summary["bytes_up_total"] = sum(r.get("bytes_up", 0) for r in history)
+    summary["bytes_down_total"] = sum(r.get("bytes_down", 0) for r in history)
+    summary["clients_per_round"] = fed.per_round
+    return finish_run(side, history, final, summary, quiet)
+
+
+def finish_run(side: ServerSide, history: list[dict], final: dict[str, float], summary: dict[str, Any],
+               quiet: bool) -> RunResult:
+    """Write ``summary.json`` (final and best metrics, wall time), print the table; the RunResult."""
+    task, headline = side.task, side.task.headline
+    summary["final_metrics"] = final
+    if task.details():
+        summary["task_details"] = task.details()
+    best = min if not task.higher_is_better else max
+    summary["best_" + headline] = best(
+        (r[f"eval_{headline}"] for r in history if f"eval_{headline}" in r), default=None
+    )
+    summary["higher_is_better"] = task.higher_is_better
+    summary["wall_time"] = time.perf_counter() - side.t_start
+    write_summary(side.out / "summary.json", summary)
+    if not quiet:
+        print_table(history, headline, sys.stdout)
+        shown = final.get(headline, final.get(f"{headline}_mean", float("nan")))
+        print(f"final {headline}: {shown:.4f}   "
+              f"wall time {summary['wall_time']:.1f}s   outputs in {side.out}", file=sys.stdout)
+    return RunResult(output_dir=side.out, history=history, final_metrics=final, summary=summary)

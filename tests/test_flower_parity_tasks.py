@@ -1,0 +1,155 @@
+"""Parity on real processes for every task kind and every LoRA rule family.
+
+One SuperLink and two SuperNodes run on localhost for the whole module (insecure, free ports);
+each SuperNode reads ``manifests/client_00N.json``, which every case overwrites with its own
+simulation's partition before submitting its Flower run. Each case trains a tiny config-built
+model for 2 rounds with 2 clients through the in-process simulation and through Flower (``fedtune
+run``'s Flower path, ``flwr run``), and the saved global model (adapter or full weights, and the
+LoRA base corrections) must agree within 1e-6.
+
+| case | task | fine-tuning / rule | also exercised |
+|---|---|---|---|
+| qa | extractive QA (stride windows on the nodes) | full fine-tuning | int16+gzip both ways |
+| multilabel | multi-label | LoRA, fedit | |
+| causal_lm | causal LM (tiny Llama) | LoRA, svd with client ranks 2 and 4 | FedProx term |
+| generative | generative classification (tiny Llama) | LoRA, ffa | |
+| fedsa | classification | LoRA, fedsa (B kept on the nodes) | |
+| fedex | classification | LoRA, fedex (base corrections) | |
+| flora | classification | LoRA, flora (base corrections, fresh adapters) | |
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("flwr")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from conftest import REPO, shared_data_or_skip  # noqa: E402
+from fedtune.config import Experiment  # noqa: E402
+from fedtune.experiment import run_experiment  # noqa: E402
+
+from flower_processes import LABELS, federation  # noqa: E402
+
+STORIES = REPO.parent / "shared" / "models" / "stories260K"
+TOLERANCE = 1e-6
+
+
+@pytest.fixture(scope="module")
+def shared_federation(tmp_path_factory):
+    """A SuperLink and 2 SuperNodes for every case of this module (each node reads manifests/client_00N.json)."""
+    root = tmp_path_factory.mktemp("flower_tasks")
+    manifests = root / "manifests"
+    manifests.mkdir()
+    with federation(root / "flower") as fed:
+        fed.start_superlink()
+        for i in range(2):
+            fed.start_supernode(f"node{i}", f'manifest="{manifests / f"client_{i:03d}.json"}"')
+        yield fed, manifests
+
+
+def _model_tensors(out: Path) -> dict:
+    """Every tensor the run saved as its global model (adapter or full weights, base corrections)."""
+    files = sorted((out / "model").glob("*.safetensors"))
+    assert files, f"no model saved in {out}"
+    tensors = {}
+    for f in files:
+        tensors.update({f"{f.name}:{k}": v for k, v in load_file(f).items()})
+    return tensors
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), (sorted(a.keys() ^ b.keys())[:4])
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+def _qa(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
+    from test_task_qa import _squad_file
+
+    _squad_file(tmp_path / "train.json", 4, 12, 1)
+    _squad_file(tmp_path / "dev.json", 1, 12, 2)
+    return [f'model.name="{tiny_model_dir}"', 'data.task="qa"', f'data.train_file="{tmp_path / "train.json"}"',
+            f'data.eval_file="{tmp_path / "dev.json"}"', "data.max_length=24", "data.doc_stride=4",
+            'partition.method="group"', 'model.mode="full"', "train.lr=0.01",
+            'federation.codec_up="int16+gzip"', 'federation.codec_down="int16+gzip"']
+
+
+def _multilabel(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
+    import json
+
+    from test_task_multilabel import _rows
+
+    for name, n, seed in (("train.jsonl", 60, 1), ("dev.jsonl", 20, 2)):
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in _rows(n, seed)) + "\n")
+    return [f'model.name="{tiny_model_dir}"', 'data.task="multilabel"', f'data.train_file="{tmp_path / "train.jsonl"}"',
+            f'data.eval_file="{tmp_path / "dev.jsonl"}"', "data.max_length=16", "train.lr=0.003",
+            'model.lora.aggregation="fedit"']
+
+
+def _stories() -> Path:
+    if not (STORIES / "config.json").is_file():
+        pytest.skip("stories260K not present")
+    return STORIES
+
+
+def _causal_lm(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
+    alpaca = shared_data_or_skip() / "code_alpaca" / "code_alpaca_2k.json"  # (a file path: the nodes need no env)
+    return [f'model.name="{_stories()}"', 'data.task="causal_lm"', f'data.train_file="{alpaca}"',
+            "data.train_size=24", "data.eval_size=8",
+            "data.max_length=96", "train.lr=0.01", "train.batch_size=8", 'model.lora.aggregation="svd"',
+            "model.lora.r=4", "model.lora.client_ranks=[2, 4]", 'strategy.name="fedprox"', "strategy.mu=0.1",
+            "eval.samples=0"]
+
+
+def _generative(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
+    train, evalf = tiny_csv
+    return [f'model.name="{_stories()}"', 'data.task="generative_classification"', 'data.dataset="files"',
+            f'data.train_file="{train}"', f'data.eval_file="{evalf}"', 'data.text_column="text"',
+            'data.label_column="label"', "data.max_length=32", "data.train_size=48", "data.eval_size=16",
+            "train.lr=0.003", 'model.lora.aggregation="ffa"', f"data.label_names={LABELS}"]
+
+
+def _classification(rule: str):
+    def make(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
+        train, evalf = tiny_csv
+        return [f'model.name="{tiny_model_dir}"', 'data.dataset="files"', f'data.train_file="{train}"',
+                f'data.eval_file="{evalf}"', 'data.text_column="text"', 'data.label_column="label"',
+                "data.max_length=16", "data.train_size=80", f"data.label_names={LABELS}", "train.lr=0.02",
+                "model.lora.r=4", f'model.lora.aggregation="{rule}"']
+
+    return make
+
+
+CASES = {
+    "qa": _qa, "multilabel": _multilabel, "causal_lm": _causal_lm, "generative": _generative,
+    "fedsa": _classification("fedsa"), "fedex": _classification("fedex"), "flora": _classification("flora"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_task_and_lora_rule_parity_on_real_processes(case, shared_federation, tmp_path, tiny_model_dir, tiny_csv):
+    """2 rounds x 2 clients: Flower (SuperLink + 2 SuperNodes) gives the simulation's global model within 1e-6."""
+    fed, manifests = shared_federation
+    options = CASES[case](tmp_path, tiny_model_dir, tiny_csv)
+    common = [*options, "partition.num_clients=2", "partition.min_examples=1", "federation.rounds=2",
+              "train.epochs=1", "eval.every=2"]
+    sim = run_experiment(Experiment.from_overrides([*common, f'output_dir="{tmp_path / "sim"}"']), quiet=True)
+    for f in (sim.output_dir / "partition").glob("client_*.json"):
+        shutil.copy(f, manifests / f.name)
+    flower = Experiment.from_overrides([
+        *common, f'output_dir="{tmp_path / "flower"}"', 'runtime.mode="flower"', f'runtime.superlink="{fed.address}"',
+        "runtime.insecure=true", "runtime.connect_timeout=60", "runtime.round_timeout=120"])
+    try:
+        result = run_experiment(flower, quiet=True)
+    except Exception as exc:
+        raise AssertionError(f"{case} on Flower failed: {exc}\n{fed.tail()}") from exc
+    assert [r["clients_aggregated"] for r in result.history] == [2, 2], fed.tail()
+    diff = _max_diff(_model_tensors(sim.output_dir), _model_tensors(result.output_dir))
+    assert diff <= TOLERANCE, f"{case}: max |flower - simulation| = {diff:.3e}"
+    headline = sim.summary["headline_metric"]
+    assert result.final_metrics[headline] == pytest.approx(sim.final_metrics[headline], rel=1e-6, abs=1e-6)
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in result.history)

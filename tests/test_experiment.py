@@ -23,8 +23,7 @@ def test_federated_run_writes_outputs_and_learns(tiny_experiment):
     assert len(list((out / "partition").glob("client_*.json"))) == 3
     # The tiny keyword task is learnable: well above chance (1/3).
     assert res.final_metrics["accuracy"] > 0.6
-    # The adapter loads back with peft and gives the same predictions as the final global model.
-    assert (out / "model" / "adapter_config.json").is_file()
+    assert (out / "model" / "adapter_config.json").is_file()  # (its predictions: the next test)
 
 
 def test_saved_adapter_reloads_with_peft(tiny_experiment, tiny_model_dir):
@@ -98,6 +97,12 @@ def test_fedprox_runs_and_differs_from_fedavg(tiny_experiment, tmp_path):
     prox = run_experiment(tiny_experiment(f'output_dir="{tmp_path / "prox"}"', "strategy.name=fedprox",
                                           "strategy.mu=1.0"), quiet=True)
     assert avg.history[-1]["train_loss"] != prox.history[-1]["train_loss"]
+    from safetensors.torch import load_file
+
+    a, p = (load_file(r.output_dir / "model" / "adapter_model.safetensors") for r in (avg, prox))
+    gap = sum(float((a[k] - p[k]).pow(2).sum()) for k in a) ** 0.5
+    size = sum(float(a[k].pow(2).sum()) for k in a) ** 0.5
+    assert gap > 0.01 * size, (gap, size)  # the proximal term changed the global model, not float noise
 
 
 def test_missing_data_file_is_named(tiny_experiment, tmp_path):

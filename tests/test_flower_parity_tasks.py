@@ -14,6 +14,7 @@ LoRA base corrections) must agree within 1e-6.
 | causal_lm | causal LM (tiny Llama) | LoRA, svd with client ranks 2 and 4 | FedProx term |
 | generative | generative classification (tiny Llama) | LoRA, ffa | |
 | fedsa | classification | LoRA, fedsa (B kept on the nodes) | |
+| fedper | classification | LoRA, FedPer (heads kept on the nodes) | federated evaluation, per-client evaluation, personalization report scored on the nodes |
 | fedex | classification | LoRA, fedex (base corrections) | |
 | flora | classification | LoRA, flora (base corrections, fresh adapters) | |
 """
@@ -98,7 +99,7 @@ def _stories() -> Path:
 
 def _causal_lm(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
     alpaca = shared_data_or_skip() / "code_alpaca" / "code_alpaca_2k.json"  # (a file path: the nodes need no env)
-    return [f'model.name="{_stories()}"', 'data.task="causal_lm"', f'data.train_file="{alpaca}"',
+    return [f'model.name="{_stories()}"', 'data.task="causal_lm"', f'data.train_file="{alpaca}"', "eval.federated=true",
             "data.train_size=24", "data.eval_size=8",
             "data.max_length=96", "train.lr=0.01", "train.batch_size=8", 'model.lora.aggregation="svd"',
             "model.lora.r=4", "model.lora.client_ranks=[2, 4]", 'strategy.name="fedprox"', "strategy.mu=0.1",
@@ -124,9 +125,15 @@ def _classification(rule: str):
     return make
 
 
+def _fedper(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
+    options = [o for o in _classification("fedit")(tmp_path, tiny_model_dir, tiny_csv) if "aggregation" not in o]
+    return [*options, 'personalization.method="fedper"', "personalization.holdout=0.25", "eval.federated=true",
+            "eval.per_client=true", 'partition.method="label"', "partition.labels_per_client=2"]
+
+
 CASES = {
     "qa": _qa, "multilabel": _multilabel, "causal_lm": _causal_lm, "generative": _generative,
-    "fedsa": _classification("fedsa"), "fedex": _classification("fedex"), "flora": _classification("flora"),
+    "fedsa": _classification("fedsa"), "fedper": _fedper, "fedex": _classification("fedex"), "flora": _classification("flora"),
 }
 
 
@@ -153,3 +160,13 @@ def test_task_and_lora_rule_parity_on_real_processes(case, shared_federation, tm
     headline = sim.summary["headline_metric"]
     assert result.final_metrics[headline] == pytest.approx(sim.final_metrics[headline], rel=1e-6, abs=1e-6)
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in result.history)
+    # Client-side scores (computed on the nodes on Flower) agree too.
+    scored = [k for k in sim.history[-1] if k.startswith(("eval_fed_", "eval_client_"))]
+    assert scored == [k for k in result.history[-1] if k.startswith(("eval_fed_", "eval_client_"))]
+    for k in scored:
+        assert result.history[-1][k] == pytest.approx(sim.history[-1][k], rel=1e-6, abs=1e-6), k
+    if "personalization" in sim.summary:
+        a, b = sim.summary["personalization"]["per_client"], result.summary["personalization"]["per_client"]
+        assert a.keys() == b.keys()
+        for c in a:
+            assert b[c] == pytest.approx(a[c], rel=1e-6, abs=1e-6), c

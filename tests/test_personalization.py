@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from fedtune.personalization import distribution, per_client_report, split_holdout, with_personal
+from fedtune.personalization import distribution, per_client_report, split_holdout
+from fedtune.types import ClientScore
 
 
 def test_split_holdout_disjoint_seeded_and_sized():
@@ -26,16 +27,25 @@ def test_distribution_by_hand():
     assert d["mean"] == pytest.approx(sum([0.9, 0.5, 0.7, 0.8, 0.6, 0.95, 0.85, 0.75, 0.65, 0.55, 0.1]) / 11)
 
 
-def test_with_personal_and_report():
-    g = {"body": torch.zeros(1), "head": torch.zeros(1)}
-    p = with_personal(g, {"head": torch.ones(1)})
-    assert p["head"].item() == 1.0 and p["body"] is g["body"]
-    with pytest.raises(KeyError):
-        with_personal(g, {"nope": torch.ones(1)})
-    rep = per_client_report(["a", "b"], lambda c, params: float(params["head"]), g,
-                            lambda c: with_personal(g, {"head": torch.ones(1) * (2 if c == "a" else 3)}))
+def test_split_by_client_id_matches_a_single_shard():
+    """A node holding one shard draws the same split as the simulation does for that client id."""
+    shards = [list(range(0, 10)), list(range(10, 20))]
+    train, test = split_holdout(shards, 0.3, seed=4, ids=["client_000", "client_001"])
+    (alone_train,), (alone_test,) = split_holdout([shards[1]], 0.3, seed=4, ids=["client_001"])
+    assert (alone_train, alone_test) == (train[1], test[1])
+
+
+def test_distribution_lower_is_better():
+    d = distribution([3.0, 10.0, 5.0], higher_is_better=False)  # perplexity: the worst is the largest
+    assert d["worst"] == 10.0 and d["p10"] == 10.0 and d["mean"] == 6.0
+
+
+def test_report_from_client_scores():
+    scores = [ClientScore("b", 4, {"global": 0.0, "personalized": 3.0}),
+              ClientScore("a", 2, {"global": 0.0, "personalized": 2.0})]
+    rep = per_client_report(scores)
     assert rep["global"]["mean"] == 0.0 and rep["personalized"]["mean"] == 2.5
-    assert rep["per_client"]["b"] == {"global": 0.0, "personalized": 3.0}
+    assert rep["per_client"]["b"] == {"global": 0.0, "personalized": 3.0} and list(rep["per_client"]) == ["a", "b"]
 
 
 def test_fedper_keeps_heads_local_and_reports(tiny_experiment):

@@ -8,36 +8,30 @@ which the Flower ServerApp calls too.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedtune import checkpoint, tensors
+from fedtune import checkpoint
 from fedtune.attacks import DATA_ATTACKS, UPDATE_ATTACKS, Attack, AttackedTransport, flip_labels, malicious_clients
 from fedtune.batching import EncodedDataset
 from fedtune.channel import Channel
-from fedtune.client import local_train
-from fedtune.config import ConfigError, Experiment
-from fedtune.models import head_param_names, set_trainable
+from fedtune.config import Experiment
+from fedtune.models import set_trainable
 from fedtune.outputs import JsonlWriter
 from fedtune.partition import client_ids
 from fedtune.shards import make_shards
-from fedtune.personalization import PERSONAL_STATE_KEY, per_client_report, split_holdout, with_personal
+from fedtune.personalization import split_holdout
 from fedtune.precision import default_device
 from fedtune.runtime.parallel import ParallelSimulationTransport
-from fedtune.runtime.simulation import SimulationTransport, client_seed
+from fedtune.runtime.simulation import SimulationTransport
 from fedtune.server.loop import clients_per_round, run_rounds
 from fedtune.server.progress import Progress
-from fedtune.server.run import Federation, RunResult, ServerSide, base_summary, finish_run, prepare_server, \
-    run_federation
-from fedtune.strategies import PersonalLayers
+from fedtune.server.run import Federation, RunResult, ServerSide, base_summary, finish_run, needs_holdout, \
+    prepare_server, run_federation, server_strategy
 from fedtune.strategies.from_config import build_strategy, local_train_config
-from fedtune.tasks.registry import build_task, task_kind
-from fedtune.tasks.task import EvalContext, Task
-from fedtune.types import RoundPlan
+from fedtune.tasks.registry import build_task
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +79,13 @@ def run_simulation(exp: Experiment, *, quiet: bool = False, device: torch.device
     train = task.train
     units = make_shards(exp, task.units, task.name, out)
     ids = client_ids(len(units))
-    personal_tests: dict[str, EncodedDataset] = {}
-    if exp.personalization.method != "none":
-        units, held_out = split_holdout(units, exp.personalization.holdout, exp.seed)
-        personal_tests = {cid: train.subset(task.rows_of(rows)) for cid, rows in zip(ids, held_out)}
+    held_out_rows: dict[str, EncodedDataset] = {}
+    if needs_holdout(exp):  # (personalization, federated evaluation: every client keeps rows to score on)
+        units, held_out = split_holdout(units, exp.personalization.holdout, exp.seed, ids)
+        held_out_rows = {cid: train.subset(task.rows_of(rows)) for cid, rows in zip(ids, held_out)}
     shards = [task.rows_of(u) for u in units]
     log.info("%s (%s): %d train rows over %d clients", task.name, task.kind, len(train), len(ids))
-    strategy = build_strategy(exp, num_clients=len(ids))
-    if exp.personalization.method == "fedper":
-        strategy = PersonalLayers(strategy, head_param_names(model))
+    strategy = server_strategy(side, len(ids))
     if exp.mode == "local":
         return _run_local(side, strategy, shards, ids, quiet)
 
@@ -119,49 +111,9 @@ def run_simulation(exp: Experiment, *, quiet: bool = False, device: torch.device
         summary["attackers"] = attackers
         log.info("attack %s by %d clients: %s", exp.attack.kind, len(attackers), attackers)
 
-    client_scores = None
-    if exp.eval.per_client:
-        def client_scores(state) -> dict[str, float]:  # (the global model is in place: apply_state ran)
-            scores = [task.score_rows(model, train.subset(s), side.eval_context) for s in shards]
-            return {f"client_{task.headline}_mean": sum(scores) / len(scores),
-                    f"client_{task.headline}_min": min(scores)}
-
-    def after(state, final: dict[str, float], summary: dict[str, Any]) -> None:
-        if not personal_tests:
-            return
-        report = _personalization_report(exp, model, state.params, simulation, client_data, personal_tests, task,
-                                         side.eval_context, side.pad_id, side.device)
-        summary["personalization"] = report
-        for which in ("global", "personalized"):
-            final.update({f"clients_{which}_{task.headline}_{k}": v for k, v in report[which].items()})
-
+    simulation.enable_scoring(task, held_out_rows, side.eval_context)  # (eval.per_client, eval.federated, ...)
     fed = Federation(clients, len(train), simulation.client_states, per_round)
-    return run_federation(side, strategy, transport, fed, quiet=quiet, ckpt=ckpt, client_scores=client_scores,
-                          summary=summary, after=after)
-
-
-def _personalization_report(exp, model, global_params, simulation, client_data, tests, task: Task,
-                            ctx: EvalContext, pad_id, device) -> dict[str, Any]:
-    """Score the global and each client's personalized model on that client's held-out rows."""
-    cfg = exp.personalization
-
-    def score(cid: str, params) -> float:
-        set_trainable(model, params)
-        return task.score_rows(model, tests[cid], ctx)
-
-    def personal(cid: str):
-        if cfg.method == "fedper" or exp.model.lora.aggregation == "fedsa":  # FedSA: the client's own B
-            own = simulation.client_states.get(cid, {}).get(PERSONAL_STATE_KEY)
-            return with_personal(global_params, own)
-        local = dataclasses.replace(local_train_config(exp), epochs=0.0, max_steps=cfg.finetune_steps)
-        plan = RoundPlan(round=exp.federation.rounds + 1, params=global_params, local=local)
-        update = local_train(model, client_data[cid], plan, cid, pad_id=pad_id, device=device,
-                             seed=client_seed(exp.seed, plan.round, cid))
-        return tensors.add(global_params, update.delta)
-
-    report = per_client_report(sorted(tests), score, global_params, personal)
-    report["method"] = cfg.method
-    return report
+    return run_federation(side, strategy, transport, fed, quiet=quiet, ckpt=ckpt, summary=summary)
 
 
 def _run_local(side: ServerSide, strategy, shards, ids, quiet: bool) -> RunResult:

@@ -25,21 +25,22 @@
     holds the first block): "the first and second half of the training set".
 
 Every method is deterministic given ``seed``. The manifest helpers
-(:func:`write_manifests`, :func:`read_manifests`) store a partition as one JSON
-file per client plus a ``summary.json``.
+(:mod:`fedtune.manifests`: :func:`write_manifests`, :func:`read_manifests`) store a partition as
+one JSON file per client plus a ``summary.json``; they are re-exported here.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
-import re
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fedtune.manifests import (  # (re-exported: the manifest helpers are part of this API)
+    PartitionError, _is_int, _require_int, client_ids, label_histogram, read_manifests, write_manifests,
+)
 
 __all__ = [
     "METHODS",
@@ -57,30 +58,6 @@ METHODS: tuple[str, ...] = ("iid", "overlap", "label", "dirichlet", "quantity", 
 _DISJOINT = frozenset({"iid", "label", "dirichlet", "quantity", "group", "contiguous"})
 _NEEDS_LABELS = frozenset({"label", "dirichlet"})
 _DIRICHLET_MAX_TRIES = 1000
-_SUMMARY = "summary.json"
-_CLIENT_FILE_RE = re.compile(r"^client_(\d{3,})\.json$")
-
-
-class PartitionError(ValueError):
-    """A partition was requested with invalid arguments, cannot satisfy its
-    constraints, or a manifest on disk is missing or malformed."""
-
-
-# --------------------------------------------------------------------------- #
-# validation helpers
-# --------------------------------------------------------------------------- #
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _require_int(name: str, value: Any, minimum: int) -> int:
-    if not _is_int(value):
-        raise PartitionError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise PartitionError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
 
 
 def _require_real(name: str, value: Any) -> float:
@@ -440,147 +417,3 @@ def _group(groups: Sequence[int] | None, n: int, num_clients: int, rng: np.rando
         shards[smallest].extend(members[g])
     return shards
 
-
-def client_ids(num_clients: int) -> list[str]:
-    """Return the canonical client ids ``["client_000", "client_001", ...]``."""
-    num_clients = _require_int("num_clients", num_clients, 0)
-    return [f"client_{i:03d}" for i in range(num_clients)]
-
-
-def label_histogram(
-    indices: Sequence[int], labels: Sequence[int] | None, label_names: Sequence[str] | None
-) -> dict[str, int]:
-    """Count the classes of the rows ``indices``.
-
-    Returns ``{}`` when ``labels`` is ``None``. With ``label_names`` the keys are
-    the names (every name appears, with 0 for absent classes, in class-id order)
-    and class ids must index into ``label_names``; without it the keys are the
-    class ids as strings, for present classes only, in increasing id order.
-    """
-    if labels is None:
-        return {}
-    label_arr = np.asarray(labels)
-    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-    if idx.size and (idx.min() < 0 or idx.max() >= label_arr.size):
-        bad = int(idx[(idx < 0) | (idx >= label_arr.size)][0])
-        raise PartitionError(f"label_histogram: row index {bad} out of range for {label_arr.size} labels")
-    picked = label_arr[idx].astype(np.int64)
-    if label_names is not None:
-        names = [str(name) for name in label_names]
-        if picked.size and (picked.min() < 0 or picked.max() >= len(names)):
-            bad = int(picked[(picked < 0) | (picked >= len(names))][0])
-            raise PartitionError(f"label_histogram: class id {bad} has no entry in label_names ({len(names)} names)")
-        counts = np.bincount(picked, minlength=len(names))
-        return {name: int(count) for name, count in zip(names, counts)}
-    values, counts = np.unique(picked, return_counts=True)
-    return {str(int(v)): int(c) for v, c in zip(values, counts)}
-
-
-def _check_indices(where: str, indices: Any) -> list[int]:
-    if not isinstance(indices, (list, tuple, np.ndarray)):
-        raise PartitionError(f"{where}: indices must be a list of non-negative integers, got {type(indices).__name__}")
-    out = []
-    for value in indices:
-        if not _is_int(value) or value < 0:
-            raise PartitionError(f"{where}: indices must be non-negative integers, found {value!r}")
-        out.append(int(value))
-    return out
-
-
-_RESERVED_SUMMARY_KEYS = ("num_clients", "total_rows", "unique_rows", "sizes", "label_histograms")
-
-
-def write_manifests(
-    directory: str | Path,
-    shards: list[list[int]],
-    labels: Sequence[int] | None,
-    label_names: Sequence[str] | None,
-    meta: Mapping[str, Any],
-) -> None:
-    """Write a partition to ``directory`` (created if needed).
-
-    Writes ``client_000.json``, ... (``{"client_id", "size", "indices",
-    "label_histogram"}``) and ``summary.json`` with ``num_clients``,
-    ``total_rows`` (sum of sizes), ``unique_rows``, ``sizes``,
-    ``label_histograms`` (by client id) and every key of ``meta`` (which must be
-    JSON-serialisable and must not reuse those names). Stale ``client_NNN.json``
-    files numbered beyond the new client count are removed.
-    """
-    directory = Path(directory)
-    clash = [key for key in meta if key in _RESERVED_SUMMARY_KEYS]
-    if clash:
-        raise PartitionError(f"write_manifests: meta keys {clash} clash with computed summary fields")
-    checked = [_check_indices(f"write_manifests: shard {i}", shard) for i, shard in enumerate(shards)]
-    ids = client_ids(len(checked))
-    histograms = {cid: label_histogram(shard, labels, label_names) for cid, shard in zip(ids, checked)}
-    summary: dict[str, Any] = {
-        "num_clients": len(checked),
-        "total_rows": sum(len(s) for s in checked),
-        "unique_rows": len(set().union(*checked)) if checked else 0,
-        "sizes": [len(s) for s in checked],
-        "label_histograms": histograms,
-    }
-    for key, value in meta.items():
-        summary[str(key)] = value
-    try:
-        summary_text = json.dumps(summary, indent=2)
-    except (TypeError, ValueError) as exc:
-        raise PartitionError(f"write_manifests: meta is not JSON-serialisable: {exc}") from exc
-
-    directory.mkdir(parents=True, exist_ok=True)
-    for cid, shard in zip(ids, checked):
-        record = {"client_id": cid, "size": len(shard), "indices": shard, "label_histogram": histograms[cid]}
-        (directory / f"{cid}.json").write_text(json.dumps(record, separators=(",", ":")))
-    for path in directory.iterdir():
-        match = _CLIENT_FILE_RE.match(path.name)
-        if match and int(match.group(1)) >= len(checked):
-            path.unlink()
-    (directory / _SUMMARY).write_text(summary_text + "\n")
-
-
-def _load_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise PartitionError(f"read_manifests: {what} {path} is missing")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PartitionError(f"read_manifests: {what} {path} is not valid JSON: {exc}") from exc
-
-
-def read_manifests(directory: str | Path) -> tuple[list[list[int]], dict[str, Any]]:
-    """Read a partition written by :func:`write_manifests`.
-
-    Returns ``(shards, summary)`` with shards in client order. Raises
-    :class:`PartitionError` naming the offending file if the directory,
-    ``summary.json`` or a client file is missing or malformed, or if a client's
-    indices are not non-negative integers or disagree with its ``size``.
-    """
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise PartitionError(f"read_manifests: manifest directory {directory} does not exist")
-    summary_path = directory / _SUMMARY
-    summary = _load_json(summary_path, "summary file")
-    if not isinstance(summary, dict):
-        raise PartitionError(f"read_manifests: summary file {summary_path} must hold a JSON object")
-    num_clients = summary.get("num_clients")
-    if not _is_int(num_clients) or num_clients < 0:
-        raise PartitionError(
-            f"read_manifests: summary file {summary_path} has invalid num_clients {num_clients!r}"
-        )
-    shards: list[list[int]] = []
-    for cid in client_ids(num_clients):
-        path = directory / f"{cid}.json"
-        record = _load_json(path, "client file")
-        if not isinstance(record, dict) or "indices" not in record:
-            raise PartitionError(f"read_manifests: client file {path} must be a JSON object with 'indices'")
-        if record.get("client_id", cid) != cid:
-            raise PartitionError(
-                f"read_manifests: client file {path} has client_id {record.get('client_id')!r}, expected {cid!r}"
-            )
-        indices = _check_indices(f"read_manifests: client file {path}", record["indices"])
-        if "size" in record and record["size"] != len(indices):
-            raise PartitionError(
-                f"read_manifests: client file {path} says size {record['size']!r} but lists {len(indices)} indices"
-            )
-        shards.append(indices)
-    return shards, summary

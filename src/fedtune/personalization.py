@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from fedtune.types import TensorDict
+from fedtune.types import ClientScore
 
 PERSONAL_STATE_KEY = "personal"
 """Where a client keeps its personal tensors in its ClientState."""
 
 
-def split_holdout(shards: Sequence[Sequence[int]], fraction: float, seed: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Split every client's shard into (train, held-out test) with a seeded shuffle.
+def split_holdout(shards: Sequence[Sequence[int]], fraction: float, seed: int,
+                  ids: Sequence[str] | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """Split every client's shard into (train, held-out test) with a shuffle seeded by (seed, client id).
 
-    Each client keeps at least one training and one test row when it has two or more rows.
+    ``ids[k]`` names shard k's client (its position when None): a node holding one shard draws the
+    same split as the simulation. Each client keeps at least one training and one test row.
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
@@ -33,44 +35,30 @@ def split_holdout(shards: Sequence[Sequence[int]], fraction: float, seed: int) -
     for k, shard in enumerate(shards):
         rows = list(shard)
         if len(rows) < 2:
-            raise ValueError(f"client {k} has {len(rows)} rows: too few to hold any out")
-        random.Random(f"{seed}/holdout/{k}").shuffle(rows)
+            raise ValueError(f"client {ids[k] if ids is not None else k} has {len(rows)} rows: too few to hold any out")
+        random.Random(f"{seed}/holdout/{ids[k] if ids is not None else k}").shuffle(rows)
         n_test = min(max(1, int(round(fraction * len(rows)))), len(rows) - 1)
         test.append(sorted(rows[:n_test]))
         train.append(sorted(rows[n_test:]))
     return train, test
 
 
-def distribution(scores: Sequence[float]) -> dict[str, float]:
-    """mean, worst (min) and 10th percentile (nearest-rank) of per-client scores."""
+def distribution(scores: Sequence[float], higher_is_better: bool = True) -> dict[str, float]:
+    """mean, worst and 10th-worst-percentile (nearest-rank) of per-client scores (worst: min, or max when
+    lower is better, e.g. perplexity)."""
     if not scores:
         raise ValueError("no scores")
-    ordered = sorted(scores)
+    ordered = sorted(scores, reverse=not higher_is_better)
     rank = max(1, math.ceil(0.10 * len(ordered)))
     return {"mean": sum(ordered) / len(ordered), "worst": ordered[0], "p10": ordered[rank - 1]}
 
 
-def with_personal(params: TensorDict, personal: TensorDict | None) -> TensorDict:
-    """The global tensors with a client's personal ones put in their place."""
-    if not personal:
-        return params
-    unknown = personal.keys() - params.keys()
-    if unknown:
-        raise KeyError(f"personal tensors not in the model: {sorted(unknown)[:3]}")
-    return {**params, **personal}
-
-
-def per_client_report(
-    client_ids: Sequence[str],
-    score: Callable[[str, TensorDict], float],
-    global_params: TensorDict,
-    personal_params: Callable[[str], TensorDict],
-) -> dict[str, object]:
-    """Score the global model and each client's personalized model on that client's held-out data."""
-    global_scores = {c: score(c, global_params) for c in client_ids}
-    personal_scores = {c: score(c, personal_params(c)) for c in client_ids}
+def per_client_report(scores: Sequence[ClientScore], higher_is_better: bool = True) -> dict[str, object]:
+    """The distribution of the clients' global and personalized scores on their own held-out rows."""
+    ordered = sorted(scores, key=lambda s: s.client_id)
     return {
-        "global": distribution(list(global_scores.values())),
-        "personalized": distribution(list(personal_scores.values())),
-        "per_client": {c: {"global": global_scores[c], "personalized": personal_scores[c]} for c in client_ids},
+        "global": distribution([s.scores["global"] for s in ordered], higher_is_better),
+        "personalized": distribution([s.scores["personalized"] for s in ordered], higher_is_better),
+        "per_client": {s.client_id: {"global": s.scores["global"], "personalized": s.scores["personalized"]}
+                       for s in ordered},
     }

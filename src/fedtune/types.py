@@ -82,3 +82,13 @@ class ServerState:
     round: int
     params: TensorDict
     buffers: Mapping[str, TensorDict] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientScore:
+    """A client's scores of a model on its own rows (federated evaluation, personalization); rows stay home."""
+
+    client_id: str
+    num_examples: int
+    scores: Mapping[str, float]
+    """``global`` (the round's global model) and, when asked, ``personalized`` (the client's own model)."""

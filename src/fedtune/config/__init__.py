@@ -330,6 +330,9 @@ class EvalConfig:
     every: int = field(default=1, metadata=_help("Evaluate every N rounds (the last round always)."))
     batch_size: int = field(default=128, metadata=_help("Evaluation batch size."))
     per_client: bool = field(default=False, metadata=_help("Also evaluate on each client's own training shard."))
+    federated: bool = field(default=False, metadata=_help(
+        "Federated evaluation: at every evaluation each client scores the global model on its own held-out rows "
+        "(personalization.holdout of its shard, never trained on); the example-weighted mean is logged."))
     initial: bool = field(default=False, metadata=_help("Also evaluate the starting model (recorded as round 0)."))
     threshold: float = field(default=0.5, metadata=_help("multilabel: a label is predicted at probability >= this."))
     tune_threshold: bool = field(

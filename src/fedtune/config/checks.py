@@ -29,6 +29,14 @@ def _kind(exp: Experiment) -> str:
     return task_kind(exp)
 
 
+SCORED_KINDS = ("classification", "causal_lm")
+"""Task kinds whose Task.score_rows scores a client's own rows (headline metric)."""
+
+
+def _client_scored(exp: Experiment) -> bool:
+    return exp.eval.per_client or exp.eval.federated or exp.personalization.method != "none"
+
+
 def _flower(exp: Experiment) -> bool:
     return exp.runtime.mode != "simulation"
 
@@ -38,10 +46,14 @@ CHECKS: tuple[Check, ...] = (
           lambda e: e.personalization.method != "none" and e.mode != "federated",
           lambda e: f"[personalization] personalizes the clients of a federation; mode = {e.mode!r} has none "
                     "(use mode = 'federated')"),
-    Check("client-scores-classification",
-          lambda e: (e.eval.per_client or e.personalization.method != "none") and _kind(e) != "classification",
-          lambda e: f"eval.per_client and [personalization] score clients' own rows with Task.score_rows, "
-                    f"which only the classification task has so far; not data.task = {_kind(e)!r}"),
+    Check("federated-eval-needs-federation",
+          lambda e: e.eval.federated and e.mode != "federated",
+          lambda e: f"eval.federated has each client of a federation score the global model; mode = {e.mode!r} "
+                    "has none (use mode = 'federated')"),
+    Check("client-scores-need-score-rows",
+          lambda e: _client_scored(e) and _kind(e) not in SCORED_KINDS,
+          lambda e: f"eval.per_client, eval.federated and [personalization] have clients score their own rows "
+                    f"with Task.score_rows, which {', '.join(SCORED_KINDS)} have so far; not data.task = {_kind(e)!r}"),
     Check("label-flip-needs-classes",
           lambda e: e.attack.kind == "label_flip" and _kind(e) != "classification",
           lambda e: f"attack.kind = 'label_flip' flips class labels: single-label classification only, "
@@ -50,11 +62,6 @@ CHECKS: tuple[Check, ...] = (
           lambda e: _flower(e) and e.mode != "federated",
           lambda e: f"mode = {e.mode!r} needs every client's data in one place; on runtime.mode = "
                     f"{e.runtime.mode!r} the data stays on the nodes (use runtime.mode = 'simulation')"),
-    Check("flower-client-scores",
-          lambda e: _flower(e) and (e.eval.per_client or e.personalization.method != "none"),
-          lambda e: "eval.per_client and [personalization] score each client's rows on the server, which does not "
-                    f"hold them on runtime.mode = {e.runtime.mode!r}; node-side scoring is not built yet "
-                    "(use runtime.mode = 'simulation')"),
     Check("secagg-weighted-mean",
           lambda e: e.runtime.secagg and bool(_secagg_problems(e)),
           lambda e: "runtime.secagg = true only hides the clients' updates inside an example-weighted mean of at "

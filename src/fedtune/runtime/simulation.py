@@ -11,8 +11,9 @@ from torch import nn
 from fedtune.batching import EncodedDataset
 from fedtune.channel import Channel
 from fedtune.client import local_train
+from fedtune.client.evaluate import HELD_OUT, ScoreRequest, client_scores
 from fedtune.payload import CommStats
-from fedtune.types import ClientState, ClientUpdate, RoundPlan
+from fedtune.types import ClientScore, ClientState, ClientUpdate, RoundPlan
 
 
 def client_seed(seed: int, rnd: int, client_id: str) -> int:
@@ -49,6 +50,27 @@ class SimulationTransport:
         self.device = device
         self.client_states: dict[str, ClientState] = {}
         """Each client's persistent state (kept here because in a simulation the client is us)."""
+        self.task = None
+        self.held_out: Mapping[str, EncodedDataset] = {}
+        self.eval_context = None
+
+    def enable_scoring(self, task, held_out: Mapping[str, EncodedDataset], eval_context) -> None:
+        """Let clients score models on their rows (:meth:`score_round`): the task, their held-out rows, how to run."""
+        self.task, self.held_out, self.eval_context = task, held_out, eval_context
+
+    def score_round(self, plan: RoundPlan, clients: Sequence[str], request: ScoreRequest,
+                    stats: CommStats) -> Iterator[ClientScore]:
+        """Each client scores the plan's model on its own rows (:func:`fedtune.client.evaluate.client_scores`)."""
+        if self.task is None:
+            raise RuntimeError("client scoring was not enabled on this transport (enable_scoring)")
+        for cid in clients:
+            received, down = self.channel.send_plan(plan, cid)
+            stats.bytes_down += down
+            rows = self.held_out.get(cid) if request.rows == HELD_OUT else self.client_data[cid]
+            scores = client_scores(self.model, self.task, received, cid, request, train_rows=self.client_data[cid],
+                                   held_out=self.held_out.get(cid), state=self.client_states.get(cid, {}),
+                                   ctx=self.eval_context, seed=client_seed(self.seed, plan.round, cid))
+            yield ClientScore(cid, len(rows), scores)
 
     def run_round(self, plan: RoundPlan, clients: Sequence[str], stats: CommStats) -> Iterator[ClientUpdate]:
         """Train each client on the plan as it decodes it; yield the updates as the server decodes them."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,14 +20,17 @@ from safetensors.torch import save_file
 
 from fedtune import checkpoint, tensors
 from fedtune.artifacts import BASE_OFFSET_FILE, ModelMeta
+from fedtune.client.evaluate import HELD_OUT, TRAIN, ScoreRequest
 from fedtune.config import Experiment
 from fedtune.models import get_trainable, load_tokenizer, save_model, set_trainable, sync_base
 from fedtune.outputs import JsonlWriter, prepare_output_dir, print_table, write_summary
+from fedtune.payload import CommStats
+from fedtune.personalization import per_client_report
 from fedtune.server.loop import Transport, run_rounds
 from fedtune.server.progress import Progress
 from fedtune.strategies.base import Strategy
 from fedtune.tasks.task import EvalContext, Task
-from fedtune.types import BASE_OFFSET, ClientState, ServerState
+from fedtune.types import BASE_OFFSET, ClientScore, ClientState, ServerState
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +139,42 @@ def base_summary(side: ServerSide, strategy_name: str, fed: Federation, initial)
     }
 
 
-ClientScores = Callable[[ServerState], Mapping[str, float]]
-"""Extra per-round scores of the global model (e.g. on every client's rows), merged into the evaluation."""
+def server_strategy(side: ServerSide, num_clients: int) -> Strategy:
+    """The run's strategy (``[strategy]``, ``[privacy]``, ``model.lora``), with FedPer's personal head when asked."""
+    from fedtune.models import head_param_names
+    from fedtune.strategies.from_config import build_strategy
+    from fedtune.strategies.personal import PersonalLayers
+
+    strategy = build_strategy(side.exp, num_clients=num_clients)
+    if side.exp.personalization.method == "fedper":
+        strategy = PersonalLayers(strategy, head_param_names(side.model))
+    return strategy
+
+
+def needs_holdout(exp: Experiment) -> bool:
+    """Whether every client keeps ``personalization.holdout`` of its rows out of training, to score on."""
+    return exp.personalization.method != "none" or exp.eval.federated
+
+
+def score_mode(exp: Experiment) -> str:
+    """What a client's personalized model is: its own personal tensors (FedPer, FedSA's B) or fine-tuned."""
+    p = exp.personalization.method
+    if p == "none":
+        return "none"
+    return "fedper" if p == "fedper" or exp.model.lora.aggregation == "fedsa" else p
+
+
+def gather_scores(strategy: Strategy, transport, state: ServerState, clients: Sequence[str],
+                  request: ScoreRequest) -> list[ClientScore]:
+    """Every client scores the model it would train from after ``state`` (the next round's plan)."""
+    plan = strategy.configure(state.round + 1, state, list(clients))
+    return list(transport.score_round(plan, list(clients), request, CommStats()))
+
+
+def weighted_score(scores: Sequence[ClientScore], key: str = "global") -> float:
+    """The example-weighted mean of the clients' ``key`` scores."""
+    total = sum(s.num_examples for s in scores)
+    return sum(s.num_examples * s.scores[key] for s in scores) / total
 
 
 def run_federation(
@@ -148,14 +185,13 @@ def run_federation(
     *,
     quiet: bool = False,
     ckpt: checkpoint.Checkpoint | None = None,
-    client_scores: ClientScores | None = None,
     summary: dict[str, Any] | None = None,
-    after: Callable[[ServerState, dict[str, float], dict[str, Any]], None] | None = None,
 ) -> RunResult:
     """Run the rounds of ``side.exp`` over ``transport`` and write every output of the run.
 
-    ``ckpt`` continues from a checkpoint (its client states go back into ``fed.client_states``);
-    ``after(state, final, summary)`` may add results (e.g. personalization) before the summary is written.
+    ``ckpt`` continues from a checkpoint (its client states go back into ``fed.client_states``).
+    Client-side scores (``eval.federated``, ``eval.per_client``, ``[personalization]``) are asked of
+    the clients through ``transport.score_round``, so they are computed where the rows are.
     """
     exp, task, model = side.exp, side.task, side.model
     out, ctx, headline = side.out, side.eval_context, side.task.headline
@@ -167,8 +203,14 @@ def run_federation(
         apply_state(model, state)
         result = task.evaluate(model, ctx)
         task.write_samples(model, ctx, samples_path, state.round)
-        if client_scores is not None:
-            result.update(client_scores(state))
+        if exp.eval.federated:  # each client scores the global model on its own held-out rows
+            scores = gather_scores(strategy, transport, state, fed.clients, ScoreRequest(HELD_OUT))
+            result[f"fed_{headline}"] = weighted_score(scores)
+        if exp.eval.per_client:  # ... and on its own training rows
+            values = [s.scores["global"] for s in
+                      gather_scores(strategy, transport, state, fed.clients, ScoreRequest(TRAIN))]
+            result[f"client_{headline}_mean"] = sum(values) / len(values)
+            result[f"client_{headline}_min"] = min(values)
         return result
 
     rounds = exp.federation.rounds
@@ -187,8 +229,14 @@ def run_federation(
     history = previous + history
     progress.close()
     final = {k[len("eval_"):]: v for k, v in history[-1].items() if k.startswith("eval_") and k != "eval_time"}
-    if after is not None:
-        after(state, final, summary)
+    mode = score_mode(exp)
+    if mode != "none":  # each client's personalized model beside the global one, on its held-out rows
+        request = ScoreRequest(HELD_OUT, mode, exp.personalization.finetune_steps)
+        report = per_client_report(gather_scores(strategy, transport, state, fed.clients, request),
+                                   task.higher_is_better)
+        summary["personalization"] = {**report, "method": exp.personalization.method}
+        for which in ("global", "personalized"):
+            final.update({f"clients_{which}_{headline}_{k}": v for k, v in report[which].items()})
     apply_state(model, state)
     save_model(model, side.tokenizer, out / "model")
     save_base_offset(state, out / "model")

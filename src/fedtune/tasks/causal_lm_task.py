@@ -111,6 +111,11 @@ class CausalLMTask(Task):
     def eval_inputs(self) -> EncodedDataset:
         return _lm_rows(self._eval)
 
+    def score_rows(self, model: nn.Module, rows: EncodedDataset, ctx: EvalContext) -> float:
+        """Response perplexity on some training rows (a client's own; per-client and federated evaluation)."""
+        data = EncodedLM(list(rows.input_ids), list(rows.token_labels))
+        return perplexity(model, data, pad_id=ctx.pad_id, batch_size=ctx.batch_size, device=ctx.device)["perplexity"]
+
     @torch.no_grad()
     def generate(self, model: nn.Module, prompts: Sequence[str], ctx: EvalContext) -> list[str]:
         """Greedy continuations of ``prompts`` (one at a time, so no padding is involved)."""

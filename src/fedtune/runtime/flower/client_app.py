@@ -40,17 +40,22 @@ from fedtune.runtime.flower import messages, secagg
 from fedtune.runtime.flower.experiment_source import ExperimentSource
 from fedtune.runtime.flower.node import NodeData
 from fedtune.runtime.simulation import client_seed
-from fedtune.server.run import build_model
+from fedtune.client.evaluate import HELD_OUT, client_scores
+from fedtune.server.run import build_model, needs_holdout
+from fedtune.tasks.task import EvalContext
+from fedtune.types import ClientScore
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Resident:
-    """This process's resident model and this node's encoded training rows."""
+    """This process's resident model and task, this node's encoded training rows and held-out rows."""
 
     model: torch.nn.Module
+    task: Any
     rows: Any
+    held_out: Any
     pad_id: int
 
 
@@ -63,10 +68,11 @@ def _resident(exp: Experiment, node: NodeData, task_info: messages.TaskInfo, dev
     if key not in _RESIDENT:
         _RESIDENT.clear()  # one resident model per process
         tokenizer = load_tokenizer(exp.model.name)
-        task, rows = node.load_task(exp, task_info.label_names, tokenizer)
+        task, rows, held_out = node.load_task(exp, task_info.label_names, tokenizer,
+                                              holdout=exp.personalization.holdout if needs_holdout(exp) else 0.0)
         model = build_model(task, exp, device)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        _RESIDENT[key] = _Resident(model, rows, pad_id)
+        _RESIDENT[key] = _Resident(model, task, rows, held_out, pad_id)
     return _RESIDENT[key]
 
 
@@ -114,5 +120,24 @@ def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | Non
         encoded = request.channel.encode_update(update, state, request.plan)  # codec_up; feedback in state
         messages.save_client_state(state, context.state)
         return Message(messages.encode_update(encoded), reply_to=msg)
+
+    @app.evaluate()
+    def score(msg: Message, context: Context) -> Message:
+        exp = experiment(context.run_config)
+        request, what = messages.decode_score_request(msg.content)
+        node = node_of(context)
+        if request.client_id != node.client_id:
+            raise ValueError(f"node {context.node_id} is client {node.client_id!r}, "
+                             f"but the server addressed client {request.client_id!r}")
+        device = default_device()
+        resident = _resident(exp, node, request.task, device)
+        ctx = EvalContext(exp.eval.batch_size, resident.pad_id, device, exp.train.precision)
+        rows = resident.held_out if what.rows == HELD_OUT else resident.rows
+        scores = client_scores(resident.model, resident.task, request.plan, node.client_id, what,
+                               train_rows=resident.rows, held_out=resident.held_out,
+                               state=messages.load_client_state(context.state), ctx=ctx,
+                               seed=client_seed(exp.seed, request.plan.round, node.client_id))
+        reply = ClientScore(node.client_id, len(rows) if rows is not None else 0, scores)
+        return Message(messages.encode_score(reply), reply_to=msg)
 
     return app

@@ -37,7 +37,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.channel import Channel, EncodedUpdate
 from fedtune.codecs import Codec, CodecError
-from fedtune.types import ClientState, RoundPlan, TensorDict
+from fedtune.client.evaluate import ScoreRequest
+from fedtune.types import ClientScore, ClientState, RoundPlan, TensorDict
 from fedtune.wire import WireError, plan_config, plan_from_config, plan_tensors
 
 SCHEMA = 3
@@ -45,12 +46,15 @@ SCHEMA = 3
 
 TRAIN = "train"
 """Flower message type of a training round."""
+SCORE = "evaluate"
+"""Flower message type asking a client to score a model on its own rows (federated evaluation)."""
 IDENTIFY = "query.identify"
 """Flower message type asking a node which fedtune client it is."""
 
 _PLAN, _TENSOR, _PLAN_KEY = "fedtune.plan", "fedtune.tensor.", "plan."
 _UPDATE, _DELTA, _METRICS, _EXTRA = "fedtune.update", "fedtune.delta", "fedtune.metrics", "fedtune.extra."
 _IDENTITY, _TASK = "fedtune.identity", "fedtune.task"
+_SCORE_REQUEST, _SCORE_REPLY, _SCORES = "fedtune.score", "fedtune.scored", "fedtune.scores"
 _STATE = "fedtune.state."
 _PAYLOAD, _PAYLOAD_STYPE = "payload", "fedtune.codec"
 
@@ -257,6 +261,47 @@ def decode_update(content: RecordDict) -> EncodedUpdate:
         metrics={k: float(v) for k, v in metrics.items()},
         extras={n: record_payload(content, _EXTRA + n) for n in extras_names},
     )
+
+
+# ----------------------------------------------------------------------------- scoring (evaluate messages)
+
+
+def encode_score_request(request: TrainRequest, score: ScoreRequest) -> RecordDict:
+    """An EVALUATE message: the plan to score (as a train request carries it) and what to score."""
+    content = encode_train_request(request)
+    content[_SCORE_REQUEST] = ConfigRecord({"schema": SCHEMA, "rows": score.rows,
+                                            "personalization": score.personalization,
+                                            "finetune_steps": int(score.finetune_steps)})
+    return content
+
+
+def decode_score_request(content: RecordDict) -> tuple[TrainRequest, ScoreRequest]:
+    """Inverse of :func:`encode_score_request`."""
+    rec = _record(content, _SCORE_REQUEST, ConfigRecord)
+    _check_schema(rec, _SCORE_REQUEST)
+    score = ScoreRequest(rows=_get(rec, _SCORE_REQUEST, "rows", str),
+                         personalization=_get(rec, _SCORE_REQUEST, "personalization", str),
+                         finetune_steps=_get(rec, _SCORE_REQUEST, "finetune_steps", int))
+    return decode_train_request(content), score
+
+
+def encode_score(score: ClientScore) -> RecordDict:
+    """An EVALUATE reply: the client's scores and how many rows they cover (never the rows)."""
+    return RecordDict({
+        _SCORE_REPLY: ConfigRecord({"schema": SCHEMA, "client_id": score.client_id,
+                                    "num_examples": int(score.num_examples)}),
+        _SCORES: MetricRecord({k: float(v) for k, v in score.scores.items()}),
+    })
+
+
+def decode_score(content: RecordDict) -> ClientScore:
+    """Inverse of :func:`encode_score`."""
+    rec = _record(content, _SCORE_REPLY, ConfigRecord)
+    _check_schema(rec, _SCORE_REPLY)
+    scores = _record(content, _SCORES, MetricRecord)
+    return ClientScore(client_id=_get(rec, _SCORE_REPLY, "client_id", str),
+                       num_examples=_get(rec, _SCORE_REPLY, "num_examples", int),
+                       scores={k: float(v) for k, v in scores.items()})
 
 
 # ----------------------------------------------------------------------------- identify

@@ -124,12 +124,15 @@ class NodeData:
                 d = dataclasses.replace(d, label_names=list(label_names))
         return dataclasses.replace(exp, data=d)
 
-    def load_task(self, exp: Experiment, label_names: tuple[str, ...] | None, tokenizer) -> tuple[Task, EncodedDataset]:
-        """This node's task (the experiment's kind, on its data) and its encoded training rows.
+    def load_task(self, exp: Experiment, label_names: tuple[str, ...] | None, tokenizer,
+                  holdout: float = 0.0) -> tuple[Task, EncodedDataset, EncodedDataset | None]:
+        """This node's task (the experiment's kind, on its data), its training rows and its held-out rows.
 
         A manifest selects the node's partitioning units (rows, questions, instructions) of its own
         copy of the experiment's training set; a ``train-file`` is all this node's rows. The label
-        names must be the server's (they fix the model head).
+        names must be the server's (they fix the model head). With ``holdout`` > 0 the node keeps
+        that share of its units out of training to score on, drawn exactly as the simulation draws
+        this client's (:func:`fedtune.personalization.split_holdout`, seeded by the client id).
         """
         from fedtune.tasks.registry import build_task
 
@@ -141,15 +144,22 @@ class NodeData:
             raise DataError(f"client {self.client_id}: this node's data has labels {list(own or [])}, "
                             f"the server's are {list(label_names)}")
         if self.train_file:
-            return task, task.train
-        indices = _manifest(self.manifest).get("indices")
-        if not isinstance(indices, list):
-            raise NodeConfigError(f"manifest {self.manifest}: no 'indices' list")
-        bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < task.units.count]
-        if bad:
-            raise NodeConfigError(f"manifest {self.manifest} does not fit this node's training set: unit {bad[0]} "
-                                  f"is out of range for {task.units.count} units")
-        return task, task.train.subset(task.rows_of(indices))
+            indices = list(range(task.units.count))
+        else:
+            indices = _manifest(self.manifest).get("indices")
+            if not isinstance(indices, list):
+                raise NodeConfigError(f"manifest {self.manifest}: no 'indices' list")
+            bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < task.units.count]
+            if bad:
+                raise NodeConfigError(f"manifest {self.manifest} does not fit this node's training set: unit "
+                                      f"{bad[0]} is out of range for {task.units.count} units")
+        held_out = None
+        if holdout > 0:
+            from fedtune.personalization import split_holdout
+
+            (indices,), (test,) = split_holdout([indices], holdout, exp.seed, [self.client_id])
+            held_out = task.train.subset(task.rows_of(test))
+        return task, task.train.subset(task.rows_of(indices)), held_out
 
 
 def kind_has_label_names(exp: Experiment) -> bool:

@@ -60,8 +60,7 @@ def run_on_grid(exp, transport: FlowerTransport, *, quiet: bool = False, resume:
     from fedtune.config.checks import check_experiment
     from fedtune.precision import default_device
     from fedtune.server.loop import clients_per_round
-    from fedtune.server.run import Federation, prepare_server, run_federation
-    from fedtune.strategies.from_config import build_strategy
+    from fedtune.server.run import Federation, prepare_server, run_federation, server_strategy
     from fedtune.runtime.flower.transport import server_task
 
     check_experiment(exp)
@@ -70,7 +69,7 @@ def run_on_grid(exp, transport: FlowerTransport, *, quiet: bool = False, resume:
     sizes = transport.connect(side.task.units.label_names)  # the training data stays on the nodes
     ids = sorted(sizes)
     log.info("%s (%s): %d train rows over %d clients", side.task.name, side.task.kind, sum(sizes.values()), len(ids))
-    strategy = build_strategy(exp, num_clients=len(ids))
+    strategy = server_strategy(side, len(ids))
     per_round = clients_per_round(len(ids), exp.federation.clients_per_round, exp.federation.fraction)
     return run_federation(side, strategy, transport, Federation(ids, sum(sizes.values()), None, per_round),
                           quiet=quiet, ckpt=ckpt)

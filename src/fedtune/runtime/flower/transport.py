@@ -22,13 +22,14 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedtune.channel import Channel, client_view
+from fedtune.client.evaluate import ScoreRequest
 from fedtune.codecs import CodecError
 from fedtune.config import Experiment, RuntimeConfig
 from fedtune.payload import CommStats
 from fedtune.runtime.flower import messages
 from fedtune.tasks.data import load_task_data
 from fedtune.tasks.task import Task
-from fedtune.types import ClientUpdate, RoundPlan
+from fedtune.types import ClientScore, ClientUpdate, RoundPlan
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +162,34 @@ class FlowerTransport:
                 answered += 1
                 yield arrived[i]
         self._check_quorum(plan.round, answered, len(clients), need)
+
+    def score_round(self, plan: RoundPlan, clients: Sequence[str], request: ScoreRequest,
+                    stats: CommStats) -> Iterator[ClientScore]:
+        """Ask each client (an EVALUATE message) to score the plan's model on its own rows; yield in client order.
+
+        A client that fails or times out is logged and left out (the scores are a mean over those that answered).
+        """
+        clients = [c for c in clients if c in self.nodes]
+        out = []
+        for cid in clients:
+            content = messages.encode_score_request(
+                messages.TrainRequest(cid, client_view(plan, cid), self.task, self.channel), request)
+            stats.bytes_down += messages.encoded_size(content)
+            out.append(Message(content, dst_node_id=self.nodes[cid], message_type=messages.SCORE,
+                               group_id=f"score-{plan.round}"))
+        deadline = time.monotonic() + self.runtime.round_timeout
+        got: dict[int, ClientScore] = {}
+        for i, reply in self._exchange(out, deadline, list(range(len(clients))), f"scoring before round {plan.round}"):
+            if reply.has_error():
+                log.error("client %s could not score: %s", clients[i], reply.error.reason)
+                self.failures.append((plan.round, clients[i], f"scoring: {reply.error.reason}"))
+                continue
+            stats.bytes_up += messages.encoded_size(reply.content)
+            got[i] = messages.decode_score(reply.content)
+        if not got:
+            raise FederationError(f"no client answered the scoring request before round {plan.round}")
+        for i in sorted(got):
+            yield got[i]
 
     def quorum(self, sampled: int) -> int:
         """Answers a round needs: ``runtime.min_clients`` (at most the sampled count), or 1 when it is 0."""

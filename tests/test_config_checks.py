@@ -1,0 +1,49 @@
+"""fedtune.config.checks: every row of the one table of refused combinations fires, names its settings, says why."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedtune.config import ConfigError
+from fedtune.config.checks import CHECKS, check_experiment
+
+FLOWER = ['runtime.mode="flower"']
+CASES = {
+    "personalization-needs-federation": (['personalization.method="fedper"', 'mode="centralized"'],
+                                         r"\[personalization\] personalizes.*mode = 'centralized'"),
+    "client-scores-need-score-rows": (['data.task="multilabel"', "eval.per_client=true"],
+                                      r"score their own rows.*not data.task = 'multilabel'"),
+    "federated-eval-needs-federation": (["eval.federated=true", 'mode="centralized"'],
+                                        r"eval.federated.*mode = 'centralized' has none"),
+    "label-flip-needs-classes": (['data.task="causal_lm"', 'attack.kind="label_flip"', "attack.fraction=0.5"],
+                                 r"label_flip.*not data.task = 'causal_lm'"),
+    "flower-needs-federation": ([*FLOWER, 'mode="local"'], r"mode = 'local' needs every client's data"),
+    "secagg-weighted-mean": ([*FLOWER, "runtime.secagg=true", 'strategy.name="median"'],
+                             r"SecAgg\+ sums quantized vectors.*strategy.name = 'median'"),
+    "flower-attacks": ([*FLOWER, 'attack.kind="sign_flip"', "attack.fraction=0.5"],
+                       r"attack.kind = 'sign_flip'.*not built yet"),
+}
+
+
+def test_every_check_has_a_case():
+    assert {c.name for c in CHECKS} == set(CASES)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_each_check_refuses_with_its_reason(name, tiny_experiment):
+    overrides, message = CASES[name]
+    exp = tiny_experiment(*overrides)
+    applicable = [c.name for c in CHECKS if c.applies(exp)]
+    assert name in applicable
+    with pytest.raises(ConfigError, match=message):
+        check_experiment(exp, tuple(c for c in CHECKS if c.name == name))
+    with pytest.raises(ConfigError):
+        check_experiment(exp)
+
+
+def test_the_supported_combinations_pass(tiny_experiment):
+    for overrides in ([], [*FLOWER, 'model.lora.aggregation="svd"', "model.lora.client_ranks=[2, 4]"],
+                      [*FLOWER, 'data.task="qa"'], ['personalization.method="fedper"'],
+                      [*FLOWER, "eval.per_client=true", "eval.federated=true", 'personalization.method="finetune"'],
+                      [*FLOWER, "runtime.secagg=true", 'strategy.name="fedprox"']):
+        check_experiment(tiny_experiment(*overrides))

@@ -175,26 +175,22 @@ def client_view(plan: RoundPlan, client_id: str | None) -> RoundPlan:
 
 def wire_update(update: ClientUpdate, plan: RoundPlan | None) -> ClientUpdate:
     """``update`` as it travels: a LoRA adapter's delta and extras cut to the client's rank."""
-    kinds = plan_kinds(plan) if plan is not None else []
-    if not kinds:
-        return update
-    cid = update.client_id
-    delta, extras = update.delta, dict(update.extras)
-    for kind in kinds:
-        delta, extras = kind.shrink(delta, cid), {k: kind.shrink(v, cid) for k, v in extras.items()}
-    return dataclasses.replace(update, delta=delta, extras=extras)
+    return _reshape(update, plan, lambda kind, t: kind.shrink(t, update.client_id), reverse=False)
 
 
 def server_update(update: ClientUpdate, plan: RoundPlan | None) -> ClientUpdate:
     """Inverse of :func:`wire_update` on the server: tensors at the global shapes of ``plan.params``."""
+    return _reshape(update, plan, lambda kind, t: kind.expand(t, update.client_id, plan.params), reverse=True)
+
+
+def _reshape(update: ClientUpdate, plan: RoundPlan | None, apply, *, reverse: bool) -> ClientUpdate:
+    """``apply(kind, tensors)`` to the delta and every extras entry, for each of the plan's kinds."""
     kinds = plan_kinds(plan) if plan is not None else []
     if not kinds:
         return update
-    cid = update.client_id
     delta, extras = update.delta, dict(update.extras)
-    for kind in reversed(kinds):
-        delta = kind.expand(delta, cid, plan.params)
-        extras = {k: kind.expand(v, cid, plan.params) for k, v in extras.items()}
+    for kind in (reversed(kinds) if reverse else kinds):
+        delta, extras = apply(kind, delta), {k: apply(kind, v) for k, v in extras.items()}
     return dataclasses.replace(update, delta=delta, extras=extras)
 
 

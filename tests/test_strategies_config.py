@@ -57,11 +57,15 @@ def test_bad_values_are_errors_naming_the_key(override, key):
 def test_every_new_field_has_help():
     import dataclasses
 
-    from fedtune.config import PrivacyConfig, StrategyConfig
+    from fedtune.config import PrivacyConfig
+    from fedtune.strategies.base import option_table, registered_strategies
 
-    for cls in (StrategyConfig, PrivacyConfig):
-        for f in dataclasses.fields(cls):
-            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+    for f in dataclasses.fields(PrivacyConfig):
+        assert f.metadata.get("help"), f"PrivacyConfig.{f.name} has no help"
+    for spec in registered_strategies().values():
+        for f in dataclasses.fields(spec.options):
+            assert f.metadata.get("help"), f"{spec.options.__name__}.{f.name} has no help"
+    assert all(f.help for f in option_table().values())
 
 
 def test_privacy_section_round_trips_through_toml(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -22,9 +21,9 @@ from fedtune.strategies.feddyn import (
 from fedtune.strategies.from_config import build_strategy
 from fedtune.types import ClientUpdate, LocalTrainConfig, RoundPlan
 
-from test_checkpoint import Killed, _all_state_tensors, _kill_at, _lines, _untimed
+from test_checkpoint import kill_and_resume
 from test_parallel_training import (  # noqa: F401  (fixtures)
-    assert_same_updates, client_data, lora_model, parallel, perturbed, sequential,
+    assert_same_states, assert_same_updates, client_data, lora_model, parallel, perturbed, sequential,
 )
 from test_wire import assert_same_plan, full_plan
 
@@ -175,10 +174,7 @@ def test_batched_trainer_equals_sequential(lora_model, client_data):
     seq_states, par_states = states(), states()
     assert_same_updates(sequential(lora_model, client_data, plan, seq_states),
                         parallel(lora_model, client_data, plan, par_states))
-    for cid in client_data:
-        for k in params:
-            torch.testing.assert_close(par_states[cid][FEDDYN_STATE][k], seq_states[cid][FEDDYN_STATE][k],
-                                       atol=2e-5, rtol=1e-4)
+    assert_same_states(seq_states, par_states, FEDDYN_STATE, params)
 
 
 def test_kind_travels_through_the_wire_schema_and_flower_messages():
@@ -252,27 +248,11 @@ def test_killed_run_resumes_bit_for_bit(tiny_experiment, tmp_path, monkeypatch):
     3 of 4 clients a round (seed 2 samples clients 0-2, then 0, 2, 3, then 0-2): client_001 sits out
     round 2 and comes back in round 3, after the resume, with its round-1 grad_k.
     """
-    from fedtune.cli import main
-    from fedtune.experiment import run_experiment
-
     sets = [*FEDDYN, "federation.rounds=3", "eval.every=1", "partition.num_clients=4", "federation.clients_per_round=3",
             "seed=2"]
-    straight = run_experiment(tiny_experiment(*sets, f'output_dir="{tmp_path / "straight"}"'), quiet=True)
-    killed = tmp_path / "killed"
-    with monkeypatch.context() as m:
-        _kill_at(m, 3)
-        with pytest.raises(Killed):
-            run_experiment(tiny_experiment(*sets, f'output_dir="{killed}"'), quiet=True)
-    assert main(["run", "--resume", str(killed), "--quiet"]) == 0
-
-    a, b = load_file(straight.output_dir / "model" / ADAPTER), load_file(killed / "model" / ADAPTER)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = _all_state_tensors(straight.output_dir), _all_state_tensors(killed)
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    _, _, sa = kill_and_resume(tiny_experiment, tmp_path, monkeypatch, sets)
     assert any(k[:2] == ("buffer", FEDDYN_H) for k in sa)
     assert len({k[1] for k in sa if k[0] == "client" and k[2] == FEDDYN_STATE}) == 4  # every client took part
-    assert _untimed(_lines(killed)) == _untimed(_lines(straight.output_dir))
-    assert json.loads((killed / "summary.json").read_text())["final_metrics"] == straight.final_metrics
 
 
 def test_flower_deployment_matches_simulation(tiny_experiment, tmp_path):

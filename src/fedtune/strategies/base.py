@@ -121,7 +121,8 @@ class StrategySpec:
 
 
 _REGISTRY: dict[str, StrategySpec] = {}
-_RESERVED = frozenset({"name"})
+_RESERVED = frozenset({"name", "options", "to_table", "from_table"})
+"""Names an option cannot have: ``[strategy]``'s ``name`` and StrategyConfig's own attributes."""
 
 
 def register_strategy(name: str, options_cls: type, capabilities: Capabilities):

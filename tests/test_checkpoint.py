@@ -66,9 +66,12 @@ STATEFUL = {
 }
 
 
-@pytest.mark.parametrize("name", list(STATEFUL))
-def test_killed_run_resumes_bit_for_bit(tiny_experiment, tmp_path, monkeypatch, name):
-    sets = ["federation.rounds=3", "eval.every=1", *STATEFUL[name]]
+def kill_and_resume(tiny_experiment, tmp_path, monkeypatch, sets):
+    """Run ``sets`` (3 rounds) straight, and again killed in round 3 then resumed by ``fedtune run --resume``.
+
+    Checks that the final models and every state tensor are equal; returns (straight result, killed
+    folder, the straight run's state tensors).
+    """
     straight = run_experiment(tiny_experiment(*sets, f'output_dir="{tmp_path / "straight"}"'), quiet=True)
 
     killed_dir = tmp_path / "killed"
@@ -88,6 +91,18 @@ def test_killed_run_resumes_bit_for_bit(tiny_experiment, tmp_path, monkeypatch, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = _all_state_tensors(straight.output_dir), _all_state_tensors(killed_dir)
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    resumed = _lines(killed_dir)
+    assert [r["round"] for r in resumed] == [1, 2, 3]  # continued, not restarted; the stray line is gone
+    assert _untimed(resumed) == _untimed(_lines(straight.output_dir))
+    summary = json.loads((killed_dir / "summary.json").read_text())
+    assert summary["final_metrics"] == straight.final_metrics
+    return straight, killed_dir, sa
+
+
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_killed_run_resumes_bit_for_bit(tiny_experiment, tmp_path, monkeypatch, name):
+    sets = ["federation.rounds=3", "eval.every=1", *STATEFUL[name]]
+    straight, killed_dir, sa = kill_and_resume(tiny_experiment, tmp_path, monkeypatch, sets)
     if name not in ("fedavg", "lora_fedsa_ranks"):
         assert any(k[0] == "buffer" for k in sa)  # the strategy's own state went through the checkpoint
     if name == "lora_fedsa_ranks":
@@ -96,11 +111,8 @@ def test_killed_run_resumes_bit_for_bit(tiny_experiment, tmp_path, monkeypatch, 
         purposes = {k[2] for k in sa if k[0] == "client"}
         assert {"scaffold_c", "codec_residual", "codec_residual:scaffold_delta_c"} <= purposes
     resumed = _lines(killed_dir)
-    assert [r["round"] for r in resumed] == [1, 2, 3]  # continued, not restarted; the stray line is gone
-    assert _untimed(resumed) == _untimed(_lines(straight.output_dir))
     assert resumed[2]["wall_time"] >= resumed[1]["wall_time"]  # the clock continues too
     summary = json.loads((killed_dir / "summary.json").read_text())
-    assert summary["final_metrics"] == straight.final_metrics
     assert summary["bytes_up_total"] == straight.summary["bytes_up_total"]
 
 

@@ -79,6 +79,14 @@ def assert_same_updates(a, b, atol=2e-5, rtol=1e-4):
                 torch.testing.assert_close(ub.extras[name][k], ua.extras[name][k], atol=atol, rtol=rtol)
 
 
+def assert_same_states(a, b, purpose, names):
+    """Every client's ``purpose`` state entry agrees between two trainers' state dicts."""
+    assert a.keys() == b.keys()
+    for cid in a:
+        for k in names:
+            torch.testing.assert_close(b[cid][purpose][k], a[cid][purpose][k], atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize(
     "epochs,max_steps,objective",
     [(1.5, 0, ProxTerm(mu=0.5)), (2.0, 5, ProxTerm(mu=0.5)), (0.0, 4, None), (1.0, 0, ProxTerm(mu=0.0))],
@@ -108,10 +116,7 @@ def test_parallel_equals_sequential_scaffold_sgd(lora_model, client_data):
     par = parallel(lora_model, client_data, plan, par_states)
     assert all(CONTROL_DELTA in u.extras for u in par.values())
     assert_same_updates(seq, par)
-    for cid in client_data:
-        for k in params:
-            torch.testing.assert_close(par_states[cid][SCAFFOLD_STATE][k], seq_states[cid][SCAFFOLD_STATE][k],
-                                       atol=2e-5, rtol=1e-4)
+    assert_same_states(seq_states, par_states, SCAFFOLD_STATE, params)
 
 
 def test_parallel_equals_sequential_scaffold_adamw(lora_model, client_data):
@@ -124,10 +129,7 @@ def test_parallel_equals_sequential_scaffold_adamw(lora_model, client_data):
     par_states: dict = {}
     assert_same_updates(sequential(lora_model, client_data, plan, seq_states),
                         parallel(lora_model, client_data, plan, par_states))
-    for cid in client_data:
-        for k in params:
-            torch.testing.assert_close(par_states[cid][SCAFFOLD_STATE][k], seq_states[cid][SCAFFOLD_STATE][k],
-                                       atol=2e-5, rtol=1e-4)
+    assert_same_states(seq_states, par_states, SCAFFOLD_STATE, params)
 
 
 def test_parallel_with_padding_options(lora_model, client_data):

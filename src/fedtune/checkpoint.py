@@ -276,17 +276,19 @@ def checkpoint_to_resume(exp: Experiment, remote: object | None = None) -> Check
     Federated and centralized runs of the in-process simulation resume with every state. On Flower
     (``remote`` given, or ``runtime.mode`` a Flower one) the server's state resumes (global tensors,
     server optimizer moments, RNGs); clients' own state lives on their nodes, and Flower starts
-    every run with an empty node state, so runs that keep client state there (SCAFFOLD's ``c_i``,
+    every run with an empty node state, so runs that keep client state there (a strategy whose
+    capabilities say ``client_state``, e.g. SCAFFOLD's ``c_i`` or FedDyn's gradient state;
     error-feedback residuals of a lossy ``codec_up``) are refused.
     """
     if exp.mode == "local":
         raise ConfigError("mode = 'local' (the local baseline) is not resumable: run it again")
     if remote is not None or exp.runtime.mode != "simulation":
         from fedtune.channel import Channel
+        from fedtune.strategies.base import strategy_spec
 
         kept = []
-        if exp.strategy.name == "scaffold":
-            kept.append("strategy.name = 'scaffold' (client control variates)")
+        if strategy_spec(exp.strategy.name).capabilities.client_state:
+            kept.append(f"strategy.name = {exp.strategy.name!r} (its clients' own state across rounds)")
         if Channel.from_config(exp.federation).keeps_residuals:
             kept.append(f"federation.codec_up = {exp.federation.codec_up!r} with error feedback (client residuals)")
         if kept:

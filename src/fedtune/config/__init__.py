@@ -190,44 +190,75 @@ class PartitionConfig:
             raise ConfigError(f"partition.overlap must be in [0, 1], got {self.overlap}")
 
 
-@dataclass
 class StrategyConfig:
-    """Server-side algorithm."""
+    """Server-side algorithm: ``[strategy]`` is ``name`` plus one flat table of options.
 
-    name: Literal[
-        "fedavg", "fedprox", "scaffold", "fedavgm", "fedadam", "fedyogi", "fedadagrad",
-        "median", "trimmed_mean", "krum", "multikrum",
-    ] = field(default="fedavg", metadata=_help("Aggregation strategy."))
-    mu: float = field(default=0.0, metadata=_help("fedprox: proximal coefficient mu."))
-    server_lr: float = field(
-        default=0.0,
-        metadata=_help("scaffold, fedavgm, fedadam, fedyogi, fedadagrad: server learning rate "
-                       "(0 = the strategy's default: 1.0 for scaffold/fedavgm, 0.01 for the adaptive ones)."),
-    )
-    momentum: float = field(default=0.9, metadata=_help("fedavgm: server momentum beta, in [0, 1)."))
-    beta1: float = field(default=0.9, metadata=_help("fedadam, fedyogi, fedadagrad: first-moment decay, in [0, 1)."))
-    beta2: float = field(default=0.99, metadata=_help("fedadam, fedyogi: second-moment decay, in [0, 1)."))
-    tau: float = field(default=1e-3, metadata=_help("fedadam, fedyogi, fedadagrad: adaptivity epsilon tau (> 0)."))
-    trim_beta: float = field(default=0.1, metadata=_help("trimmed_mean: fraction trimmed from each end, in [0, 0.5)."))
-    krum_f: int = field(default=0, metadata=_help("krum, multikrum: number of Byzantine clients tolerated."))
-    krum_m: int = field(default=1, metadata=_help("multikrum: number of best-scored updates averaged."))
+    The options are not listed here: every registered strategy declares its own options dataclass
+    (:func:`fedtune.strategies.base.register_strategy`) and each of its fields is a key of this
+    table (``strategy.mu``, ``strategy.alpha``, ...), with its type, default, help and validation.
+    A key any registered strategy declares is accepted whatever ``name`` is (so one sweep may set
+    ``strategy.mu`` for fedavg and fedprox alike), is checked by its declaring options class, and
+    reaches only the strategies that declare it; any other key is an error naming it and the
+    chosen strategy's options. Every key is always present with its value (the resolved
+    configuration, checkpoints and reports see the same table). ``strategy.mu`` reads as
+    ``exp.strategy.mu``; :meth:`options` is the chosen strategy's options object.
+    """
 
-    def __post_init__(self) -> None:
-        if self.mu < 0:
-            raise ConfigError(f"strategy.mu must be >= 0, got {self.mu}")
-        if self.server_lr < 0:
-            raise ConfigError(f"strategy.server_lr must be >= 0 (0 = default), got {self.server_lr}")
-        for key in ("momentum", "beta1", "beta2"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"strategy.{key} must be in [0, 1), got {getattr(self, key)}")
-        if not self.tau > 0:
-            raise ConfigError(f"strategy.tau must be > 0, got {self.tau}")
-        if not 0.0 <= self.trim_beta < 0.5:
-            raise ConfigError(f"strategy.trim_beta must be in [0, 0.5), got {self.trim_beta}")
-        if self.krum_f < 0:
-            raise ConfigError(f"strategy.krum_f must be >= 0, got {self.krum_f}")
-        if self.krum_m < 1:
-            raise ConfigError(f"strategy.krum_m must be >= 1, got {self.krum_m}")
+    def __init__(self, name: str = "fedavg", **options: Any) -> None:
+        from fedtune.strategies.base import option_table, registered_strategies, strategy_spec
+
+        name = _coerce(str, name, "strategy.name")
+        spec = strategy_spec(name)
+        table = option_table()
+        unknown = sorted(options.keys() - table.keys())
+        if unknown:
+            own = ", ".join(spec.option_names()) or "no options"
+            others = ", ".join(k for k in table if k not in spec.option_names())
+            raise ConfigError(f"unknown key 'strategy.{unknown[0]}' (strategy {name!r} takes: {own}; the other "
+                              f"keys here: name, {others})")
+        values = {k: f.default for k, f in table.items()}
+        values.update({k: _coerce(table[k].type, v, f"strategy.{k}") for k, v in options.items()})
+        for other in registered_strategies().values():  # every options class checks the keys it declares
+            other.options(**{k: values[k] for k in other.option_names()})
+        self.__dict__.update(name=name, _values=values)
+
+    @classmethod
+    def from_table(cls, raw: Mapping[str, Any]) -> "StrategyConfig":
+        """Build from a ``[strategy]`` table (config loading; errors name the key)."""
+        return cls(**raw)
+
+    def to_table(self) -> dict[str, Any]:
+        """``{"name": ..., <every option>: value}``: what TOML, checkpoints and reports hold."""
+        return {"name": self.name, **self._values}
+
+    def options(self) -> Any:
+        """The chosen strategy's options dataclass, filled from this table."""
+        from fedtune.strategies.base import strategy_spec
+
+        spec = strategy_spec(self.name)
+        return spec.options(**{k: self._values[k] for k in spec.option_names()})
+
+    def __getattr__(self, key: str) -> Any:
+        values = self.__dict__.get("_values")
+        if values is None or key.startswith("_") or key not in values:
+            raise AttributeError(f"StrategyConfig has no option {key!r}")
+        return values[key]
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key != "name" and key not in self._values:
+            raise AttributeError(f"StrategyConfig has no option {key!r}")
+        if key == "name":
+            self.__dict__["name"] = value
+        else:
+            self._values[key] = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StrategyConfig) and self.to_table() == other.to_table()
+
+    __hash__ = None  # type: ignore[assignment]  (mutable, as the other sections)
+
+    def __repr__(self) -> str:
+        return "StrategyConfig(" + ", ".join(f"{k}={v!r}" for k, v in self.to_table().items()) + ")"
 
 
 @dataclass
@@ -560,7 +591,7 @@ class Experiment:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (TOML/JSON serializable)."""
-        return dataclasses.asdict(self)
+        return _plain(self)
 
     def to_toml(self) -> str:
         """The resolved configuration as TOML text."""
@@ -582,6 +613,19 @@ def default_experiment() -> Experiment:
         train=TrainConfig(epochs=1.0, lr=1e-3, batch_size=16, grad_clip=1.0, precision="fp32"),
         eval=EvalConfig(every=2, batch_size=128),
     )
+
+
+def _plain(obj: Any) -> Any:
+    """A config object as plain dicts and lists: dataclasses by field, open sections by ``to_table()``."""
+    if hasattr(obj, "to_table"):
+        return _plain(obj.to_table())
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
 
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:
@@ -641,9 +685,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return [_coerce(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if dataclasses.is_dataclass(tp):
+    if hasattr(tp, "from_table") or dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table [{where}], got {value!r}")
+        if hasattr(tp, "from_table"):
+            return tp.from_table(value)
         return from_dict(tp, value, source=None, prefix=where)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -65,7 +65,7 @@ CHECKS: tuple[Check, ...] = (
     Check("secagg-weighted-mean",
           lambda e: e.runtime.secagg and bool(_secagg_problems(e)),
           lambda e: "runtime.secagg = true only hides the clients' updates inside an example-weighted mean of at "
-                    "least 2 clients (strategy.name = 'fedavg' or 'fedprox', no [privacy], federation.codec_up = "
+                    f"least 2 clients (strategy.name = {_secagg_names()}, no [privacy], federation.codec_up = "
                     "'none'): SecAgg+ sums quantized vectors, so no rule that needs individual updates fits; "
                     "not with " + "; ".join(_secagg_problems(e))),
     Check("flower-attacks",
@@ -76,14 +76,19 @@ CHECKS: tuple[Check, ...] = (
 """Every refused combination, in the order they are checked."""
 
 
+def _secagg_names() -> str:
+    from fedtune.strategies.base import registered_strategies
+
+    return " or ".join(repr(n) for n, spec in registered_strategies().items() if spec.capabilities.secagg_safe)
+
+
 def _secagg_problems(exp: Experiment) -> list[str]:
     from fedtune.server.loop import clients_per_round
-    from fedtune.strategies.fedavg import FedAvg
-    from fedtune.strategies.fedprox import FedProx
+    from fedtune.strategies.base import capabilities_of, strategy_spec
     from fedtune.strategies.from_config import build_strategy
 
     why = []
-    if exp.strategy.name not in ("fedavg", "fedprox"):
+    if not strategy_spec(exp.strategy.name).capabilities.secagg_safe:
         why.append(f"strategy.name = {exp.strategy.name!r}")
     if exp.privacy.enabled:
         why.append("privacy.enabled = true (central DP clips each client's update on the server)")
@@ -93,8 +98,10 @@ def _secagg_problems(exp: Experiment) -> list[str]:
     if clients_per_round(exp.partition.num_clients, f.clients_per_round, f.fraction) < 2:
         why.append(f"fewer than 2 clients per round (partition.num_clients = {exp.partition.num_clients}, "
                    f"federation.clients_per_round = {f.clients_per_round}, federation.fraction = {f.fraction:g})")
-    if not why and type(build_strategy(exp)) not in (FedAvg, FedProx):
-        why.append(f"the strategy resolves to {type(build_strategy(exp)).__name__} (e.g. model.lora.aggregation)")
+    if not why:
+        built = build_strategy(exp)
+        if not capabilities_of(built).secagg_safe:
+            why.append(f"the strategy resolves to {type(built).__name__} (e.g. model.lora.aggregation)")
     return why
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from fedtune import tensors
 from fedtune.aggregate import mean_delta
 from fedtune.client.kinds import ClientKind
+from fedtune.strategies.base import BuildContext, Capabilities, NoOptions, register_strategy
 from fedtune.types import ClientUpdate, LocalTrainConfig, Metrics, RoundPlan, ServerState, TensorDict
 
 
@@ -15,6 +17,8 @@ from fedtune.types import ClientUpdate, LocalTrainConfig, Metrics, RoundPlan, Se
 class FedAvg:
     """Average the clients' deltas weighted by their example counts; add to the global tensors."""
 
+    capabilities: ClassVar[Capabilities] = Capabilities(streams=True, secagg_safe=True, dp_safe=True,
+                                                        client_state=False)
     local: LocalTrainConfig = field(default_factory=lambda: LocalTrainConfig(1.0, 0, 5e-4, 16))
 
     def objective(self) -> ClientKind | None:
@@ -34,3 +38,9 @@ class FedAvg:
         mean, count = mean_delta(rnd, updates)
         new_params = tensors.add(state.params, mean)
         return ServerState(round=rnd, params=new_params, buffers=state.buffers), {"clients_aggregated": float(count)}
+
+
+@register_strategy("fedavg", NoOptions, FedAvg.capabilities)
+def build_fedavg(options: NoOptions, ctx: BuildContext) -> FedAvg:
+    """``strategy.name = "fedavg"``."""
+    return FedAvg(local=ctx.local)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from fedtune import server_opt, tensors
 from fedtune.aggregate import mean_delta
+from fedtune.strategies.base import BuildContext, Capabilities, option_error, register_strategy
 from fedtune.strategies.fedavg import FedAvg
 from fedtune.types import ClientUpdate, Metrics, ServerState, TensorDict
 
@@ -20,6 +22,10 @@ SECOND_MOMENT = "v"
 class _FedOpt(FedAvg):
     """FedAvg's streamed weighted mean, then one server-optimizer step on g = -mean(delta)."""
 
+    # Only the weighted mean is read, but SecAgg+ is verified (tests/test_flower_secagg.py) and
+    # enabled for fedavg and fedprox only so far.
+    capabilities: ClassVar[Capabilities] = Capabilities(streams=True, secagg_safe=False, dp_safe=True,
+                                                        client_state=False)
     server_lr: float = 1.0
 
     def _check(self) -> None:
@@ -115,3 +121,93 @@ class FedAdagrad(_Adaptive):
         p, m, v = server_opt.adagrad_step(params, grad, buffers[FIRST_MOMENT], buffers[SECOND_MOMENT],
                                           server_lr=self.server_lr, beta1=self.beta1, tau=self.tau)
         return p, {FIRST_MOMENT: m, SECOND_MOMENT: v}
+
+
+# ---------------------------------------------------------------------------------------------
+# [strategy] options and registration.
+
+
+def _unit_interval(key: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise option_error(key, "in [0, 1)", value)
+
+
+@dataclass(frozen=True)
+class ServerLrOptions:
+    """The server learning rate key, shared by the strategies that take a server step (and SCAFFOLD)."""
+
+    server_lr: float = field(
+        default=0.0,
+        metadata={"help": "scaffold, fedavgm, fedadam, fedyogi, fedadagrad: server learning rate "
+                          "(0 = the strategy's default: 1.0 for scaffold/fedavgm, 0.01 for the adaptive ones)."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.server_lr < 0:
+            raise option_error("server_lr", ">= 0 (0 = default)", self.server_lr)
+
+    def server_lr_kwargs(self) -> dict[str, float]:
+        """``{"server_lr": ...}`` when set, else nothing (the strategy's own default)."""
+        return {"server_lr": self.server_lr} if self.server_lr > 0 else {}
+
+
+@dataclass(frozen=True)
+class FedAvgMOptions(ServerLrOptions):
+    """``[strategy]`` keys of fedavgm."""
+
+    momentum: float = field(default=0.9, metadata={"help": "fedavgm: server momentum beta, in [0, 1)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _unit_interval("momentum", self.momentum)
+
+
+@dataclass(frozen=True)
+class FedAdagradOptions(ServerLrOptions):
+    """``[strategy]`` keys of fedadagrad (and the shared part of fedadam's and fedyogi's)."""
+
+    beta1: float = field(default=0.9, metadata={"help": "fedadam, fedyogi, fedadagrad: first-moment decay, in [0, 1)."})
+    tau: float = field(default=1e-3, metadata={"help": "fedadam, fedyogi, fedadagrad: adaptivity epsilon tau (> 0)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _unit_interval("beta1", self.beta1)
+        if not self.tau > 0:
+            raise option_error("tau", "> 0", self.tau)
+
+
+@dataclass(frozen=True)
+class FedAdamOptions(FedAdagradOptions):
+    """``[strategy]`` keys of fedadam and fedyogi."""
+
+    beta2: float = field(default=0.99, metadata={"help": "fedadam, fedyogi: second-moment decay, in [0, 1)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _unit_interval("beta2", self.beta2)
+
+
+@register_strategy("fedavgm", FedAvgMOptions, FedAvgM.capabilities)
+def build_fedavgm(options: FedAvgMOptions, ctx: BuildContext) -> FedAvgM:
+    """``strategy.name = "fedavgm"``: ``server_lr``, ``momentum``."""
+    return FedAvgM(local=ctx.local, momentum=options.momentum, **options.server_lr_kwargs())
+
+
+@register_strategy("fedadam", FedAdamOptions, FedAdam.capabilities)
+def build_fedadam(options: FedAdamOptions, ctx: BuildContext) -> FedAdam:
+    """``strategy.name = "fedadam"``: ``server_lr``, ``beta1``, ``beta2``, ``tau``."""
+    return FedAdam(local=ctx.local, beta1=options.beta1, beta2=options.beta2, tau=options.tau,
+                   **options.server_lr_kwargs())
+
+
+@register_strategy("fedyogi", FedAdamOptions, FedYogi.capabilities)
+def build_fedyogi(options: FedAdamOptions, ctx: BuildContext) -> FedYogi:
+    """``strategy.name = "fedyogi"``: ``server_lr``, ``beta1``, ``beta2``, ``tau``."""
+    return FedYogi(local=ctx.local, beta1=options.beta1, beta2=options.beta2, tau=options.tau,
+                   **options.server_lr_kwargs())
+
+
+@register_strategy("fedadagrad", FedAdagradOptions, FedAdagrad.capabilities)
+def build_fedadagrad(options: FedAdagradOptions, ctx: BuildContext) -> FedAdagrad:
+    """``strategy.name = "fedadagrad"``: ``server_lr``, ``beta1``, ``tau``."""
+    return FedAdagrad(local=ctx.local, beta1=options.beta1, tau=options.tau, **options.server_lr_kwargs())

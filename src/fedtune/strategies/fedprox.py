@@ -8,7 +8,7 @@ One file, both halves: :class:`FedProx` is the server side (FedAvg's aggregation
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from torch import nn
 from fedtune.client.kinds import (
     ClientHooks, ClientKind, LocalContext, LocalResult, StackedContext, StackedHooks, register_kind,
 )
+from fedtune.strategies.base import BuildContext, option_error, register_strategy
 from fedtune.strategies.fedavg import FedAvg
 
 
@@ -90,3 +91,20 @@ class FedProx(FedAvg):
     def objective(self) -> ProxTerm:
         """The proximal term, as typed data in every RoundPlan."""
         return ProxTerm(mu=self.mu)
+
+
+@dataclass(frozen=True)
+class FedProxOptions:
+    """``[strategy]`` keys of fedprox."""
+
+    mu: float = field(default=0.0, metadata={"help": "fedprox: proximal coefficient mu (>= 0)."})
+
+    def __post_init__(self) -> None:
+        if self.mu < 0:
+            raise option_error("mu", ">= 0", self.mu)
+
+
+@register_strategy("fedprox", FedProxOptions, FedProx.capabilities)
+def build_fedprox(options: FedProxOptions, ctx: BuildContext) -> FedProx:
+    """``strategy.name = "fedprox"``, ``strategy.mu``."""
+    return FedProx(local=ctx.local, mu=options.mu)

@@ -1,7 +1,10 @@
 """From ``[strategy]``, ``[privacy]``, ``[train]`` and ``model.lora`` to a Strategy object: the config edge.
 
-The only place strategy names become classes. Refusals here are the combinations whose
-mathematics does not fit (each message says why); where code merely lives elsewhere, it runs.
+The only place strategy names become objects: ``strategy.name`` is looked up in the registry
+(:func:`~fedtune.strategies.base.strategy_spec`) and its build function gets the strategy's own
+options (``exp.strategy.options()``) and a :class:`~fedtune.strategies.base.BuildContext`.
+Refusals here are the combinations whose mathematics does not fit (each message says why);
+where code merely lives elsewhere, it runs.
 """
 
 from __future__ import annotations
@@ -11,14 +14,9 @@ import logging
 from fedtune.config import ConfigError, Experiment
 from fedtune.partition import client_ids
 from fedtune.server.loop import clients_per_round
-from fedtune.strategies.base import Strategy
-from fedtune.strategies.fedavg import FedAvg
-from fedtune.strategies.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi
-from fedtune.strategies.fedprox import FedProx
+from fedtune.strategies.base import BuildContext, Strategy, strategy_spec
 from fedtune.strategies.lora import LoraAggregation, client_rank_map
 from fedtune.strategies.private import DifferentiallyPrivate
-from fedtune.strategies.robust import Krum, Median, MultiKrum, TrimmedMean
-from fedtune.strategies.scaffold import Scaffold
 from fedtune.types import LocalTrainConfig
 
 log = logging.getLogger(__name__)
@@ -71,33 +69,8 @@ def _base_strategy(exp: Experiment, num_clients: int) -> Strategy:
     local = local_train_config(exp)
     if uses_lora_aggregation(exp):  # model.lora.aggregation: a LoRA-aware rule replaces fedavg / fedprox's mean
         return build_lora_strategy(exp, local, num_clients)
-    s = exp.strategy
-    name = s.name
-    lr = {"server_lr": s.server_lr} if s.server_lr > 0 else {}
-    adaptive = dict(beta1=s.beta1, beta2=s.beta2, tau=s.tau, **lr)
-    if name == "fedavg":
-        return FedAvg(local=local)
-    if name == "fedprox":
-        return FedProx(local=local, mu=s.mu)
-    if name == "scaffold":
-        return Scaffold(local=local, num_clients=num_clients, **lr)
-    if name == "fedavgm":
-        return FedAvgM(local=local, momentum=s.momentum, **lr)
-    if name == "fedadam":
-        return FedAdam(local=local, **adaptive)
-    if name == "fedyogi":
-        return FedYogi(local=local, **adaptive)
-    if name == "fedadagrad":
-        return FedAdagrad(local=local, **adaptive)
-    if name == "median":
-        return Median(local=local)
-    if name == "trimmed_mean":
-        return TrimmedMean(local=local, beta=s.trim_beta)
-    if name == "krum":
-        return Krum(local=local, f=s.krum_f)
-    if name == "multikrum":
-        return MultiKrum(local=local, f=s.krum_f, m=s.krum_m)
-    raise ValueError(f"unknown strategy {name!r}")
+    spec = strategy_spec(exp.strategy.name)
+    return spec.create(exp.strategy.options(), BuildContext(local=local, num_clients=num_clients, seed=exp.seed))
 
 
 def build_lora_strategy(exp: Experiment, local: LocalTrainConfig, num_clients: int) -> LoraAggregation:

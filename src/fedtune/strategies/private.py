@@ -9,9 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from fedtune import privacy
-from fedtune.strategies.base import Strategy
-from fedtune.strategies.robust import _Robust
-from fedtune.strategies.scaffold import Scaffold
+from fedtune.strategies.base import Strategy, capabilities_of, registered_strategies
 from fedtune.types import ClientUpdate, Metrics, RoundPlan, ServerState, TensorDict
 
 
@@ -26,8 +24,9 @@ class DifferentiallyPrivate:
     Adam) is post-processing and keeps the guarantee. Epsilon at ``delta`` after each round is
     reported as ``dp_epsilon`` (RDP accountant, q = clients_per_round / num_clients).
 
-    SCAFFOLD (its control deltas would leak unprotected) and the robust rules (they need the
-    individual updates) cannot be wrapped.
+    Only a strategy whose capabilities say ``dp_safe`` can be wrapped: not SCAFFOLD (its control
+    deltas would leak unprotected), FedDyn (its server state counts the clients) or the robust rules
+    (they need the individual updates).
     """
 
     inner: Strategy
@@ -43,9 +42,10 @@ class DifferentiallyPrivate:
         if not 1 <= self.clients_per_round <= self.num_clients:
             raise ValueError(
                 f"privacy needs 1 <= clients_per_round <= num_clients (got {self.clients_per_round}, {self.num_clients})")
-        if isinstance(self.inner, (Scaffold, _Robust)):
-            raise ValueError(f"differential privacy cannot wrap {type(self.inner).__name__}: "
-                             "it needs a rule on the mean of the updates (FedAvg, FedProx or a FedOpt)")
+        if not capabilities_of(self.inner).dp_safe:
+            safe = [n for n, s in registered_strategies().items() if s.capabilities.dp_safe]
+            raise ValueError(f"differential privacy cannot wrap {type(self.inner).__name__}: it needs a rule on "
+                             f"the mean of the updates (capabilities dp_safe: {', '.join(safe)})")
 
     @property
     def sampling_rate(self) -> float:

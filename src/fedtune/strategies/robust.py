@@ -9,9 +9,11 @@ self-reported example counts, which a Byzantine client could inflate.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 from fedtune import aggregate, tensors
+from fedtune.strategies.base import BuildContext, Capabilities, NoOptions, option_error, register_strategy
 from fedtune.strategies.fedavg import FedAvg
 from fedtune.types import ClientUpdate, Metrics, ServerState, TensorDict
 
@@ -19,6 +21,9 @@ from fedtune.types import ClientUpdate, Metrics, ServerState, TensorDict
 @dataclass(kw_only=True)
 class _Robust(FedAvg):
     """Collect the round's deltas, apply a robust rule, add the result to the global tensors."""
+
+    capabilities: ClassVar[Capabilities] = Capabilities(streams=False, secagg_safe=False, dp_safe=False,
+                                                        client_state=False)
 
     def _rule(self, deltas: Sequence[TensorDict]) -> tuple[TensorDict, Metrics]:
         raise NotImplementedError
@@ -82,3 +87,66 @@ class Krum(MultiKrum):
         super().__post_init__()
         if self.m != 1:
             raise ValueError(f"Krum selects one update (m = 1); use MultiKrum for m = {self.m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# [strategy] options and registration.
+
+
+@dataclass(frozen=True)
+class TrimmedMeanOptions:
+    """``[strategy]`` keys of trimmed_mean."""
+
+    trim_beta: float = field(default=0.1, metadata={"help": "trimmed_mean: fraction trimmed from each end, "
+                                                            "in [0, 0.5)."})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise option_error("trim_beta", "in [0, 0.5)", self.trim_beta)
+
+
+@dataclass(frozen=True)
+class KrumOptions:
+    """``[strategy]`` keys of krum (and the shared part of multikrum's)."""
+
+    krum_f: int = field(default=0, metadata={"help": "krum, multikrum: number of Byzantine clients tolerated."})
+
+    def __post_init__(self) -> None:
+        if self.krum_f < 0:
+            raise option_error("krum_f", ">= 0", self.krum_f)
+
+
+@dataclass(frozen=True)
+class MultiKrumOptions(KrumOptions):
+    """``[strategy]`` keys of multikrum."""
+
+    krum_m: int = field(default=1, metadata={"help": "multikrum: number of best-scored updates averaged."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.krum_m < 1:
+            raise option_error("krum_m", ">= 1", self.krum_m)
+
+
+@register_strategy("median", NoOptions, Median.capabilities)
+def build_median(options: NoOptions, ctx: BuildContext) -> Median:
+    """``strategy.name = "median"``."""
+    return Median(local=ctx.local)
+
+
+@register_strategy("trimmed_mean", TrimmedMeanOptions, TrimmedMean.capabilities)
+def build_trimmed_mean(options: TrimmedMeanOptions, ctx: BuildContext) -> TrimmedMean:
+    """``strategy.name = "trimmed_mean"``: ``trim_beta``."""
+    return TrimmedMean(local=ctx.local, beta=options.trim_beta)
+
+
+@register_strategy("krum", KrumOptions, Krum.capabilities)
+def build_krum(options: KrumOptions, ctx: BuildContext) -> Krum:
+    """``strategy.name = "krum"``: ``krum_f``."""
+    return Krum(local=ctx.local, f=options.krum_f)
+
+
+@register_strategy("multikrum", MultiKrumOptions, MultiKrum.capabilities)
+def build_multikrum(options: MultiKrumOptions, ctx: BuildContext) -> MultiKrum:
+    """``strategy.name = "multikrum"``: ``krum_f``, ``krum_m``."""
+    return MultiKrum(local=ctx.local, f=options.krum_f, m=options.krum_m)

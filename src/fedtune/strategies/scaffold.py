@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -19,7 +20,9 @@ from fedtune.aggregate import WeightedMean, scaffold_server_step
 from fedtune.client.kinds import (
     ClientHooks, ClientKind, LocalContext, LocalResult, StackedContext, StackedHooks, register_kind,
 )
+from fedtune.strategies.base import BuildContext, Capabilities, register_strategy
 from fedtune.strategies.fedavg import FedAvg
+from fedtune.strategies.fedopt import ServerLrOptions
 from fedtune.types import ClientUpdate, Metrics, RoundPlan, ServerState, TensorDict
 
 CONTROL = "c"
@@ -169,6 +172,8 @@ class Scaffold(FedAvg):
     (``train.optimizer = "sgd"``); with AdamW it is the usual heuristic.
     """
 
+    capabilities: ClassVar[Capabilities] = Capabilities(streams=True, secagg_safe=False, dp_safe=False,
+                                                        client_state=True)
     num_clients: int
     """N, the total number of clients in the federation (for the |S|/N control step)."""
     server_lr: float = 1.0
@@ -205,3 +210,9 @@ class Scaffold(FedAvg):
         buffers = {**state.buffers, CONTROL: control}
         metrics = {"clients_aggregated": float(mean_delta.count), "control_norm": tensors.norm(control)}
         return ServerState(round=rnd, params=params, buffers=buffers), metrics
+
+
+@register_strategy("scaffold", ServerLrOptions, Scaffold.capabilities)
+def build_scaffold(options: ServerLrOptions, ctx: BuildContext) -> Scaffold:
+    """``strategy.name = "scaffold"``: ``server_lr``; N is the federation's size."""
+    return Scaffold(local=ctx.local, num_clients=ctx.num_clients, **options.server_lr_kwargs())

@@ -78,6 +78,15 @@ class AttackedTransport:
         self.attack = attack
         self.seed = seed
 
+    @property
+    def client_states(self):
+        """The inner transport's per-client states."""
+        return self.inner.client_states
+
+    def score_round(self, plan: RoundPlan, clients: Sequence[str], request, stats: CommStats):
+        """Clients' scores of a model, from the inner transport (an attack changes updates, not scores)."""
+        return self.inner.score_round(plan, clients, request, stats)
+
     def run_round(self, plan: RoundPlan, clients: Sequence[str], stats: CommStats) -> Iterator[ClientUpdate]:
         """The inner transport's updates, with the malicious ones attacked."""
         for update in self.inner.run_round(plan, clients, stats):

@@ -41,7 +41,7 @@ class LocalTrainConfig:
 BASE_OFFSET = "lora_base_offset"
 """ServerState.buffers entry: dense corrections of the frozen base weights, by base weight name
 (cumulative since round 1; FedEx-LoRA residuals, FLoRA merges). Part of the global model: evaluation,
-saving and every client apply it (:func:`fedtune.models.sync_base`)."""
+saving and every client apply it (:func:`fedtune.resident.sync_base`)."""
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,8 @@ import torch
 from fedtune.batching import EncodedDataset
 from fedtune.client.kinds import plan_kinds
 from fedtune.client.train import local_train, prepare_start
-from fedtune.models import set_trainable, sync_base
+from fedtune.models import set_trainable
+from fedtune.resident import sync_base
 from fedtune.types import ClientState, RoundPlan
 
 HELD_OUT, TRAIN = "held_out", "train"

@@ -16,7 +16,8 @@ from fedtune import tensors
 from fedtune.batching import EncodedDataset, iterate_batches
 from fedtune.client.kinds import ClientHooks, LocalContext, LocalResult, plan_kinds
 from fedtune.compiled import training_forward
-from fedtune.models import get_trainable, set_trainable, sync_base
+from fedtune.models import get_trainable, set_trainable
+from fedtune.resident import sync_base
 from fedtune.personalization import PERSONAL_STATE_KEY
 from fedtune.precision import autocast, grad_scaler
 from fedtune.types import ClientState, ClientUpdate, RoundPlan, TensorDict

@@ -19,8 +19,7 @@ from typing import Any, Literal
 import tomli_w
 
 
-class ConfigError(ValueError):
-    """A configuration is malformed: unknown key, wrong type or invalid value."""
+from fedtune.errors import ConfigError  # noqa: E402  (re-exported: fedtune.config.ConfigError)
 
 
 EMBEDDED_MODEL_NAME = "embedded"

@@ -40,7 +40,7 @@ from fedtune.batching import IGNORE_INDEX, EncodedDataset, collate, epoch_batche
 from fedtune.channel import Channel
 from fedtune.client.kinds import LocalResult, StackedContext, plan_kinds
 from fedtune.client.train import finish_update, local_train, planned_steps
-from fedtune.models import sync_base
+from fedtune.resident import sync_base
 from fedtune.payload import CommStats
 from fedtune.precision import autocast
 from fedtune.runtime.simulation import SimulationTransport, client_seed

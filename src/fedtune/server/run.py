@@ -22,7 +22,8 @@ from fedtune import checkpoint, tensors
 from fedtune.artifacts import BASE_OFFSET_FILE, ModelMeta
 from fedtune.client.evaluate import HELD_OUT, TRAIN, ScoreRequest
 from fedtune.config import Experiment
-from fedtune.models import get_trainable, load_tokenizer, save_model, set_trainable, sync_base
+from fedtune.models import get_trainable, load_tokenizer, save_model, set_trainable
+from fedtune.resident import sync_base
 from fedtune.outputs import JsonlWriter, prepare_output_dir, print_table, write_summary
 from fedtune.payload import CommStats
 from fedtune.personalization import per_client_report

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from fedtune.config import ConfigError
+from fedtune.errors import ConfigError
 from fedtune.types import ClientUpdate, LocalTrainConfig, Metrics, RoundPlan, ServerState, TensorDict
 
 
@@ -194,13 +194,12 @@ def option_table_of(options_cls: type) -> dict[str, OptionField]:
     return table
 
 
-def _discover() -> None:
-    import fedtune.strategies  # noqa: F401  (its __init__ imports every strategy module: they register)
-
-
 def registered_strategies() -> Mapping[str, StrategySpec]:
-    """Every registered strategy by name, in registration order."""
-    _discover()
+    """Every registered strategy by name, in registration order.
+
+    Complete whenever this module is importable: importing it imports its package first, whose
+    ``__init__`` imports every strategy module (each registers itself).
+    """
     return dict(_REGISTRY)
 
 

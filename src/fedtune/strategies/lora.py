@@ -37,7 +37,7 @@ from torch import nn
 from fedtune.client.kinds import ClientHooks, ClientKind, LocalContext, LocalResult, StackedContext, StackedHooks, \
     register_kind
 from fedtune.lora_aggregation import RULES, LoraAccumulator, LoraModule, lora_modules, pad_rank, truncate_rank
-from fedtune.models import loaded_value
+from fedtune.resident import loaded_value
 from fedtune.strategies.fedprox import ProxTerm
 from fedtune.types import BASE_OFFSET, ClientUpdate, LocalTrainConfig, Metrics, RoundPlan, ServerState, TensorDict
 

@@ -1,12 +1,11 @@
-"""train.compile: the compiled training forward gives the eager updates; invalid combinations refused."""
+"""train.compile: the compiled training forward gives the eager updates (refusals: test_config_checks)."""
 
-import pytest
 import torch
 
 from fedtune.batching import EncodedDataset
 from fedtune.client import local_train
 from fedtune.compiled import training_forward
-from fedtune.config import ConfigError, Experiment, ModelConfig
+from fedtune.config import ModelConfig
 from fedtune.models import get_trainable, load_classifier
 from fedtune.types import LocalTrainConfig, RoundPlan
 from fedtune.strategies.fedprox import ProxTerm
@@ -46,10 +45,3 @@ def test_compiled_training_gives_the_eager_updates(tiny_model_dir):
 
 def tensors_differ_from_zero(delta) -> bool:
     return any(float(v.abs().max()) > 0 for v in delta.values())
-
-
-def test_compile_with_batched_clients_or_flower_is_refused():
-    with pytest.raises(ConfigError, match="train.compile = true needs simulation.parallel_clients = 1"):
-        Experiment.from_overrides(["train.compile=true", "simulation.parallel_clients=4"])
-    with pytest.raises(ConfigError, match="train.compile = true is for runtime.mode = 'simulation'"):
-        Experiment.from_overrides(["train.compile=true", 'runtime.mode="flower"'])

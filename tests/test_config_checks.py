@@ -11,17 +11,18 @@ FLOWER = ['runtime.mode="flower"']
 CASES = {
     "personalization-needs-federation": (['personalization.method="fedper"', 'mode="centralized"'],
                                          r"\[personalization\] personalizes.*mode = 'centralized'"),
-    "client-scores-need-score-rows": (['data.task="multilabel"', "eval.per_client=true"],
-                                      r"score their own rows.*not data.task = 'multilabel'"),
     "federated-eval-needs-federation": (["eval.federated=true", 'mode="centralized"'],
                                         r"eval.federated.*mode = 'centralized' has none"),
     "label-flip-needs-classes": (['data.task="causal_lm"', 'attack.kind="label_flip"', "attack.fraction=0.5"],
                                  r"label_flip.*not data.task = 'causal_lm'"),
+    "compile-one-client-at-a-time": (["train.compile=true", "simulation.parallel_clients=3"],
+                                     r"train.compile = true needs simulation.parallel_clients = 1"),
+    "checkpointing-one-client-at-a-time": (["train.gradient_checkpointing=true", "simulation.parallel_clients=3"],
+                                           r"gradient_checkpointing = true needs simulation.parallel_clients = 1"),
+    "compile-in-process": ([*FLOWER, "train.compile=true"], r"train.compile = true is for runtime.mode = 'simulation'"),
     "flower-needs-federation": ([*FLOWER, 'mode="local"'], r"mode = 'local' needs every client's data"),
     "secagg-weighted-mean": ([*FLOWER, "runtime.secagg=true", 'strategy.name="median"'],
                              r"SecAgg\+ sums quantized vectors.*strategy.name = 'median'"),
-    "flower-attacks": ([*FLOWER, 'attack.kind="sign_flip"', "attack.fraction=0.5"],
-                       r"attack.kind = 'sign_flip'.*not built yet"),
 }
 
 
@@ -45,5 +46,6 @@ def test_the_supported_combinations_pass(tiny_experiment):
     for overrides in ([], [*FLOWER, 'model.lora.aggregation="svd"', "model.lora.client_ranks=[2, 4]"],
                       [*FLOWER, 'data.task="qa"'], ['personalization.method="fedper"'],
                       [*FLOWER, "eval.per_client=true", "eval.federated=true", 'personalization.method="finetune"'],
-                      [*FLOWER, "runtime.secagg=true", 'strategy.name="fedprox"']):
+                      [*FLOWER, "runtime.secagg=true", 'strategy.name="fedprox"'],
+                      [*FLOWER, 'attack.kind="sign_flip"', "attack.fraction=0.5", 'strategy.name="median"']):
         check_experiment(tiny_experiment(*overrides))

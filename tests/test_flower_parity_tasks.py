@@ -9,14 +9,15 @@ LoRA base corrections) must agree within 1e-6.
 
 | case | task | fine-tuning / rule | also exercised |
 |---|---|---|---|
-| qa | extractive QA (stride windows on the nodes) | full fine-tuning | int16+gzip both ways |
-| multilabel | multi-label | LoRA, fedit | |
+| qa | extractive QA (stride windows on the nodes) | full fine-tuning | int16+gzip both ways, federated EM/F1 scored on the nodes |
+| multilabel | multi-label | LoRA, fedit | per-client micro F1 scored on the nodes |
 | causal_lm | causal LM (tiny Llama) | LoRA, svd with client ranks 2 and 4 | FedProx term |
 | generative | generative classification (tiny Llama) | LoRA, ffa | |
 | fedsa | classification | LoRA, fedsa (B kept on the nodes) | |
 | fedper | classification | LoRA, FedPer (heads kept on the nodes) | federated evaluation, per-client evaluation, personalization report scored on the nodes |
 | fedex | classification | LoRA, fedex (base corrections) | |
 | flora | classification | LoRA, flora (base corrections, fresh adapters) | |
+| attack | classification | LoRA, median | byzantine client_001 (`[attack]` noise: drawn on its node with the simulation's seed) |
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _qa(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
     return [f'model.name="{tiny_model_dir}"', 'data.task="qa"', f'data.train_file="{tmp_path / "train.json"}"',
             f'data.eval_file="{tmp_path / "dev.json"}"', "data.max_length=24", "data.doc_stride=4",
             'partition.method="group"', 'model.mode="full"', "train.lr=0.01",
-            'federation.codec_up="int16+gzip"', 'federation.codec_down="int16+gzip"']
+            'federation.codec_up="int16+gzip"', 'federation.codec_down="int16+gzip"', "eval.federated=true"]
 
 
 def _multilabel(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
@@ -88,7 +89,7 @@ def _multilabel(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
         (tmp_path / name).write_text("\n".join(json.dumps(r) for r in _rows(n, seed)) + "\n")
     return [f'model.name="{tiny_model_dir}"', 'data.task="multilabel"', f'data.train_file="{tmp_path / "train.jsonl"}"',
             f'data.eval_file="{tmp_path / "dev.jsonl"}"', "data.max_length=16", "train.lr=0.003",
-            'model.lora.aggregation="fedit"']
+            'model.lora.aggregation="fedit"', "eval.per_client=true"]
 
 
 def _stories() -> Path:
@@ -131,8 +132,14 @@ def _fedper(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
             "eval.per_client=true", 'partition.method="label"', "partition.labels_per_client=2"]
 
 
+def _attack(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
+    options = [o for o in _classification("fedit")(tmp_path, tiny_model_dir, tiny_csv) if "aggregation" not in o]
+    return [*options, 'strategy.name="median"', 'attack.kind="noise"', "attack.noise_std=0.01",
+            'attack.clients=["client_001"]']
+
+
 CASES = {
-    "qa": _qa, "multilabel": _multilabel, "causal_lm": _causal_lm, "generative": _generative,
+    "qa": _qa, "attack": _attack, "multilabel": _multilabel, "causal_lm": _causal_lm, "generative": _generative,
     "fedsa": _classification("fedsa"), "fedper": _fedper, "fedex": _classification("fedex"), "flora": _classification("flora"),
 }
 
@@ -157,6 +164,7 @@ def test_task_and_lora_rule_parity_on_real_processes(case, shared_federation, tm
     assert [r["clients_aggregated"] for r in result.history] == [2, 2], fed.tail()
     diff = _max_diff(_model_tensors(sim.output_dir), _model_tensors(result.output_dir))
     assert diff <= TOLERANCE, f"{case}: max |flower - simulation| = {diff:.3e}"
+    assert result.summary.get("attackers") == sim.summary.get("attackers")
     headline = sim.summary["headline_metric"]
     assert result.final_metrics[headline] == pytest.approx(sim.final_metrics[headline], rel=1e-6, abs=1e-6)
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in result.history)

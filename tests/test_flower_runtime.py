@@ -117,3 +117,57 @@ def test_flower_simulation_matches_simulation(tiny_experiment, tmp_path):
     b = load_file(ray.output_dir / "model" / "adapter_model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     assert [r["clients"] for r in ray.history] == [2, 2]
+
+
+def test_node_config_attack(tmp_path):
+    """A node can make itself byzantine; without `attack` it follows the experiment's [attack]."""
+    from fedtune.attacks import Attack
+
+    manifest = tmp_path / "client_001.json"
+    manifest.write_text('{"client_id": "client_001", "indices": [0, 1]}')
+    node = NodeData.from_node_config({"manifest": str(manifest), "attack": "sign_flip", "attack-scale": 4})
+    assert node.attack == Attack("sign_flip", 4.0, 1.0)
+    clean = Experiment.from_overrides(["partition.num_clients=2"])
+    assert node.attack_in(clean) == node.attack  # its own, whatever the server says
+    honest = NodeData.from_node_config({"manifest": str(manifest)})
+    assert honest.attack_in(clean) is None
+    listed = Experiment.from_overrides(["partition.num_clients=2", 'attack.kind="scale"', "attack.scale=3",
+                                        'attack.clients=["client_001"]'])
+    assert honest.attack_in(listed) == Attack("scale", 3.0, 1.0)
+    for raw, message in (({"attack": "explode"}, "node-config attack: unknown attack 'explode'"),
+                         ({"attack-scale": 2}, "attack-scale needs attack=<kind>"),
+                         ({"attack": "noise", "attack-noise-std": "big"}, "attack-noise-std: expected a number"),
+                         ({"attack": "noise", "attack-noise-std": -1}, "attack-noise-std must be >= 0")):
+        with pytest.raises(NodeConfigError, match=message):
+            NodeData.from_node_config({"manifest": str(manifest), **raw})
+
+
+def test_nodes_draw_the_simulations_attackers():
+    """With attack.fraction, each node decides alone and the nodes together pick the simulation's attackers."""
+    from fedtune.attacks import experiment_attacker, malicious_clients
+    from fedtune.partition import client_ids
+
+    exp = Experiment.from_overrides(["partition.num_clients=10", 'attack.kind="sign_flip"', "attack.fraction=0.3"])
+    ids = client_ids(10)
+    by_nodes = [c for c in ids if experiment_attacker(exp.attack, c, 10, exp.seed) is not None]
+    assert by_nodes == malicious_clients(ids, 0.3, [], exp.seed) and len(by_nodes) == 3
+
+
+def test_label_flip_node_trains_on_flipped_labels(tiny_experiment, tmp_path):
+    """A node with attack = label_flip poisons its own training rows (held-out rows stay clean)."""
+    from fedtune.models import load_tokenizer
+    from fedtune.runtime.flower.client_app import _resident
+    from fedtune.shards import make_shards
+    from fedtune.tasks.registry import build_task
+
+    exp = tiny_experiment("partition.num_clients=2")
+    task = build_task(exp, load_tokenizer(exp.model.name))
+    make_shards(exp, task.units, task.name, tmp_path)
+    manifest = next((tmp_path / "partition").glob("client_000.json"))
+    info = messages.TaskInfo(tuple(task.units.label_names))
+    honest = _resident(exp, NodeData.from_node_config({"manifest": str(manifest)}), info, torch.device("cpu"))
+    labels = honest.rows.labels.clone()
+    flipped = _resident(exp, NodeData.from_node_config({"manifest": str(manifest), "attack": "label_flip"}), info,
+                        torch.device("cpu"))
+    assert torch.equal(flipped.rows.labels, len(info.label_names) - 1 - labels)
+    assert not torch.equal(flipped.rows.labels, labels)

@@ -1,9 +1,15 @@
-"""Byzantine clients for the simulation: who attacks, and what their updates or labels become.
+"""Byzantine clients: who attacks, and what their updates or labels become.
 
 Update attacks change what a malicious client sends (the honest training still happens):
 ``sign_flip`` sends -scale·delta, ``scale`` sends scale·delta, ``noise`` sends Gaussian noise
 with standard deviation ``noise_std`` in place of the delta. ``label_flip`` poisons the data
 instead: class y becomes (num_labels - 1 - y) on the malicious clients' shards.
+
+An attack is client-side behaviour, applied where the client runs: the simulation's transport and
+the Flower ClientApp both call :func:`poison_rows` on the client's training rows and
+:func:`byzantine_update` on its update before it is encoded, with the same seeds. Who attacks comes
+from the experiment's ``[attack]`` (:func:`experiment_attacker`, the same draw everywhere) or, on a
+SuperNode, from its own node config (``attack = "sign_flip"`` ...: a node the server knows nothing about).
 """
 
 from __future__ import annotations
@@ -16,8 +22,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from fedtune.batching import EncodedDataset
-from fedtune.payload import CommStats
-from fedtune.types import ClientUpdate, RoundPlan
+from fedtune.types import ClientUpdate
 
 UPDATE_ATTACKS = ("sign_flip", "scale", "noise")
 DATA_ATTACKS = ("label_flip",)
@@ -69,28 +74,43 @@ def flip_labels(data: EncodedDataset, num_labels: int) -> EncodedDataset:
     return replace(data, labels=(num_labels - 1) - data.labels)
 
 
-class AttackedTransport:
-    """Wraps a transport; updates from the malicious clients are replaced as the attack says."""
+def attack_seed(seed: int, rnd: int, client_id: str) -> int:
+    """The seed of a client's attack noise in a round (the same in every runtime)."""
+    return zlib.crc32(f"{seed}/{rnd}/{client_id}/attack".encode())
 
-    def __init__(self, inner, malicious: Sequence[str], attack: Attack, seed: int) -> None:
-        self.inner = inner
-        self.malicious = set(malicious)
-        self.attack = attack
-        self.seed = seed
 
-    @property
-    def client_states(self):
-        """The inner transport's per-client states."""
-        return self.inner.client_states
+def byzantine_update(update: ClientUpdate, attack: Attack | None, seed: int, rnd: int) -> ClientUpdate:
+    """What a client sends: ``update`` itself, or its attacked version under an update attack."""
+    if attack is None or attack.kind not in UPDATE_ATTACKS:
+        return update
+    return attack_update(update, attack, attack_seed(seed, rnd, update.client_id))
 
-    def score_round(self, plan: RoundPlan, clients: Sequence[str], request, stats: CommStats):
-        """Clients' scores of a model, from the inner transport (an attack changes updates, not scores)."""
-        return self.inner.score_round(plan, clients, request, stats)
 
-    def run_round(self, plan: RoundPlan, clients: Sequence[str], stats: CommStats) -> Iterator[ClientUpdate]:
-        """The inner transport's updates, with the malicious ones attacked."""
-        for update in self.inner.run_round(plan, clients, stats):
-            if update.client_id in self.malicious:
-                seed = zlib.crc32(f"{self.seed}/{plan.round}/{update.client_id}/attack".encode())
-                update = attack_update(update, self.attack, seed)
-            yield update
+def poison_rows(rows: EncodedDataset, attack: Attack | None, num_labels: int) -> EncodedDataset:
+    """A client's training rows: as they are, or label-flipped under ``label_flip``."""
+    if attack is None or attack.kind not in DATA_ATTACKS:
+        return rows
+    if num_labels < 2:
+        raise ValueError("label_flip needs a classification task with class labels")
+    return flip_labels(rows, num_labels)
+
+
+def experiment_attack(cfg) -> Attack | None:
+    """The attack an ``[attack]`` section describes (None for ``kind = "none"``)."""
+    return None if cfg.kind == "none" else Attack(cfg.kind, cfg.scale, cfg.noise_std)
+
+
+def experiment_attacker(cfg, client_id: str, num_clients: int, seed: int) -> Attack | None:
+    """``client_id``'s attack under the experiment's ``[attack]``: listed in ``clients``, or drawn by ``fraction``.
+
+    The draw is :func:`malicious_clients` over the partition's ids (``client_000`` ...), so a
+    SuperNode decides alone exactly as the simulation decides for that client.
+    """
+    attack = experiment_attack(cfg)
+    if attack is None:
+        return None
+    if cfg.clients:
+        return attack if client_id in cfg.clients else None
+    from fedtune.partition import client_ids
+
+    return attack if client_id in malicious_clients(client_ids(num_clients), cfg.fraction, [], seed) else None

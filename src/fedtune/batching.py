@@ -28,6 +28,8 @@ class EncodedDataset:
     label_keys: tuple[str, ...] = ("labels",)
     """Model keyword(s) the label columns are passed as (one key: the whole row)."""
     token_labels: list[list[int]] | None = None
+    example_ids: torch.Tensor | None = None
+    """Which source example each row was cut from, when several rows share one (extractive QA's windows)."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -41,6 +43,7 @@ class EncodedDataset:
             labels=self.labels[torch.as_tensor(idx, dtype=torch.long)] if idx else self.labels[:0],
             label_keys=self.label_keys,
             token_labels=None if self.token_labels is None else [self.token_labels[i] for i in idx],
+            example_ids=None if self.example_ids is None else self.example_ids[torch.as_tensor(idx, dtype=torch.long)],
         )
 
     @property

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fedtune import checkpoint
-from fedtune.attacks import DATA_ATTACKS, UPDATE_ATTACKS, Attack, AttackedTransport, flip_labels, malicious_clients
+from fedtune.attacks import experiment_attacker, malicious_clients, poison_rows
 from fedtune.batching import EncodedDataset
 from fedtune.channel import Channel
 from fedtune.config import Experiment
@@ -39,14 +39,16 @@ __all__ = ["RunResult", "build_strategy", "local_train_config", "make_shards", "
            "simulation_transport"]
 
 
-def simulation_transport(exp: Experiment, model, client_data, *, pad_id: int, device) -> SimulationTransport:
+def simulation_transport(exp: Experiment, model, client_data, *, pad_id: int, device,
+                         attacks=None) -> SimulationTransport:
     """The in-process transport ``[simulation]`` asks for: clients in turn, or up to K at once."""
     k = exp.simulation.parallel_clients
     channel = Channel.from_config(exp.federation)  # codec_up / codec_down
     if k > 1:
         return ParallelSimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device,
-                                           parallel_clients=k, channel=channel)
-    return SimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device, channel=channel)
+                                           parallel_clients=k, channel=channel, attacks=attacks)
+    return SimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device, channel=channel,
+                               attacks=attacks)
 
 
 def run_experiment(exp: Experiment, *, quiet: bool = False, device: torch.device | None = None,
@@ -98,22 +100,20 @@ def run_simulation(exp: Experiment, *, quiet: bool = False, device: torch.device
         client_data = {cid: train.subset(s) for cid, s in zip(ids, shards)}
         clients = ids
         per_round = clients_per_round(len(ids), exp.federation.clients_per_round, exp.federation.fraction)
-    simulation = simulation_transport(exp, model, client_data, pad_id=side.pad_id, device=side.device)
-    transport = simulation
-    if exp.mode == "federated" and exp.attack.kind != "none":
-        attackers = malicious_clients(ids, exp.attack.fraction, exp.attack.clients, exp.seed)
-        if exp.attack.kind in DATA_ATTACKS:
-            num_labels = len(task.units.label_names or ())
-            client_data.update({c: flip_labels(client_data[c], num_labels) for c in attackers})
-        if exp.attack.kind in UPDATE_ATTACKS:
-            a = exp.attack
-            transport = AttackedTransport(transport, attackers, Attack(a.kind, a.scale, a.noise_std), exp.seed)
-        summary["attackers"] = attackers
-        log.info("attack %s by %d clients: %s", exp.attack.kind, len(attackers), attackers)
+    attacks = {}
+    if exp.mode == "federated" and exp.attack.kind != "none":  # byzantine clients, as a SuperNode would decide
+        malicious_clients(ids, exp.attack.fraction, exp.attack.clients, exp.seed)  # (unknown ids: an error)
+        attacks = {c: a for c in ids if (a := experiment_attacker(exp.attack, c, len(ids), exp.seed))}
+        num_labels = len(task.units.label_names or ())
+        client_data.update({c: poison_rows(client_data[c], a, num_labels) for c, a in attacks.items()})
+        summary["attackers"] = list(attacks)
+        log.info("attack %s by %d clients: %s", exp.attack.kind, len(attacks), list(attacks))
+    simulation = simulation_transport(exp, model, client_data, pad_id=side.pad_id, device=side.device,
+                                      attacks=attacks)
 
     simulation.enable_scoring(task, held_out_rows, side.eval_context)  # (eval.per_client, eval.federated, ...)
     fed = Federation(clients, len(train), simulation.client_states, per_round)
-    return run_federation(side, strategy, transport, fed, quiet=quiet, ckpt=ckpt, summary=summary)
+    return run_federation(side, strategy, simulation, fed, quiet=quiet, ckpt=ckpt, summary=summary)
 
 
 def _run_local(side: ServerSide, strategy, shards, ids, quiet: bool) -> RunResult:

@@ -16,6 +16,7 @@ from fedtune import tensors
 from fedtune.batching import EncodedDataset, iterate_batches
 from fedtune.client.kinds import ClientHooks, LocalContext, LocalResult, plan_kinds
 from fedtune.compiled import training_forward
+from fedtune.memory import activation_checkpointing
 from fedtune.models import get_trainable, set_trainable
 from fedtune.resident import sync_base
 from fedtune.personalization import PERSONAL_STATE_KEY
@@ -115,37 +116,38 @@ def _train(model, data, plan: RoundPlan, client_id, *, pad_id, seed, device, sta
     total = planned_steps(len(data), cfg.batch_size, cfg.epochs, cfg.max_steps)
     forward = training_forward(model, cfg.compile)
     model.train()
-    step, loss_sum = 0, 0.0
-    while step < total:
-        for batch in iterate_batches(data, cfg.batch_size, pad_id, generator, cfg.pad_to, cfg.length_bucketing):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast(cfg.precision, device):
-                loss = forward(**batch).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"client {client_id}: loss is {float(loss)} at local step {step}")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            for h in hooks:
-                h.on_backward(named)
-            for h in hooks:
-                h.before_clip(named)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(named.values(), cfg.grad_clip)
-            for h in hooks:
-                h.after_clip(named)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            loss_sum += float(loss.detach())
-            step += 1
-            if step >= total:
-                break
+    with activation_checkpointing(model, cfg.gradient_checkpointing):
+        step, loss_sum = 0, 0.0
+        while step < total:
+            for batch in iterate_batches(data, cfg.batch_size, pad_id, generator, cfg.pad_to, cfg.length_bucketing):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast(cfg.precision, device):
+                    loss = forward(**batch).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"client {client_id}: loss is {float(loss)} at local step {step}")
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                for h in hooks:
+                    h.on_backward(named)
+                for h in hooks:
+                    h.before_clip(named)
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(named.values(), cfg.grad_clip)
+                for h in hooks:
+                    h.after_clip(named)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                loss_sum += float(loss.detach())
+                step += 1
+                if step >= total:
+                    break
     local = get_trainable(model)
     result = LocalResult(client_id=client_id, start=start, local=local, delta=tensors.sub(local, start), steps=step,
                          metrics={"train_loss": loss_sum / step, "steps": float(step)})

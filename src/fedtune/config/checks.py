@@ -29,14 +29,6 @@ def _kind(exp: Experiment) -> str:
     return task_kind(exp)
 
 
-SCORED_KINDS = ("classification", "causal_lm")
-"""Task kinds whose Task.score_rows scores a client's own rows (headline metric)."""
-
-
-def _client_scored(exp: Experiment) -> bool:
-    return exp.eval.per_client or exp.eval.federated or exp.personalization.method != "none"
-
-
 def _flower(exp: Experiment) -> bool:
     return exp.runtime.mode != "simulation"
 
@@ -50,14 +42,23 @@ CHECKS: tuple[Check, ...] = (
           lambda e: e.eval.federated and e.mode != "federated",
           lambda e: f"eval.federated has each client of a federation score the global model; mode = {e.mode!r} "
                     "has none (use mode = 'federated')"),
-    Check("client-scores-need-score-rows",
-          lambda e: _client_scored(e) and _kind(e) not in SCORED_KINDS,
-          lambda e: f"eval.per_client, eval.federated and [personalization] have clients score their own rows "
-                    f"with Task.score_rows, which {', '.join(SCORED_KINDS)} have so far; not data.task = {_kind(e)!r}"),
     Check("label-flip-needs-classes",
           lambda e: e.attack.kind == "label_flip" and _kind(e) != "classification",
           lambda e: f"attack.kind = 'label_flip' flips class labels: single-label classification only, "
                     f"not data.task = {_kind(e)!r}"),
+    Check("compile-one-client-at-a-time",
+          lambda e: e.train.compile and e.simulation.parallel_clients > 1,
+          lambda e: "train.compile = true needs simulation.parallel_clients = 1: the batched trainer routes rows "
+                    "through per-client adapters and is not compiled"),
+    Check("checkpointing-one-client-at-a-time",
+          lambda e: e.train.gradient_checkpointing and e.simulation.parallel_clients > 1,
+          lambda e: "train.gradient_checkpointing = true needs simulation.parallel_clients = 1: the batched trainer "
+                    "swaps each client's adapter into a layer only during its forward, so a recomputation in the "
+                    "backward pass would not see it"),
+    Check("compile-in-process",
+          lambda e: e.train.compile and _flower(e),
+          lambda e: f"train.compile = true is for runtime.mode = 'simulation', not {e.runtime.mode!r}: a Flower "
+                    "ClientApp runs in a fresh process per round and would compile every round"),
     Check("flower-needs-federation",
           lambda e: _flower(e) and e.mode != "federated",
           lambda e: f"mode = {e.mode!r} needs every client's data in one place; on runtime.mode = "
@@ -68,10 +69,6 @@ CHECKS: tuple[Check, ...] = (
                     f"least 2 clients (strategy.name = {_secagg_names()}, no [privacy], federation.codec_up = "
                     "'none'): SecAgg+ sums quantized vectors, so no rule that needs individual updates fits; "
                     "not with " + "; ".join(_secagg_problems(e))),
-    Check("flower-attacks",
-          lambda e: _flower(e) and e.attack.kind != "none",
-          lambda e: f"attack.kind = {e.attack.kind!r} is simulated by the in-process transport; node-side "
-                    f"attacks are not built yet on runtime.mode = {e.runtime.mode!r}"),
 )
 """Every refused combination, in the order they are checked."""
 

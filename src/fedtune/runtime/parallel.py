@@ -444,8 +444,10 @@ class ParallelSimulationTransport(SimulationTransport):
     """
 
     def __init__(self, model: nn.Module, client_data: Mapping[str, EncodedDataset], *, pad_id: int, seed: int,
-                 device: torch.device, parallel_clients: int, channel: Channel | None = None) -> None:
-        super().__init__(model, client_data, pad_id=pad_id, seed=seed, device=device, channel=channel)
+                 device: torch.device, parallel_clients: int, channel: Channel | None = None,
+                 attacks=None) -> None:
+        super().__init__(model, client_data, pad_id=pad_id, seed=seed, device=device, channel=channel,
+                         attacks=attacks)
         if parallel_clients < 1:
             raise ValueError(f"parallel_clients must be >= 1, got {parallel_clients}")
         self.parallel_clients = parallel_clients

@@ -8,6 +8,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from fedtune.attacks import Attack, byzantine_update
 from fedtune.batching import EncodedDataset
 from fedtune.channel import Channel
 from fedtune.client import local_train
@@ -41,8 +42,11 @@ class SimulationTransport:
         seed: int,
         device: torch.device,
         channel: Channel | None = None,
+        attacks: Mapping[str, Attack] | None = None,
     ) -> None:
         self.model = model
+        self.attacks = dict(attacks or {})
+        """The byzantine clients' attacks (their rows are poisoned by the caller, :func:`fedtune.attacks.poison_rows`)."""
         self.channel = channel if channel is not None else Channel()
         self.client_data = client_data
         self.pad_id = pad_id
@@ -92,10 +96,11 @@ class SimulationTransport:
             yield self.upload(update, state, stats, plan)
 
     def upload(self, update: ClientUpdate, state: ClientState, stats: CommStats, plan: RoundPlan) -> ClientUpdate:
-        """The client's update through the uplink codec (error feedback in ``state``); bytes into ``stats``.
+        """The client's update (attacked if it is byzantine) through the uplink codec; bytes into ``stats``.
 
-        ``plan`` is the round's full plan (the server reads a cut LoRA adapter back at its shapes).
+        Error feedback lives in ``state``; ``plan`` is the round's full plan (the server reads a cut LoRA adapter back at its shapes).
         """
+        update = byzantine_update(update, self.attacks.get(update.client_id), self.seed, plan.round)
         update, size = self.channel.transmit_update(update, state, plan)
         stats.bytes_up += size
         return update

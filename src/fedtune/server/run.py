@@ -22,6 +22,7 @@ from fedtune import checkpoint, tensors
 from fedtune.artifacts import BASE_OFFSET_FILE, ModelMeta
 from fedtune.client.evaluate import HELD_OUT, TRAIN, ScoreRequest
 from fedtune.config import Experiment
+from fedtune.memory import release_memory
 from fedtune.models import get_trainable, load_tokenizer, save_model, set_trainable
 from fedtune.resident import sync_base
 from fedtune.outputs import JsonlWriter, prepare_output_dir, print_table, write_summary
@@ -204,6 +205,7 @@ def run_federation(
         apply_state(model, state)
         result = task.evaluate(model, ctx)
         task.write_samples(model, ctx, samples_path, state.round)
+        release_memory()  # evaluation's blocks differ in size from training's: hand them back
         if exp.eval.federated:  # each client scores the global model on its own held-out rows
             scores = gather_scores(strategy, transport, state, fed.clients, ScoreRequest(HELD_OUT))
             result[f"fed_{headline}"] = weighted_score(scores)

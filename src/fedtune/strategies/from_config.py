@@ -37,6 +37,7 @@ def local_train_config(exp: Experiment) -> LocalTrainConfig:
         pad_to=exp.data.max_length if exp.data.pad_to_max_length else 0,
         length_bucketing=t.length_bucketing,
         compile=t.compile,
+        gradient_checkpointing=t.gradient_checkpointing,
     )
 
 

@@ -134,21 +134,36 @@ def score_candidates(model: nn.Module, tokenizer, prompts: Sequence[str], candid
 
     With ``normalize`` the sum is divided by the candidate's token count (fair to long labels).
     """
+    return score_candidate_ids(model, [_ids(tokenizer, p, bos=True) for p in prompts], candidate_ids(tokenizer, candidates),
+                               pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                               normalize=normalize, device=device)
+
+
+def candidate_ids(tokenizer, candidates: Sequence[str]) -> list[list[int]]:
+    """Each candidate's token ids (no special tokens); a candidate that tokenizes to nothing is an error."""
+    out = []
+    for c in candidates:
+        ids = _ids(tokenizer, c, bos=False)
+        if not ids:
+            raise ValueError(f"candidate label {c!r} tokenizes to nothing")
+        out.append(ids)
+    return out
+
+
+@torch.no_grad()
+def score_candidate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]], *,
+                        pad_id: int, normalize: bool = True, device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """:func:`score_candidates` on token ids: prompts already tokenized (with BOS), candidates too."""
     rows, labels = [], []
-    for p in prompts:
-        pids = _ids(tokenizer, p, bos=True)
-        for c in candidates:
-            cids = _ids(tokenizer, c, bos=False)
-            if not cids:
-                raise ValueError(f"candidate label {c!r} tokenizes to nothing")
-            rows.append(pids + cids)
-            labels.append([IGNORE_INDEX] * len(pids) + cids)
+    for pids in prompts:
+        for cids in candidates:
+            rows.append(list(pids) + list(cids))
+            labels.append([IGNORE_INDEX] * len(pids) + list(cids))
     data = EncodedLM(rows, labels)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.eval()
     scores = []
     for start in range(0, len(data), 32):
-        batch = collate_lm(data, range(start, min(start + 32, len(data))), pad)
+        batch = collate_lm(data, range(start, min(start + 32, len(data))), pad_id)
         lp, n = token_logprobs(model, {k: v.to(device) for k, v in batch.items()})
         scores.append((lp / n if normalize else lp).cpu())
     return torch.cat(scores).view(len(prompts), len(candidates))

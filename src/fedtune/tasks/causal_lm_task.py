@@ -25,7 +25,7 @@ from torch import nn
 from fedtune.batching import EncodedDataset
 from fedtune.config import DataConfig, EvalConfig, ModelConfig
 from fedtune.models import load_model
-from fedtune.tasks.causal_lm import EncodedLM, Instruction, _ids, encode_instructions, load_instructions, perplexity, \
+from fedtune.tasks.causal_lm import IGNORE_INDEX, EncodedLM, Instruction, _ids, candidate_ids, score_candidate_ids, encode_instructions, load_instructions, perplexity, \
     score_candidates
 from fedtune.tasks.data import DataError, TaskData, _rng, data_dir
 from fedtune.tasks.metrics import compute_metrics, primary_metric
@@ -78,8 +78,10 @@ def load_instruction_data(cfg: DataConfig, seed: int) -> tuple[list[Instruction]
     return train, evals
 
 
-def _lm_rows(enc: EncodedLM) -> EncodedDataset:
-    return EncodedDataset(enc.input_ids, None, torch.zeros(len(enc), dtype=torch.long), token_labels=enc.labels)
+def _lm_rows(enc: EncodedLM, classes: Sequence[int] | None = None) -> EncodedDataset:
+    """LM rows; ``labels`` holds each row's class id (generative classification) or zeros (unused)."""
+    labels = torch.tensor(list(classes), dtype=torch.long) if classes is not None else torch.zeros(len(enc), dtype=torch.long)
+    return EncodedDataset(enc.input_ids, None, labels, token_labels=enc.labels)
 
 
 class CausalLMTask(Task):
@@ -152,7 +154,7 @@ class GenerativeClassificationTask(Task):
         self.metric = data.metric
         self.candidates = [" " + n for n in data.label_names]
         self.primary = primary_metric(data.metric)
-        self.train = _lm_rows(self._encode(data.train, data_cfg.max_length))
+        self.train = _lm_rows(self._encode(data.train, data_cfg.max_length), data.train.labels)
         first = next(iter(data.evals))
         self.headline = f"{first}_{self.primary}" if len(data.evals) > 1 else self.primary
 
@@ -177,6 +179,18 @@ class GenerativeClassificationTask(Task):
 
     def build_model(self, cfg: ModelConfig, seed: int) -> nn.Module:
         return load_model(cfg, "causal_lm", seed)
+
+    def score_rows(self, model: nn.Module, rows: EncodedDataset, ctx: EvalContext) -> float:
+        """The dataset's metric on some training rows (a client's own), predicting as :meth:`evaluate` does.
+
+        Each row is its prompt's tokens (truncated as trained) followed by the label's; the prompt part
+        (tokens without a loss) is scored against every label text, and the best normalized log-likelihood is the guess.
+        """
+        prompts = [ids[: sum(1 for t in labels if t == IGNORE_INDEX)] for ids, labels in
+                   zip(rows.input_ids, rows.token_labels)]
+        scores = score_candidate_ids(model, prompts, candidate_ids(self.tokenizer, self.candidates),
+                                     pad_id=ctx.pad_id, device=ctx.device)
+        return compute_metrics(self.metric, scores.argmax(-1).tolist(), rows.labels.tolist())[self.primary]
 
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         multi = len(self.data.evals) > 1

@@ -232,5 +232,14 @@ class MultiLabelTask(Task):
     def eval_inputs(self) -> EncodedDataset:
         return next(iter(self.evals.values()))
 
+    def score_rows(self, model: nn.Module, rows: EncodedDataset, ctx: EvalContext) -> float:
+        """Micro F1 on some training rows (a client's own) at the configured ``eval.threshold``.
+
+        Not at a tuned threshold: that one is chosen on the server's validation split, which a
+        client does not have, so every runtime scores a client at the same fixed threshold.
+        """
+        probs, _ = self.probabilities(model, rows, ctx)
+        return float(multilabel_scores(probs, rows.labels.numpy(), self.threshold)["micro_f1"])
+
     def details(self) -> dict:
         return dict(self._details)

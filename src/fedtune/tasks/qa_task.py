@@ -94,7 +94,9 @@ class QATask(Task):
             feats.input_ids, feats.token_type_ids,
             torch.tensor(list(zip(feats.start_positions, feats.end_positions)), dtype=torch.long),
             label_keys=("start_positions", "end_positions"),
+            example_ids=torch.tensor(feats.example_index, dtype=torch.long),
         )
+        self._tokenizer, self._max_length, self._stride = tokenizer, data_cfg.max_length, data_cfg.doc_stride
         self._windows: dict[int, list[int]] = defaultdict(list)
         for row, ex in enumerate(feats.example_index):
             self._windows[ex].append(row)
@@ -116,11 +118,14 @@ class QATask(Task):
     def build_model(self, cfg: ModelConfig, seed: int) -> nn.Module:
         return load_model(cfg, "question_answering", seed)
 
-    @torch.no_grad()
     def logits(self, model: nn.Module, ctx: EvalContext) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Start and end logits of every evaluation window (unpadded), in window order."""
+        return self._window_logits(model, self._eval_rows, ctx)
+
+    @torch.no_grad()
+    def _window_logits(self, model: nn.Module, data: EncodedDataset,
+                       ctx: EvalContext) -> tuple[list[np.ndarray], list[np.ndarray]]:
         model.eval()
-        data = self._eval_rows
         order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
         starts: list[np.ndarray] = [np.empty(0)] * len(data)
         ends: list[np.ndarray] = [np.empty(0)] * len(data)
@@ -145,6 +150,22 @@ class QATask(Task):
 
     def eval_inputs(self) -> EncodedDataset:
         return self._eval_rows
+
+    def score_rows(self, model: nn.Module, rows: EncodedDataset, ctx: EvalContext) -> float:
+        """Official SQuAD F1 on the questions ``rows`` were cut from (a client's own questions).
+
+        The windows of those questions are made again with offsets, as the evaluation's are, and
+        decoded the same way (n-best spans, official normalization).
+        """
+        if rows.example_ids is None:
+            raise ValueError("qa score_rows needs rows cut from this task's training questions (example_ids)")
+        examples = [self.train_examples[i] for i in sorted(set(rows.example_ids.tolist()))]
+        feats = prepare_eval_features(self._tokenizer, examples, self._max_length, self._stride)
+        data = EncodedDataset(feats.input_ids, feats.token_type_ids, torch.zeros(len(feats), dtype=torch.long))
+        starts, ends = self._window_logits(model, data, ctx)
+        answers = postprocess(examples, feats, starts, ends, n_best=self.n_best,
+                              max_answer_length=self.max_answer_length)
+        return squad_scores(answers, {e.qid: [a for a, _ in e.answers] for e in examples})[self.headline]
 
     def write_samples(self, model: nn.Module, ctx: EvalContext, path: Path, rnd: int) -> None:
         """Write the latest evaluation's answers (``{question id: text}``) as JSON next to the metrics."""

@@ -85,4 +85,4 @@ class Task(ABC):
 
     def score_rows(self, model: nn.Module, rows: EncodedDataset, ctx: EvalContext) -> float:
         """The headline metric on some training rows (per-client evaluation, personalization)."""
-        raise NotImplementedError(f"{self.kind}: scoring a client's own rows is supported for classification only")
+        raise NotImplementedError(f"{self.kind}: this task cannot score a client's own rows (Task.score_rows)")

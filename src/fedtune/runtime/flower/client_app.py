@@ -32,8 +32,10 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedtune.attacks import byzantine_update, poison_rows
 from fedtune.client import local_train
 from fedtune.config import Experiment
+from fedtune.memory import bound_allocator
 from fedtune.models import load_tokenizer
 from fedtune.precision import default_device
 from fedtune.runtime.flower import messages, secagg
@@ -70,6 +72,10 @@ def _resident(exp: Experiment, node: NodeData, task_info: messages.TaskInfo, dev
         tokenizer = load_tokenizer(exp.model.name)
         task, rows, held_out = node.load_task(exp, task_info.label_names, tokenizer,
                                               holdout=exp.personalization.holdout if needs_holdout(exp) else 0.0)
+        attack = node.attack_in(exp)
+        if attack is not None:
+            log.warning("client %s is byzantine: %s", node.client_id, attack)
+            rows = poison_rows(rows, attack, len(task_info.label_names or ()))
         model = build_model(task, exp, device)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         _RESIDENT[key] = _Resident(model, task, rows, held_out, pad_id)
@@ -81,6 +87,7 @@ def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | Non
 
     ``manifest_dir`` is the partition folder for Flower-simulation virtual nodes (``partition-id``).
     """
+    bound_allocator()  # freed activations go back to the OS (fedtune.memory)
     app = ClientApp()
 
     def node_of(context: Context) -> NodeData:
@@ -114,6 +121,7 @@ def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | Non
             resident.model, resident.rows, request.plan, node.client_id, pad_id=resident.pad_id,
             seed=client_seed(exp.seed, request.plan.round, node.client_id), device=device, state=state,
         )
+        update = byzantine_update(update, node.attack_in(exp), exp.seed, request.plan.round)
         if secagg.is_secagg(msg.content):  # secaggplus_mod masks the delta and drops the plain arrays
             messages.save_client_state(state, context.state)
             return Message(secagg.encode_reply(update, secagg.delta_names(request.plan.params)), reply_to=msg)

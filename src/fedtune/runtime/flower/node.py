@@ -25,6 +25,11 @@ Keys (all optional, but the node must end up with a client id and exactly one da
     ``true``: this node trains only in SecAgg+ rounds (``runtime.secagg``); a plain train request,
     which would send its update to the server in clear, is refused with an error. The data
     holder's own guard: the server's configuration is not theirs to check.
+``attack`` / ``attack-scale`` / ``attack-noise-std``
+    Make this node byzantine, whatever the server's experiment says: ``"sign_flip"``, ``"scale"``,
+    ``"noise"`` (what it sends instead of its honest update) or ``"label_flip"`` (it trains on
+    flipped labels), with the attack's scale (default 1.0) and noise standard deviation (1.0); see
+    :mod:`fedtune.attacks`. Without ``attack`` the node follows the experiment's ``[attack]``.
 ``partition-id`` / ``num-partitions``
     Set by Flower's simulation engine for virtual nodes; the node becomes client
     ``client_{partition-id:03d}`` and reads that manifest from the run's partition folder.
@@ -40,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedtune.attacks import Attack, experiment_attacker
 from fedtune.batching import EncodedDataset
 from fedtune.config import Experiment
 from fedtune.partition import client_ids
@@ -48,7 +54,9 @@ from fedtune.tasks.task import Task
 
 CLIENT_ID, TRAIN_FILE, MANIFEST, DATA_DIR = "client-id", "train-file", "manifest", "data-dir"
 PARTITION_ID, NUM_PARTITIONS, REQUIRE_SECAGG = "partition-id", "num-partitions", "require-secagg"
-KNOWN_KEYS = (CLIENT_ID, TRAIN_FILE, MANIFEST, DATA_DIR, REQUIRE_SECAGG, PARTITION_ID, NUM_PARTITIONS)
+ATTACK, ATTACK_SCALE, ATTACK_NOISE_STD = "attack", "attack-scale", "attack-noise-std"
+KNOWN_KEYS = (CLIENT_ID, TRAIN_FILE, MANIFEST, DATA_DIR, REQUIRE_SECAGG, ATTACK, ATTACK_SCALE, ATTACK_NOISE_STD,
+              PARTITION_ID, NUM_PARTITIONS)
 
 
 class NodeConfigError(ValueError):
@@ -65,6 +73,8 @@ class NodeData:
     data_dir: str = ""
     require_secagg: bool = False
     """Refuse train requests outside SecAgg+ rounds (node config ``require-secagg = true``)."""
+    attack: Attack | None = None
+    """This node's own byzantine behaviour (node config ``attack``), or None to follow the experiment."""
 
     @classmethod
     def from_node_config(cls, raw: Mapping[str, Any], manifest_dir: str | Path | None = None) -> "NodeData":
@@ -105,7 +115,13 @@ class NodeData:
         if not isinstance(require_secagg, bool):
             raise NodeConfigError(f"node-config {REQUIRE_SECAGG}: expected true or false, got {require_secagg!r}")
         return cls(client_id=client_id, train_file=train_file, manifest=manifest, data_dir=data_dir,
-                   require_secagg=require_secagg)
+                   require_secagg=require_secagg, attack=_attack(raw, text(ATTACK)))
+
+    def attack_in(self, exp: Experiment) -> Attack | None:
+        """What this node does as a byzantine client: its own node config's attack, else the experiment's."""
+        if self.attack is not None:
+            return self.attack
+        return experiment_attacker(exp.attack, self.client_id, exp.partition.num_clients, exp.seed)
 
     def node_experiment(self, exp: Experiment, label_names: tuple[str, ...] | None) -> Experiment:
         """``exp`` as this node reads it: its own ``train-file`` (every row trains) with the server's label names;
@@ -160,6 +176,26 @@ class NodeData:
             (indices,), (test,) = split_holdout([indices], holdout, exp.seed, [self.client_id])
             held_out = task.train.subset(task.rows_of(test))
         return task, task.train.subset(task.rows_of(indices)), held_out
+
+
+def _attack(raw: Mapping[str, Any], kind: str) -> Attack | None:
+    numbers = {}
+    for key in (ATTACK_SCALE, ATTACK_NOISE_STD):
+        value = raw.get(key, 1.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise NodeConfigError(f"node-config {key}: expected a number, got {value!r}")
+        numbers[key] = float(value)
+    if not kind:
+        extra = sorted(k for k in (ATTACK_SCALE, ATTACK_NOISE_STD) if k in raw)
+        if extra:
+            raise NodeConfigError(f"node-config {extra[0]} needs {ATTACK}=<kind>")
+        return None
+    if numbers[ATTACK_NOISE_STD] < 0:
+        raise NodeConfigError(f"node-config {ATTACK_NOISE_STD} must be >= 0, got {numbers[ATTACK_NOISE_STD]}")
+    try:
+        return Attack(kind, numbers[ATTACK_SCALE], numbers[ATTACK_NOISE_STD])
+    except ValueError as exc:
+        raise NodeConfigError(f"node-config {ATTACK}: {exc}") from None
 
 
 def kind_has_label_names(exp: Experiment) -> bool:

@@ -17,6 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.channel import Channel
+from fedtune.memory import bound_allocator
 from fedtune.runtime.flower.experiment_source import RESUME_KEY, ExperimentSource
 from fedtune.runtime.flower.transport import FlowerTransport
 
@@ -32,6 +33,7 @@ def make_server_app(
     ``on_result`` receives the RunResult (when the app runs in this process, e.g. Flower simulation).
     ``resume`` (or the run config's ``resume = true``) continues from the output folder's checkpoint.
     """
+    bound_allocator()  # freed activations go back to the OS (fedtune.memory)
     app = ServerApp()
 
     @app.main()
@@ -57,6 +59,7 @@ def make_server_app(
 def run_on_grid(exp, transport: FlowerTransport, *, quiet: bool = False, resume: bool = False):
     """The server run of ``exp`` with its clients behind ``transport``: prepare, connect, the round loop, outputs."""
     from fedtune import checkpoint
+    from fedtune.attacks import experiment_attacker
     from fedtune.config.checks import check_experiment
     from fedtune.precision import default_device
     from fedtune.server.loop import clients_per_round
@@ -71,5 +74,10 @@ def run_on_grid(exp, transport: FlowerTransport, *, quiet: bool = False, resume:
     log.info("%s (%s): %d train rows over %d clients", side.task.name, side.task.kind, sum(sizes.values()), len(ids))
     strategy = server_strategy(side, len(ids))
     per_round = clients_per_round(len(ids), exp.federation.clients_per_round, exp.federation.fraction)
+    summary = {}
+    if exp.attack.kind != "none":  # the nodes decide alike (fedtune.attacks); nodes' own attacks stay unknown here
+        attackers = [c for c in ids if experiment_attacker(exp.attack, c, exp.partition.num_clients, exp.seed)]
+        log.info("attack %s by %d clients: %s", exp.attack.kind, len(attackers), attackers)
+        summary["attackers"] = attackers
     return run_federation(side, strategy, transport, Federation(ids, sum(sizes.values()), None, per_round),
-                          quiet=quiet, ckpt=ckpt)
+                          quiet=quiet, ckpt=ckpt, summary=summary)

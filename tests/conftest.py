@@ -1,22 +1,24 @@
-"""Shared fixtures: tiny config-built models, a tiny learnable dataset, the shared data folder."""
+"""Shared fixtures: tiny config-built models, a tiny learnable dataset, the shared data folder.
+
+Shared helpers that are not fixtures live next to this file, in builders.py (data and plan builders) and
+equivalence.py (checks that two ways of getting a result agree); pyproject.toml puts tests/ on the path
+(``pythonpath = ["tests"]``) so every test folder imports them, and this file, by name.
+"""
 
 from __future__ import annotations
 
 import os
-import random
 from pathlib import Path
 
 import pytest
 
+# Plain asserts in the shared helper modules get pytest's detailed failure messages, as in test modules.
+pytest.register_assert_rewrite("builders", "equivalence", "flower_processes")
+
+from builders import CLIENT_SIZES, FILLER, WORDS, make_data, make_rows  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FEDTUNE_DATA_DIR", REPO.parent / "shared" / "data"))
-
-WORDS = {
-    "sports": ["goal", "match", "team", "score", "coach", "league"],
-    "tech": ["chip", "software", "robot", "cloud", "code", "laptop"],
-    "money": ["bank", "stock", "price", "market", "trade", "fund"],
-}
-FILLER = ["the", "a", "today", "new", "big", "report", "says", "after", "with", "on"]
 
 
 @pytest.fixture(scope="session")
@@ -40,19 +42,6 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     BertModel(cfg).save_pretrained(d)
     hf_logging.enable_progress_bar()
     return d
-
-
-def make_rows(n: int, seed: int) -> list[tuple[str, str]]:
-    """Keyword-labelled sentences: learnable by a tiny model in a few steps."""
-    rng = random.Random(seed)
-    labels = sorted(WORDS)
-    rows = []
-    for i in range(n):
-        label = labels[i % len(labels)]
-        words = rng.sample(WORDS[label], 2) + rng.sample(FILLER, 4)
-        rng.shuffle(words)
-        rows.append((" ".join(words), label))
-    return rows
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +72,21 @@ def tiny_experiment(tiny_model_dir, tiny_csv, tmp_path):
         return Experiment.from_overrides(base + list(overrides))
 
     return make
+
+
+@pytest.fixture(scope="module")
+def lora_model(tiny_model_dir):
+    """The tiny model with LoRA adapters and a 3-label head, one per test module."""
+    from fedtune.config import ModelConfig
+    from fedtune.models import load_classifier
+
+    return load_classifier(ModelConfig(name=str(tiny_model_dir), mode="lora"), 3, False, seed=0)
+
+
+@pytest.fixture(scope="module")
+def client_data():
+    """Random encoded data for four clients of mixed sizes (``builders.CLIENT_SIZES``)."""
+    return {cid: make_data(n, seed=i) for i, (cid, n) in enumerate(CLIENT_SIZES.items())}
 
 
 def shared_data_or_skip() -> Path:

@@ -15,44 +15,9 @@ from fedtune.checkpoint import Checkpoint, CheckpointError, read_checkpoint, wri
 from fedtune.cli import main
 from fedtune.config import ConfigError
 from fedtune.experiment import run_experiment
-from fedtune.runtime.simulation import SimulationTransport
 from fedtune.types import ServerState
 
-
-class Killed(Exception):
-    """Stands in for the process being killed in the middle of a round."""
-
-
-def _kill_at(monkeypatch, rnd: int) -> None:
-    original = SimulationTransport.run_round
-    seen: dict[int, int] = {}  # updates per round, over calls (LoRA rules may call once per client)
-
-    def run_round(self, plan, clients, stats):
-        for update in original(self, plan, clients, stats):
-            seen[plan.round] = seen.get(plan.round, 0) + 1
-            if plan.round == rnd and seen[plan.round] == 2:
-                raise Killed(f"killed during round {rnd}")
-            yield update
-
-    monkeypatch.setattr(SimulationTransport, "run_round", run_round)
-
-
-def _lines(out) -> list[dict]:
-    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def _untimed(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if "time" not in k} for r in records]
-
-
-def _all_state_tensors(out) -> dict:
-    """Every tensor of the run's last checkpoint: global params, strategy buffers, client states."""
-    ck = read_checkpoint(out)
-    flat = {("params", k): v for k, v in ck.state.params.items()}
-    flat.update({("buffer", b, k): v for b, td in ck.state.buffers.items() for k, v in td.items()})
-    flat.update({("client", c, p, k): v for c, st in ck.client_states.items()
-                 for p, td in st.items() for k, v in td.items()})
-    return flat
+from equivalence import kill_and_resume, metric_lines, untimed
 
 
 STATEFUL = {
@@ -66,39 +31,6 @@ STATEFUL = {
 }
 
 
-def kill_and_resume(tiny_experiment, tmp_path, monkeypatch, sets):
-    """Run ``sets`` (3 rounds) straight, and again killed in round 3 then resumed by ``fedtune run --resume``.
-
-    Checks that the final models and every state tensor are equal; returns (straight result, killed
-    folder, the straight run's state tensors).
-    """
-    straight = run_experiment(tiny_experiment(*sets, f'output_dir="{tmp_path / "straight"}"'), quiet=True)
-
-    killed_dir = tmp_path / "killed"
-    with monkeypatch.context() as m:
-        _kill_at(m, 3)
-        with pytest.raises(Killed):
-            run_experiment(tiny_experiment(*sets, f'output_dir="{killed_dir}"'), quiet=True)
-    assert read_checkpoint(killed_dir).round == 2
-    assert [r["round"] for r in _lines(killed_dir)] == [1, 2]
-    with (killed_dir / "metrics.jsonl").open("a") as fh:  # as if the kill came after round 3 was logged
-        fh.write(json.dumps({"round": 3, "train_loss": 123.0}) + "\n")
-
-    assert main(["run", "--resume", str(killed_dir), "--quiet"]) == 0
-
-    a = load_file(straight.output_dir / "model" / "adapter_model.safetensors")
-    b = load_file(killed_dir / "model" / "adapter_model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sa, sb = _all_state_tensors(straight.output_dir), _all_state_tensors(killed_dir)
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    resumed = _lines(killed_dir)
-    assert [r["round"] for r in resumed] == [1, 2, 3]  # continued, not restarted; the stray line is gone
-    assert _untimed(resumed) == _untimed(_lines(straight.output_dir))
-    summary = json.loads((killed_dir / "summary.json").read_text())
-    assert summary["final_metrics"] == straight.final_metrics
-    return straight, killed_dir, sa
-
-
 @pytest.mark.parametrize("name", list(STATEFUL))
 def test_killed_run_resumes_bit_for_bit(tiny_experiment, tmp_path, monkeypatch, name):
     sets = ["federation.rounds=3", "eval.every=1", *STATEFUL[name]]
@@ -110,7 +42,7 @@ def test_killed_run_resumes_bit_for_bit(tiny_experiment, tmp_path, monkeypatch, 
     if name == "scaffold_topk_ef":
         purposes = {k[2] for k in sa if k[0] == "client"}
         assert {"scaffold_c", "codec_residual", "codec_residual:scaffold_delta_c"} <= purposes
-    resumed = _lines(killed_dir)
+    resumed = metric_lines(killed_dir)
     assert resumed[2]["wall_time"] >= resumed[1]["wall_time"]  # the clock continues too
     summary = json.loads((killed_dir / "summary.json").read_text())
     assert summary["bytes_up_total"] == straight.summary["bytes_up_total"]
@@ -125,7 +57,7 @@ def test_resume_can_extend_the_number_of_rounds(tiny_experiment, tmp_path):
     a = load_file(straight.output_dir / "model" / "adapter_model.safetensors")
     b = load_file(short.output_dir / "model" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert _untimed(_lines(short.output_dir)) == _untimed(_lines(straight.output_dir))
+    assert untimed(metric_lines(short.output_dir)) == untimed(metric_lines(straight.output_dir))
 
 
 def test_resume_refuses_a_different_config(tiny_experiment, tmp_path, capsys):

@@ -111,16 +111,12 @@ def test_predict_bad_input_is_named(trained_run, tmp_path, capsys):
 
 def test_predict_qa_multilabel_and_causal_lm(tmp_path, tiny_model_dir, capsys):
     """Each task's model answers in its own shape (models trained for one round: shapes, not quality)."""
-    import sys
-
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from test_task_multilabel import _rows
-    from test_task_qa import _squad_file
+    from builders import multilabel_rows, squad_file
 
     from fedtune.config import Experiment
     from fedtune.experiment import run_experiment
 
-    _squad_file(tmp_path / "train.json", 2, 10, 1)
+    squad_file(tmp_path / "train.json", 2, 10, 1)
     common = [f'model.name="{tiny_model_dir}"', "partition.num_clients=1", "federation.rounds=1",
               "train.max_steps=2", "train.epochs=0", "partition.min_examples=1"]
     qa = run_experiment(Experiment.from_overrides(common + [
@@ -130,7 +126,7 @@ def test_predict_qa_multilabel_and_causal_lm(tmp_path, tiny_model_dir, capsys):
     answer = json.loads(capsys.readouterr().out)["answer"]
     assert answer in "today coach goal team"
 
-    (tmp_path / "ml.jsonl").write_text("\n".join(json.dumps(r) for r in _rows(40, 1)) + "\n")
+    (tmp_path / "ml.jsonl").write_text("\n".join(json.dumps(r) for r in multilabel_rows(40, 1)) + "\n")
     ml = run_experiment(Experiment.from_overrides(common + [
         'data.task="multilabel"', f'data.train_file="{tmp_path / "ml.jsonl"}"',
         f'data.eval_file="{tmp_path / "ml.jsonl"}"', "data.max_length=16", f'output_dir="{tmp_path / "ml"}"']),

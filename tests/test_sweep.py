@@ -7,6 +7,7 @@ import json
 import pytest
 import tomli_w
 
+from conftest import REPO
 from fedtune import sweep as sw
 from fedtune.cli import main
 from fedtune.config import ConfigError
@@ -233,10 +234,8 @@ def test_failed_run_is_recorded_and_sweep_continues(tiny_experiment, tmp_path, c
 
 
 def test_shipped_sweep_files_plan(tmp_path, monkeypatch):
-    from pathlib import Path
-
     monkeypatch.chdir(tmp_path)  # output_dir is relative to the working directory: keep it empty
-    files = sorted((Path(__file__).resolve().parents[1] / "experiments" / "sweeps").glob("*.toml"))
+    files = sorted((REPO / "experiments" / "sweeps").glob("*.toml"))
     assert files
     for f in files:
         runs = sw.plan(sw.load_sweep(f))

@@ -10,38 +10,12 @@ import torch
 from fedtune.channel import Channel
 from fedtune.client.kinds import ClientKind, register_kind
 from fedtune.strategies.fedprox import ProxTerm
-from fedtune.strategies.lora import LoraClient
 from fedtune.strategies.scaffold import ControlVariate
-from fedtune.types import LocalTrainConfig, RoundPlan
+from fedtune.types import RoundPlan
 from fedtune.wire import WireError, plan_config, plan_from_config, plan_tensors, with_tensors
 
-A = "m.lora_A.default.weight"
-B = "m.lora_B.default.weight"
-
-
-def full_plan(objective) -> RoundPlan:
-    """A plan with every field away from its default."""
-    params = {A: torch.randn(4, 6), B: torch.randn(5, 4), "head.weight": torch.randn(3, 5)}
-    return RoundPlan(
-        round=3, params=params,
-        local=LocalTrainConfig(1.5, 7, 0.01, 8, weight_decay=0.1, grad_clip=1.0, precision="bf16", optimizer="sgd",
-                               pad_to=64, length_bucketing=True, compile=True),
-        objective=objective,
-        adapter=LoraClient(rule="svd", rank=4, client_ranks={"client_000": 2, "client_001": 4}),
-        personal=frozenset({"head.weight"}),
-        base_offset={"m.base_layer.weight": torch.randn(5, 6)},
-    )
-
-
-def assert_same_plan(back: RoundPlan, plan: RoundPlan) -> None:
-    for f in dataclasses.fields(RoundPlan):
-        got, want = getattr(back, f.name), getattr(plan, f.name)
-        if isinstance(want, dict):
-            assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want), f.name
-        elif isinstance(want, ControlVariate):
-            assert all(torch.equal(got.c[k], want.c[k]) for k in want.c)
-        else:
-            assert got == want, f.name
+from builders import LORA_A as A, LORA_B as B, full_plan
+from equivalence import assert_same_plan
 
 
 @pytest.mark.parametrize("objective", [None, ProxTerm(0.25), ControlVariate({A: torch.ones(4, 6)})])

@@ -9,6 +9,7 @@ pytest.importorskip("flwr")
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from conftest import REPO  # noqa: E402
 from fedtune.channel import Channel  # noqa: E402
 from fedtune.config import Experiment  # noqa: E402
 from fedtune.experiment import run_experiment  # noqa: E402
@@ -99,9 +100,7 @@ def test_unreachable_superlink_names_the_address():
 
 def test_shipped_app_folder_is_current():
     """flower_app/ (the README walk-through's app) is what write_app generates."""
-    from pathlib import Path
-
-    folder = Path(__file__).resolve().parents[1] / "flower_app"
+    folder = REPO / "flower_app"
     for name, text in app_files().items():
         assert (folder / name).read_text() == text, f"flower_app/{name} is stale; regenerate with write_app"
 

@@ -3,41 +3,20 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
-from conftest import FILLER, WORDS, shared_data_or_skip
+from builders import squad_file
+from conftest import shared_data_or_skip
 from fedtune.config import ConfigError
-
-NAMES = [w for ws in WORDS.values() for w in ws]
-
-
-def _squad_file(path, n_articles: int, per_article: int, seed: int) -> None:
-    """Contexts of filler words with one 'coach X' pair; the question asks for X (the word after 'coach')."""
-    rng = random.Random(seed)
-    data = []
-    for a in range(n_articles):
-        paras = []
-        for q in range(per_article):
-            answer = rng.choice([w for w in NAMES if w != "coach"])
-            words = [rng.choice(FILLER) for _ in range(rng.randint(4, 10))]
-            pos = rng.randint(0, len(words))
-            words[pos:pos] = ["coach", answer]
-            context = " ".join(words)
-            start = context.index("coach " + answer) + len("coach ")
-            paras.append({"context": context, "qas": [{"id": f"a{a}q{q}", "question": "the coach",
-                                                        "answers": [{"text": answer, "answer_start": start}]}]})
-        data.append({"title": f"article_{a}", "paragraphs": paras})
-    path.write_text(json.dumps({"data": data, "version": "1.1"}))
 
 
 @pytest.fixture
 def qa_experiment(tiny_model_dir, tmp_path):
     from fedtune.config import Experiment
 
-    _squad_file(tmp_path / "train.json", 6, 40, 1)
-    _squad_file(tmp_path / "dev.json", 2, 30, 2)
+    squad_file(tmp_path / "train.json", 6, 40, 1)
+    squad_file(tmp_path / "dev.json", 2, 30, 2)
 
     def make(*overrides: str) -> Experiment:
         return Experiment.from_overrides([

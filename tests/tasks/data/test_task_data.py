@@ -13,11 +13,11 @@ from unittest import mock
 import pandas as pd
 import pytest
 
+from conftest import REPO
 from fedtune.config import DataConfig
 from fedtune.tasks.data import DataError, TaskData, TextDataset, data_dir, load_task_data
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("FEDTUNE_DATA_DIR") or (REPO_ROOT / ".." / "shared" / "data")).resolve()
+SHARED_DATA = Path(os.environ.get("FEDTUNE_DATA_DIR") or (REPO / ".." / "shared" / "data")).resolve()
 HAVE_SHARED = SHARED_DATA.is_dir()
 needs_shared = pytest.mark.skipif(not HAVE_SHARED, reason=f"shared data folder {SHARED_DATA} not found")
 

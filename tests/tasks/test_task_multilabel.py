@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
-from conftest import FILLER, WORDS, shared_data_or_skip
+from builders import TOPICS, multilabel_rows
+from conftest import shared_data_or_skip
 from fedtune.tasks.data import DataError
-
-TOPICS = sorted(WORDS)
-
-
-def _rows(n: int, seed: int) -> list[dict]:
-    """Each text mentions one to three topics' keywords; its labels are exactly those topics."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        topics = rng.sample(TOPICS, rng.choice([1, 1, 2, 3]))
-        words = [w for t in topics for w in rng.sample(WORDS[t], 2)] + rng.sample(FILLER, 3)
-        rng.shuffle(words)
-        rows.append({"text": " ".join(words), "labels": topics})
-    return rows
 
 
 @pytest.fixture
@@ -30,7 +16,7 @@ def ml_experiment(tiny_model_dir, tmp_path):
     from fedtune.config import Experiment
 
     for name, n, seed in (("train.jsonl", 240, 1), ("dev.jsonl", 80, 2)):
-        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in _rows(n, seed)) + "\n")
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in multilabel_rows(n, seed)) + "\n")
 
     def make(*overrides: str) -> Experiment:
         return Experiment.from_overrides([

@@ -12,79 +12,14 @@ from fedtune.strategies.scaffold import SCAFFOLD_STATE
 from fedtune.config import ConfigError, Experiment, ModelConfig
 from fedtune.models import get_trainable, load_classifier
 from fedtune.payload import CommStats
-from fedtune.runtime.parallel import ParallelSimulationTransport, parallel_support, train_group
-from fedtune.runtime.simulation import SimulationTransport, client_seed
+from fedtune.runtime.parallel import ParallelSimulationTransport, parallel_support
+from fedtune.runtime.simulation import SimulationTransport
 from fedtune.types import LocalTrainConfig, RoundPlan
 from fedtune.strategies.fedprox import ProxTerm
 from fedtune.strategies.scaffold import CONTROL_DELTA, ControlVariate
 
-CPU = torch.device("cpu")
-SIZES = {"c0": 13, "c1": 29, "c2": 40, "c3": 7}  # mixed sizes: clients finish at different steps
-
-
-def make_data(n: int, seed: int, num_labels: int = 3) -> EncodedDataset:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(2, 14, (n,), generator=g).tolist()
-    ids = [[2] + torch.randint(5, 27, (m,), generator=g).tolist() + [3] for m in lengths]
-    return EncodedDataset(ids, None, torch.randint(0, num_labels, (n,), generator=g))
-
-
-@pytest.fixture(scope="module")
-def lora_model(tiny_model_dir):
-    return load_classifier(ModelConfig(name=str(tiny_model_dir), mode="lora"), 3, False, seed=0)
-
-
-@pytest.fixture(scope="module")
-def client_data():
-    return {cid: make_data(n, seed=i) for i, (cid, n) in enumerate(SIZES.items())}
-
-
-def perturbed(params, seed=1):
-    """Start from non-zero LoRA B factors so every tensor has a gradient from step one."""
-    g = torch.Generator().manual_seed(seed)
-    return {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in params.items()}
-
-
-def sequential(model, client_data, plan, states=None):
-    states = states if states is not None else {}
-    return {cid: local_train(model, d, plan, cid, pad_id=0, seed=client_seed(0, plan.round, cid), device=CPU,
-                             state=states.setdefault(cid, {}))
-            for cid, d in client_data.items()}
-
-
-def parallel(model, client_data, plan, states=None):
-    states = states if states is not None else {}
-    ids = list(client_data)
-    ups = train_group(model, [client_data[c] for c in ids], plan, ids, pad_id=0,
-                      seeds=[client_seed(0, plan.round, c) for c in ids], group_seed=5, device=CPU,
-                      states=[states.setdefault(c, {}) for c in ids])
-    return {u.client_id: u for u in ups}
-
-
-def assert_same_updates(a, b, atol=2e-5, rtol=1e-4):
-    assert a.keys() == b.keys()
-    for cid in a:
-        ua, ub = a[cid], b[cid]
-        assert ua.num_examples == ub.num_examples
-        assert ua.metrics.keys() == ub.metrics.keys()
-        assert ua.metrics["steps"] == ub.metrics["steps"]
-        for k, v in ua.metrics.items():
-            assert v == pytest.approx(ub.metrics[k], rel=1e-4, abs=1e-6), (cid, k)
-        assert ua.delta.keys() == ub.delta.keys()
-        for k in ua.delta:
-            torch.testing.assert_close(ub.delta[k], ua.delta[k], atol=atol, rtol=rtol, msg=lambda m: f"{cid} {k}: {m}")
-        assert ua.extras.keys() == ub.extras.keys()
-        for name in ua.extras:
-            for k in ua.extras[name]:
-                torch.testing.assert_close(ub.extras[name][k], ua.extras[name][k], atol=atol, rtol=rtol)
-
-
-def assert_same_states(a, b, purpose, names):
-    """Every client's ``purpose`` state entry agrees between two trainers' state dicts."""
-    assert a.keys() == b.keys()
-    for cid in a:
-        for k in names:
-            torch.testing.assert_close(b[cid][purpose][k], a[cid][purpose][k], atol=2e-5, rtol=1e-4)
+from builders import CLIENT_SIZES, perturbed
+from equivalence import CPU, assert_same_states, assert_same_updates, parallel, sequential
 
 
 @pytest.mark.parametrize(
@@ -271,7 +206,7 @@ def make_lm_data(n: int, seed: int) -> EncodedDataset:
 
 
 def test_parallel_equals_sequential_causal_lm(tiny_llama):
-    data = {cid: make_lm_data(n, seed=i) for i, (cid, n) in enumerate(SIZES.items())}
+    data = {cid: make_lm_data(n, seed=i) for i, (cid, n) in enumerate(CLIENT_SIZES.items())}
     params = perturbed(get_trainable(tiny_llama))
     local = LocalTrainConfig(epochs=1.5, max_steps=0, lr=0.01, batch_size=4, grad_clip=0.5)
     plan = RoundPlan(2, params, local, ProxTerm(mu=0.3))

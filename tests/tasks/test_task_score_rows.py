@@ -30,9 +30,9 @@ def _one_client(tmp_path, *options: str):
 
 
 def test_qa_scores_a_clients_questions_with_the_official_f1(tiny_model_dir, tmp_path):
-    from test_task_qa import _squad_file
+    from builders import squad_file
 
-    _squad_file(tmp_path / "train.json", 3, 20, 1)
+    squad_file(tmp_path / "train.json", 3, 20, 1)
     headline, last = _one_client(
         tmp_path, f'model.name="{tiny_model_dir}"', 'data.task="qa"', f'data.train_file="{tmp_path / "train.json"}"',
         f'data.eval_file="{tmp_path / "train.json"}"', "data.max_length=24", "data.doc_stride=4", "train.epochs=4",
@@ -42,9 +42,9 @@ def test_qa_scores_a_clients_questions_with_the_official_f1(tiny_model_dir, tmp_
 
 
 def test_multilabel_scores_micro_f1_at_the_configured_threshold(tiny_model_dir, tmp_path):
-    from test_task_multilabel import _rows
+    from builders import multilabel_rows
 
-    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in _rows(120, 1)) + "\n")
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in multilabel_rows(120, 1)) + "\n")
     headline, last = _one_client(
         tmp_path, f'model.name="{tiny_model_dir}"', 'data.task="multilabel"',
         f'data.train_file="{tmp_path / "train.jsonl"}"', f'data.eval_file="{tmp_path / "train.jsonl"}"',
@@ -54,7 +54,7 @@ def test_multilabel_scores_micro_f1_at_the_configured_threshold(tiny_model_dir, 
 
 
 def test_generative_classification_scores_by_label_likelihood(tmp_path):
-    from conftest import make_rows
+    from builders import make_rows
 
     if not (STORIES / "config.json").is_file():
         pytest.skip("stories260K not present")

@@ -21,11 +21,8 @@ from fedtune.strategies.feddyn import (
 from fedtune.strategies.from_config import build_strategy
 from fedtune.types import ClientUpdate, LocalTrainConfig, RoundPlan
 
-from test_checkpoint import kill_and_resume
-from test_parallel_training import (  # noqa: F401  (fixtures)
-    assert_same_states, assert_same_updates, client_data, lora_model, parallel, perturbed, sequential,
-)
-from test_wire import assert_same_plan, full_plan
+from builders import full_plan, perturbed
+from equivalence import assert_same_plan, assert_same_states, assert_same_updates, kill_and_resume, parallel, sequential
 
 CPU = torch.device("cpu")
 LOCAL = LocalTrainConfig(1.0, 0, 0.1, 4)

@@ -70,10 +70,10 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def _qa(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
-    from test_task_qa import _squad_file
+    from builders import squad_file
 
-    _squad_file(tmp_path / "train.json", 4, 12, 1)
-    _squad_file(tmp_path / "dev.json", 1, 12, 2)
+    squad_file(tmp_path / "train.json", 4, 12, 1)
+    squad_file(tmp_path / "dev.json", 1, 12, 2)
     return [f'model.name="{tiny_model_dir}"', 'data.task="qa"', f'data.train_file="{tmp_path / "train.json"}"',
             f'data.eval_file="{tmp_path / "dev.json"}"', "data.max_length=24", "data.doc_stride=4",
             'partition.method="group"', 'model.mode="full"', "train.lr=0.01",
@@ -83,10 +83,10 @@ def _qa(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
 def _multilabel(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
     import json
 
-    from test_task_multilabel import _rows
+    from builders import multilabel_rows
 
     for name, n, seed in (("train.jsonl", 60, 1), ("dev.jsonl", 20, 2)):
-        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in _rows(n, seed)) + "\n")
+        (tmp_path / name).write_text("\n".join(json.dumps(r) for r in multilabel_rows(n, seed)) + "\n")
     return [f'model.name="{tiny_model_dir}"', 'data.task="multilabel"', f'data.train_file="{tmp_path / "train.jsonl"}"',
             f'data.eval_file="{tmp_path / "dev.jsonl"}"', "data.max_length=16", "train.lr=0.003",
             'model.lora.aggregation="fedit"', "eval.per_client=true"]

@@ -2,6 +2,7 @@
 
 import pytest
 
+from conftest import REPO
 from fedtune.config import ConfigError, Experiment, default_experiment
 
 
@@ -89,16 +90,12 @@ def test_toml_round_trip(tmp_path):
 
 
 def test_shipped_default_experiment_equals_defaults():
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "experiments" / "default.toml"
+    path = REPO / "experiments" / "default.toml"
     assert Experiment.from_toml(path) == default_experiment()
 
 
 def test_shipped_experiments_load():
-    from pathlib import Path
-
-    files = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.toml"))
+    files = sorted((REPO / "experiments").glob("*.toml"))
     assert len(files) >= 2
     for f in files:
         Experiment.from_toml(f)

@@ -20,12 +20,25 @@ def _in_child(code: str, **env: str) -> str:
                           check=True).stdout.strip()
 
 
+
 @linux
-def test_bound_allocator_applies_once_and_respects_the_users_choice():
-    code = "from fedtune import memory; print(memory.bound_allocator(), memory.bound_allocator())"
-    assert _in_child(code) == "True True"
+def test_allocator_bound_is_opt_in_and_respects_glibcs_own_setting():
+    code = "from fedtune import memory; print(memory.configure_allocator(), memory.configure_allocator())"
+    assert _in_child(code) == "False False"  # the default: glibc as it is
     assert _in_child(code, FEDTUNE_ALLOCATOR="default") == "False False"
-    assert _in_child(code, MALLOC_MMAP_THRESHOLD_="1048576") == "False False"
+    assert _in_child(code, FEDTUNE_ALLOCATOR="bounded") == "True True"
+    assert _in_child(code, FEDTUNE_ALLOCATOR="bounded", MALLOC_MMAP_THRESHOLD_="1048576") == "False False"
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        _in_child(code, FEDTUNE_ALLOCATOR="tight")
+    assert "FEDTUNE_ALLOCATOR='tight': expected 'bounded' or 'default'" in err.value.stderr
+
+
+def test_cli_names_a_bad_allocator_setting(monkeypatch, capsys):
+    from fedtune.cli import main
+
+    monkeypatch.setenv("FEDTUNE_ALLOCATOR", "tight")
+    assert main(["config"]) == 2
+    assert "FEDTUNE_ALLOCATOR='tight'" in capsys.readouterr().err
 
 
 @linux

@@ -83,3 +83,34 @@ def test_finetune_personalization_reports(tiny_experiment):
     rep = res.summary["personalization"]
     assert rep["method"] == "finetune"
     assert 0.0 <= rep["personalized"]["worst"] <= rep["personalized"]["p10"] <= rep["personalized"]["mean"] <= 1.0
+
+
+def test_personal_tensor_names_patterns_head_and_errors():
+    from fedtune.config import ConfigError
+    from fedtune.personalization import personal_tensor_names
+
+    trainable = ["layers.0.q.lora_A", "layers.0.q.lora_B", "layers.1.q.lora_A", "layers.1.q.lora_B"]
+    assert personal_tensor_names(trainable, frozenset({"classifier.w"}), []) == {"classifier.w"}
+    assert personal_tensor_names(trainable, frozenset(), ["layers.1."]) == {"layers.1.q.lora_A", "layers.1.q.lora_B"}
+    with pytest.raises(ConfigError, match="trains no head tensors.*personalization.personal_layers"):
+        personal_tensor_names(trainable, frozenset(), [])
+    with pytest.raises(ConfigError, match=r"\['layers.9.'\] match no trainable tensor"):
+        personal_tensor_names(trainable, frozenset(), ["layers.9."])
+    with pytest.raises(ConfigError, match="match every trainable tensor"):
+        personal_tensor_names(trainable, frozenset(), ["layers."])
+
+
+def test_fedper_personal_layers_stay_on_the_clients(tiny_experiment):
+    """personal_layers names body tensors: the global copy never moves, the rest of the adapter does."""
+    from fedtune.experiment import run_experiment
+    from safetensors.torch import load_file
+
+    exp = tiny_experiment('personalization.method="fedper"', 'personalization.personal_layers=["layer.1."]')
+    result = run_experiment(exp, quiet=True)
+    saved = load_file(result.output_dir / "model" / "adapter_model.safetensors")
+    last = {k: v for k, v in saved.items() if "layer.1." in k and "lora_B" in k}
+    first = {k: v for k, v in saved.items() if "layer.0." in k and "lora_B" in k}
+    assert last and first
+    assert all(float(v.abs().max()) == 0.0 for v in last.values())  # LoRA B starts at 0 and is never averaged in
+    assert any(float(v.abs().max()) > 0.0 for v in first.values())  # the shared layer learned
+    assert "personalization" in result.summary

@@ -10,7 +10,7 @@ from pathlib import Path
 from fedtune.checkpoint import CheckpointError
 from fedtune.config import ConfigError, Experiment, default_experiment
 from fedtune.lora_merge import MergeError
-from fedtune.memory import bound_allocator
+from fedtune.memory import configure_allocator
 from fedtune.models import ModelLoadError
 from fedtune.partition import PartitionError
 from fedtune.predict import PredictError
@@ -257,13 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedtune`` console script."""
     args = build_parser().parse_args(argv)
-    bound_allocator()  # freed activations go back to the OS (fedtune.memory)
     quiet = getattr(args, "quiet", False)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else (logging.WARNING if quiet else logging.INFO),
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        configure_allocator()  # FEDTUNE_ALLOCATOR=bounded: freed tensors go back to the OS (fedtune.memory)
         return args.fn(args)
     except ConfigError as exc:
         print(f"fedtune: config error: {exc}", file=sys.stderr)

@@ -1,18 +1,23 @@
-"""Process memory: keep freed tensor memory from piling up in the C allocator, and measure peaks.
+"""Process memory: where a run's memory goes, what bounds it, and how to measure a phase's peak.
 
-PyTorch's CPU tensors come from glibc ``malloc``. glibc serves large blocks with ``mmap`` (given
-back to the OS on ``free``) only above a threshold that, by default, *rises* to the size of the
-largest block freed so far (up to 32 MiB on 64-bit). After the first training step frees its
-activations, every later activation block of up to 32 MiB comes from the heap instead, and a
-freed heap block stays in the process: resident memory ratchets up between training and
-evaluation (different block sizes) and across rounds. Extractive QA on MiniLM (batches of
-16 x 384 tokens) reached 9.7 GB this way. :func:`bound_allocator` fixes the threshold at
-128 KiB so tensor buffers are always mapped and returned on ``free``; :func:`release_memory`
-hands back what the heap still holds after a phase. Both are no-ops where glibc is absent.
+A training step's activations dominate (extractive QA on MiniLM, 16 windows of 384 tokens in
+bf16: about 3 GB at once, eager attention and dropout masks per layer). Two levers bound them:
 
-The CLI and the Flower apps call :func:`bound_allocator` once at start; library users may call it
-themselves. It is skipped when ``MALLOC_MMAP_THRESHOLD_`` is already set in the environment (the
-user chose the allocator's settings) or ``FEDTUNE_ALLOCATOR=default``.
+- ``train.gradient_checkpointing`` keeps only each layer's input and recomputes the layer in the
+  backward pass (:func:`activation_checkpointing`): 2.2 instead of 5.7 GB peak in
+  ``benchmarks/qa_memory.py``, for about 1.3-2x the step time.
+- The C allocator. PyTorch's CPU tensors come from glibc ``malloc``, which maps large blocks
+  (returned to the OS on ``free``) only above a threshold that by default *rises* to the largest
+  block freed so far (up to 32 MiB). After the first step frees its activations, later blocks of
+  up to 32 MiB come from the heap, and freed heap stays resident: memory ratchets up between
+  training and evaluation (different block sizes) and across rounds. :func:`release_memory`
+  (``malloc_trim``) hands the free heap back before and after every evaluation, at no measurable
+  cost; :func:`bound_allocator` fixes the threshold at 128 KiB so every tensor buffer is unmapped
+  when freed (about 15-20% lower peak, but about 25% longer steps here from the page faults of
+  fresh mappings), which is why it is opt-in: ``FEDTUNE_ALLOCATOR=bounded`` for the CLI and the
+  Flower apps (:func:`configure_allocator`), or glibc's own ``MALLOC_MMAP_THRESHOLD_=131072``.
+
+All of this is a no-op where glibc is absent.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from fedtune.errors import ConfigError
 
 MMAP_THRESHOLD = 128 * 1024
 """Blocks of at least this many bytes are mapped (and unmapped on free); glibc's initial default."""
@@ -44,16 +51,32 @@ def _libc():
     return lib if hasattr(lib, "mallopt") and hasattr(lib, "malloc_trim") else None
 
 
+ALLOCATOR_ENV = "FEDTUNE_ALLOCATOR"
+"""Environment variable read by :func:`configure_allocator`: ``bounded`` or ``default`` (unset)."""
+
+
+def configure_allocator() -> bool:
+    """Apply ``FEDTUNE_ALLOCATOR`` (called once by the CLI and the Flower apps); True when bounded.
+
+    ``bounded`` calls :func:`bound_allocator`; unset or ``default`` leaves glibc as it is; any other
+    value is a ConfigError naming the variable.
+    """
+    value = os.environ.get(ALLOCATOR_ENV, "default").strip().lower()
+    if value not in ("default", "bounded"):
+        raise ConfigError(f"{ALLOCATOR_ENV}={os.environ[ALLOCATOR_ENV]!r}: expected 'bounded' or 'default'")
+    return bound_allocator() if value == "bounded" else False
+
+
 def bound_allocator() -> bool:
     """Fix glibc's mmap threshold at :data:`MMAP_THRESHOLD`; True when it is now in effect.
 
-    Idempotent. Returns False (and changes nothing) without glibc, when the environment already
-    sets ``MALLOC_MMAP_THRESHOLD_``, or with ``FEDTUNE_ALLOCATOR=default``.
+    Idempotent. Returns False (and changes nothing) without glibc, or when the environment already
+    sets ``MALLOC_MMAP_THRESHOLD_`` (glibc then uses that value).
     """
     global _bounded
     if _bounded:
         return True
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ or os.environ.get("FEDTUNE_ALLOCATOR", "").lower() == "default":
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     lib = _libc()
     if lib is None:

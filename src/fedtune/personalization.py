@@ -3,8 +3,8 @@
 Two methods, both reported as the distribution of per-client scores (mean, worst, 10th
 percentile) next to the global model's scores on the same held-out data:
 
-- ``fedper`` (Arivazhagan et al. 2019): the task head stays on each client. Plans name the
-  head tensors as ``personal``; a client trains them from its own copy (kept in its state) and
+- ``fedper`` (Arivazhagan et al. 2019): the task head (or the tensors ``personal_layers`` names)
+  stays on each client. Plans name those tensors as ``personal``; a client trains them from its own copy (kept in its state) and
   sends a zero change for them, so the server averages only the shared body.
 - ``finetune`` (Per-FedAvg-style evaluation): before scoring, each client takes ``steps`` local
   steps from the global model on its own training data.
@@ -16,10 +16,34 @@ import math
 import random
 from collections.abc import Sequence
 
+from fedtune.errors import ConfigError
 from fedtune.types import ClientScore
 
 PERSONAL_STATE_KEY = "personal"
 """Where a client keeps its personal tensors in its ClientState."""
+
+
+def personal_tensor_names(trainable: Sequence[str], head: frozenset[str], patterns: Sequence[str]) -> frozenset[str]:
+    """FedPer's personal tensors: trainable names containing one of ``patterns``, else the ``head``.
+
+    An empty result is an error (FedPer would silently be the plain strategy), as is a pattern
+    that matches nothing (a typo).
+    """
+    if not patterns:
+        if not head:
+            raise ConfigError("personalization.method = 'fedper' keeps the task head on each client, but this "
+                              "model trains no head tensors (e.g. a causal LM with LoRA); name the tensors to keep "
+                              "with personalization.personal_layers, e.g. ['layers.4.'] for a last block's adapters")
+        return head
+    unmatched = [p for p in patterns if not any(p in n for n in trainable)]
+    if unmatched:
+        raise ConfigError(f"personalization.personal_layers {unmatched} match no trainable tensor "
+                          f"(e.g. {list(trainable)[:2]})")
+    names = frozenset(n for n in trainable if any(p in n for p in patterns))
+    if names == frozenset(trainable):
+        raise ConfigError(f"personalization.personal_layers {list(patterns)} match every trainable tensor: "
+                          "nothing would be shared")
+    return names
 
 
 def split_holdout(shards: Sequence[Sequence[int]], fraction: float, seed: int,

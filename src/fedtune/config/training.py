@@ -92,11 +92,18 @@ class PersonalizationConfig:
         default="none",
         metadata=_help("fedper: the task head stays on each client; finetune: k local steps before scoring."),
     )
+    personal_layers: list[str] = field(default_factory=list, metadata=_help(
+        "fedper: trainable tensors whose names contain any of these strings stay on each client (e.g. "
+        "['layers.4.'] for a Llama's last block); empty = the task head (classifier, pooler, qa_outputs)."))
     holdout: float = field(default=0.2, metadata=_help("Fraction of each client's shard held out as its test set."))
     finetune_steps: int = field(default=5, metadata=_help("finetune: local steps from the global model."))
 
     def __post_init__(self) -> None:
         if not 0.0 < self.holdout < 1.0:
             raise ConfigError(f"personalization.holdout must be in (0, 1), got {self.holdout}")
+        if self.personal_layers and self.method != "fedper":
+            raise ConfigError(f"personalization.personal_layers is for method = 'fedper', not {self.method!r}")
+        if any(not isinstance(p, str) or not p.strip() for p in self.personal_layers):
+            raise ConfigError(f"personalization.personal_layers must be non-empty strings, got {self.personal_layers}")
         if self.finetune_steps < 1:
             raise ConfigError(f"personalization.finetune_steps must be >= 1, got {self.finetune_steps}")

@@ -143,13 +143,16 @@ def base_summary(side: ServerSide, strategy_name: str, fed: Federation, initial)
 
 def server_strategy(side: ServerSide, num_clients: int) -> Strategy:
     """The run's strategy (``[strategy]``, ``[privacy]``, ``model.lora``), with FedPer's personal head when asked."""
-    from fedtune.models import head_param_names
+    from fedtune.models import head_param_names, trainable_names
+    from fedtune.personalization import personal_tensor_names
     from fedtune.strategies.from_config import build_strategy
     from fedtune.strategies.personal import PersonalLayers
 
     strategy = build_strategy(side.exp, num_clients=num_clients)
     if side.exp.personalization.method == "fedper":
-        strategy = PersonalLayers(strategy, head_param_names(side.model))
+        names = personal_tensor_names(trainable_names(side.model), head_param_names(side.model),
+                                      side.exp.personalization.personal_layers)
+        strategy = PersonalLayers(strategy, names)
     return strategy
 
 
@@ -202,6 +205,7 @@ def run_federation(
     summary = {**base_summary(side, exp.strategy.name, fed, initial), **(summary or {})}
 
     def evaluate(state: ServerState) -> dict[str, float]:
+        release_memory()  # the heap training freed: back to the OS before evaluation allocates its own sizes
         apply_state(model, state)
         result = task.evaluate(model, ctx)
         task.write_samples(model, ctx, samples_path, state.round)

@@ -22,7 +22,7 @@ SECOND_MOMENT = "v"
 class _FedOpt(FedAvg):
     """FedAvg's streamed weighted mean, then one server-optimizer step on g = -mean(delta)."""
 
-    # Only the weighted mean is read, but SecAgg+ is verified (tests/test_flower_secagg.py) and
+    # Only the weighted mean is read, but SecAgg+ is verified (tests/runtime/flower/test_flower_secagg.py) and
     # enabled for fedavg and fedprox only so far.
     capabilities: ClassVar[Capabilities] = Capabilities(streams=True, secagg_safe=False, dp_safe=True,
                                                         client_state=False)

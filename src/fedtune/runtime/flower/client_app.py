@@ -35,7 +35,7 @@ from flwr.clientapp import ClientApp
 from fedtune.attacks import byzantine_update, poison_rows
 from fedtune.client import local_train
 from fedtune.config import Experiment
-from fedtune.memory import bound_allocator
+from fedtune.memory import configure_allocator
 from fedtune.models import load_tokenizer
 from fedtune.precision import default_device
 from fedtune.runtime.flower import messages, secagg
@@ -87,7 +87,7 @@ def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | Non
 
     ``manifest_dir`` is the partition folder for Flower-simulation virtual nodes (``partition-id``).
     """
-    bound_allocator()  # freed activations go back to the OS (fedtune.memory)
+    configure_allocator()  # FEDTUNE_ALLOCATOR=bounded: freed tensors go back to the OS (fedtune.memory)
     app = ClientApp()
 
     def node_of(context: Context) -> NodeData:

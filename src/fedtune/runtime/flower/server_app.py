@@ -17,7 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.channel import Channel
-from fedtune.memory import bound_allocator
+from fedtune.memory import configure_allocator
 from fedtune.runtime.flower.experiment_source import RESUME_KEY, ExperimentSource
 from fedtune.runtime.flower.transport import FlowerTransport
 
@@ -33,7 +33,7 @@ def make_server_app(
     ``on_result`` receives the RunResult (when the app runs in this process, e.g. Flower simulation).
     ``resume`` (or the run config's ``resume = true``) continues from the output folder's checkpoint.
     """
-    bound_allocator()  # freed activations go back to the OS (fedtune.memory)
+    configure_allocator()  # FEDTUNE_ALLOCATOR=bounded: freed tensors go back to the OS (fedtune.memory)
     app = ServerApp()
 
     @app.main()

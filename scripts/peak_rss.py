@@ -35,8 +35,12 @@ def role(proc: psutil.Process, parents: dict[int, str]) -> str | None:
         return f"supernode:{port}"
     if "flwr-serverapp" in cmd:
         return "serverapp"
-    if "flwr-clientapp" in cmd:
-        return parents.get(proc.ppid()) or "clientapp"
+    if "flwr-clientapp" in cmd:  # started by a SuperNode (directly or through a launcher)
+        try:
+            chain = [q.pid for q in proc.parents()]
+        except psutil.NoSuchProcess:
+            chain = []
+        return next((parents[pid] for pid in chain if pid in parents), "clientapp")
     if "fedtune" in cmd and " run " in f" {cmd} ":
         return "fedtune"
     return None

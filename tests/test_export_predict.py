@@ -155,6 +155,14 @@ def test_predict_causal_lm_generates(tmp_path, capsys):
     assert main(["predict", str(run.output_dir), "--prompt", "Once upon a time", "--max-new-tokens", "5"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["prompt"] == "Once upon a time" and isinstance(out["generation"], str) and out["generation"]
+    # --instruction wraps the text in the training template: the same generation as that prompt given whole
+    from fedtune.tasks.causal_lm import Instruction
+
+    templated = Instruction("Say cat.", "", "").prompt()
+    assert main(["predict", str(run.output_dir), "--instruction", "Say cat.", "--prompt", templated,
+                 "--max-new-tokens", "5"]) == 0
+    by_prompt, by_instruction = (json.loads(line) for line in capsys.readouterr().out.splitlines())  # prompts first
+    assert by_instruction["instruction"] == "Say cat." and by_instruction["generation"] == by_prompt["generation"]
 
 
 def test_predict_generative_classification(tmp_path, tiny_csv, capsys):

@@ -10,6 +10,7 @@ a peft adapter on its base, a dynamically quantized INT8 model, or an ONNX file 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -121,7 +122,9 @@ def load_torch_model(folder: Path, meta: ModelMeta) -> nn.Module:
         from peft import PeftModel
 
         base = auto.from_pretrained(resolve_model_path(meta.base_model), **_head_kwargs(meta))
-        model = PeftModel.from_pretrained(base, folder)
+        with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(base, folder)
         if (folder / BASE_OFFSET_FILE).is_file():
             apply_base_offset(model, folder / BASE_OFFSET_FILE)
         return model.eval()

@@ -152,8 +152,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.question or args.context:
         rows.append({"question": args.question or "", "context": args.context or ""})
     rows += [{"prompt": p} for p in args.prompt or []]
+    rows += [{"instruction": i} for i in args.instruction or []]
     if not rows:
-        raise PredictError("nothing to predict: give --text, --file, --question/--context or --prompt")
+        raise PredictError("nothing to predict: give --text, --file, --question/--context, --prompt or --instruction")
     sink = open(args.out, "w") if args.out else sys.stdout
     try:
         for result in predictor.predict(rows):
@@ -247,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--file", help="JSON lines input: text / text_pair, question + context, prompt or instruction")
     p.add_argument("--question", help="QA: the question")
     p.add_argument("--context", help="QA: the context")
-    p.add_argument("--prompt", action="append", help="causal LM: a prompt to continue (repeatable)")
+    p.add_argument("--prompt", action="append", help="causal LM: a prompt to continue, used as given (repeatable)")
+    p.add_argument("--instruction", action="append",
+                   help="causal LM: an instruction, wrapped in the training template (repeatable)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="causal LM: tokens to generate")
     p.add_argument("--out", help="write JSON lines here instead of stdout")
     p.set_defaults(fn=cmd_predict)

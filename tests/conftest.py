@@ -18,7 +18,8 @@ pytest.register_assert_rewrite("builders", "equivalence", "flower_processes")
 from builders import CLIENT_SIZES, FILLER, WORDS, make_data, make_rows  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("FEDTUNE_DATA_DIR", REPO.parent / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get("FEDTUNE_DATA_DIR", REPO.parent / "shared" / "data")).resolve()  # (absolute:
+# the Flower tests hand paths to a SuperLink that runs in another folder)
 
 
 @pytest.fixture(scope="session")

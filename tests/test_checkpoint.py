@@ -58,6 +58,9 @@ def test_resume_can_extend_the_number_of_rounds(tiny_experiment, tmp_path):
     b = load_file(short.output_dir / "model" / "adapter_model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert untimed(metric_lines(short.output_dir)) == untimed(metric_lines(straight.output_dir))
+    # summary.json's wall time is the whole run's (rounds 1-2 in the first process, 3 in the second)
+    wall = json.loads((short.output_dir / "summary.json").read_text())["wall_time"]
+    assert wall >= metric_lines(short.output_dir)[-1]["wall_time"] > metric_lines(short.output_dir)[1]["wall_time"]
 
 
 def test_resume_refuses_a_different_config(tiny_experiment, tmp_path, capsys):
@@ -141,3 +144,35 @@ def test_config_differences_lists_nested_keys():
     a = {"train": {"lr": 0.1, "epochs": 1}, "federation": {"rounds": 3}, "output_dir": "x", "name": "n"}
     b = {"train": {"lr": 0.2, "epochs": 1}, "federation": {"rounds": 5}, "output_dir": "y", "name": "n", "new": 1}
     assert checkpoint.config_differences(a, b) == ["new", "train.lr"]
+
+
+def test_resume_refuses_changed_training_data_before_touching_the_partition(tiny_experiment, tmp_path, tiny_csv):
+    """The checkpoint keeps a fingerprint of what the clients trained on; changed rows are refused by name."""
+    train, evalf = tiny_csv
+    copy = tmp_path / "train.csv"
+    copy.write_text(train.read_text())
+    exp = tiny_experiment("federation.rounds=1", f'data.train_file="{copy}"', f'output_dir="{tmp_path / "r"}"')
+    res = run_experiment(exp, quiet=True)
+    manifests = {p.name: p.read_bytes() for p in (res.output_dir / "partition").iterdir()}
+    lines = copy.read_text().splitlines()
+    text, label = lines[1].rsplit(",", 1)
+    lines[1] = f"{text} extra,{label}"  # one row's text edited
+    copy.write_text("\n".join(lines) + "\n")
+    code = main(["run", "--resume", str(res.output_dir), "--set", "federation.rounds=2", "--quiet"])
+    assert code == 1
+    assert {p.name: p.read_bytes() for p in (res.output_dir / "partition").iterdir()} == manifests
+    copy.write_text(train.read_text())  # the data back as it was: the resume goes through
+    assert main(["run", "--resume", str(res.output_dir), "--set", "federation.rounds=2", "--quiet"]) == 0
+
+
+def test_changed_data_message(tiny_experiment, tmp_path, tiny_csv, capsys):
+    train, _ = tiny_csv
+    copy = tmp_path / "train.csv"
+    copy.write_text(train.read_text())
+    res = run_experiment(tiny_experiment("federation.rounds=1", f'data.train_file="{copy}"',
+                                         f'output_dir="{tmp_path / "r"}"'), quiet=True)
+    lines = copy.read_text().splitlines()
+    copy.write_text("\n".join(lines[:1] + lines[2:]) + "\n")  # one row fewer
+    assert main(["run", "--resume", str(res.output_dir), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "the training data or its partition changed since the checkpoint of round 1" in err

@@ -48,3 +48,48 @@ def test_missing_data_file_exits_1_naming_it(tiny_experiment, tmp_path, capsys):
     cfg.write_text(tiny_experiment(f'data.train_file="{tmp_path / "absent.csv"}"').to_toml())
     assert main(["run", str(cfg), "--quiet"]) == 1
     assert "absent.csv" in capsys.readouterr().err
+
+
+def _one_error_line(capsys, prefix: str) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith(prefix) and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_environment_mistakes_are_one_line(tiny_experiment, tmp_path, capsys):
+    import socket
+
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(tiny_experiment("train.precision='fp16'").to_toml())
+    assert main(["run", str(cfg), "--quiet"]) == 2  # this machine has no CUDA device
+    assert "train.precision = 'fp16' needs a CUDA device" in _one_error_line(capsys, "fedtune: config error: ")
+    assert main(["run", "--set", 'runtime.superlink="127.0.0.1"']) == 2
+    assert "runtime.superlink = '127.0.0.1' must be host:port" in _one_error_line(capsys, "fedtune: config error: ")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg.write_text(tiny_experiment('runtime.mode="flower"', f'runtime.superlink="127.0.0.1:{port}"').to_toml())
+    assert main(["run", str(cfg), "--quiet"]) == 1
+    assert f"127.0.0.1:{port}" in _one_error_line(capsys, "fedtune: error: ")
+
+
+def test_ctrl_c_says_how_to_resume_and_debug_shows_the_traceback(tiny_experiment, tmp_path, capsys, monkeypatch):
+    import pytest
+
+    import fedtune.experiment
+
+    cfg = tmp_path / "exp.toml"
+    exp = tiny_experiment()
+    cfg.write_text(exp.to_toml())
+
+    def interrupted(*args, **kwargs):
+        (exp.resolved_output_dir / "checkpoint").mkdir(parents=True)  # a round finished before Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fedtune.experiment, "run_experiment", interrupted)
+    assert main(["run", str(cfg), "--quiet"]) == 130
+    err = _one_error_line(capsys, "fedtune: interrupted")
+    assert f"continue it with `fedtune run --resume {exp.resolved_output_dir}`" in err
+    monkeypatch.setattr(fedtune.experiment, "run_experiment", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        main(["--debug", "run", str(cfg), "--quiet"])

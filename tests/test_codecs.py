@@ -474,3 +474,27 @@ def test_flower_client_app_decodes_the_plan_and_encodes_its_update(tiny_experime
         state = messages.load_client_state(context.state)
         assert RESIDUAL in state and set(state[RESIDUAL]) == set(params)
     assert sizes[0] < len(Codec().encode(params)) / 4
+
+
+@pytest.mark.parametrize("fraction, n, kept", [(0.07, 100, 7), (0.29, 100, 29), (0.57, 100, 57), (0.1, 30, 3)])
+def test_topk_count_is_the_exact_decimal_ceiling(fraction, n, kept):
+    """0.07 * 100 is 7.000000000000001 in binary floating point: math.ceil would keep 8."""
+    from fedtune.codecs import exact_ceil
+
+    assert exact_ceil(fraction, n) == kept
+    x = torch.arange(1, n + 1, dtype=torch.float32)
+    for spec in (f"topk:{fraction}", f"topk:{fraction}:global"):
+        back = parse_codec(spec).decode(parse_codec(spec).encode({"w": x}))["w"]
+        assert int((back != 0).sum()) == kept, spec
+    assert math.ceil(0.07 * 100) == 8  # the float pitfall the exact ceiling avoids
+
+
+@pytest.mark.parametrize("spec", ["none", "int8", "int16:channel+gzip", "topk:0.1+int8+zstd", "topk:0.2:global+gzip"])
+def test_encoded_bytes_are_deterministic(spec):
+    """The same tensors give the same bytes every time (safetensors' header order is made canonical)."""
+    t = _tensors()
+    codec = parse_codec(spec)
+    assert len({codec.encode(t) for _ in range(30)}) == 1
+    assert len({encode_tensors(t) for _ in range(30)}) == 1
+    back = codec.decode(codec.encode(t))
+    assert set(back) == set(t)

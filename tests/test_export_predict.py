@@ -104,7 +104,7 @@ def test_predict_bad_input_is_named(trained_run, tmp_path, capsys):
     bad = tmp_path / "in.jsonl"
     bad.write_text('{"text": "goal"}\n{"question": "where?"}\n')
     assert main(["predict", str(trained_run.output_dir), "--file", str(bad)]) == 1
-    assert "input row 1: a classification model needs field(s) ['text']" in capsys.readouterr().err
+    assert "input row 2: a classification model needs field(s) ['text']" in capsys.readouterr().err  # line 2
     assert main(["predict", str(tmp_path), "--text", "x"]) == 1
     assert "neither a fedtune model folder nor a run folder" in capsys.readouterr().err
 

@@ -103,3 +103,22 @@ def test_experiment_wires_padding_options():
         ["data.pad_to_max_length=true", "data.max_length=48", "train.length_bucketing=true"])
     local = local_train_config(exp)
     assert local.pad_to == 48 and local.length_bucketing
+
+
+def test_an_overlong_text_is_cut_before_tokenizing_with_the_same_tokens(tiny_model_dir):
+    """A huge cell costs memory by the configured length, not its own: the same ids, from a short prefix."""
+    from transformers import AutoTokenizer
+
+    from fedtune.batching import CHARS_PER_TOKEN, bounded_text, encode_texts
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    words = "goal match team score coach league the a today new".split()
+    huge = " ".join(words[i % len(words)] for i in range(200_000))  # ~1 MB of text
+    head = bounded_text(tok, huge, 16)
+    assert len(head) <= 16 * CHARS_PER_TOKEN < len(huge)
+    full = tok([huge], truncation=True, max_length=16)["input_ids"][0]
+    assert encode_texts(tok, [huge], None, [0], 16, False).input_ids[0] == full
+    short = "goal match"
+    assert bounded_text(tok, short, 16) == short
+    unbroken = "x" * (16 * CHARS_PER_TOKEN + 50)  # one [UNK] word: a cut would hold too few tokens to be exact
+    assert bounded_text(tok, unbroken, 16) == unbroken

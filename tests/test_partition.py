@@ -547,3 +547,13 @@ def test_group_needs_groups_and_enough_of_them():
 def test_contiguous_cuts_in_order():
     shards = partition_indices(None, 2, "contiguous", seed=5, num_rows=7, min_examples=0)
     assert shards == [[0, 1, 2, 3], [4, 5, 6]]
+
+
+def test_a_client_without_rows_is_refused_before_training(tiny_experiment):
+    from fedtune.experiment import run_experiment
+    from fedtune.partition import PartitionError
+
+    exp = tiny_experiment("data.train_size=6", "partition.num_clients=8", "partition.min_examples=0")
+    with pytest.raises(PartitionError, match=r"clients get no training rows \(client_\d{3}.*from 6 rows: use fewer"):
+        run_experiment(exp, quiet=True)
+    assert not (exp.resolved_output_dir / "metrics.jsonl").exists()

@@ -139,3 +139,13 @@ def test_clipped_sum_norm_is_at_most_count_times_clip(rows, clip):
         acc.add({"w": torch.tensor(r)})
     assert tensors.norm(acc.total) <= len(rows) * clip * (1 + 1e-5)
     assert acc.clipped == sum(1 for r in rows if tensors.norm({"w": torch.tensor(r)}) > clip)
+
+
+def test_accounting_does_not_flood_the_log(caplog):
+    """dp_accounting warns for every fractional RDP order that fails to converge, in compose too: kept quiet."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        for rounds in (1, 5, 20):
+            privacy.dp_epsilon(noise_multiplier=0.3, sampling_rate=0.5, rounds=rounds, delta=1e-5)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.records[:2]

@@ -52,10 +52,40 @@ class EncodedDataset:
         return self.token_labels is None and self.label_keys == ("labels",) and self.labels.dim() == 1
 
 
+CHARS_PER_TOKEN = 100
+"""A token of the supported tokenizers spans at most this many characters of a word (WordPiece's
+``max_input_chars_per_word``); used to cut overlong texts before tokenizing them."""
+
+
+def bounded_text(tokenizer, text: str, max_length: int) -> str:
+    """``text``, or a prefix of it that tokenizes to the same first ``max_length`` tokens.
+
+    Tokenizing a 50 MB cell to keep 64 of its tokens costs gigabytes; a text longer than
+    ``max_length * CHARS_PER_TOKEN`` characters is cut at the last whitespace before that bound
+    (a word boundary, so its tokens are a prefix of the whole text's), and kept only if the cut
+    still holds more than ``max_length`` tokens (otherwise the whole text is used: exactness first).
+    """
+    bound = max_length * CHARS_PER_TOKEN
+    if len(text) <= bound:
+        return text
+    cut = text.rfind(" ", 0, bound)
+    head = text[: cut if cut > 0 else bound]
+    if len(tokenizer(head, add_special_tokens=False)["input_ids"]) > max_length:
+        return head
+    return text
+
+
 def encode_texts(
     tokenizer, texts: Sequence[str], text_pairs: Sequence[str] | None, labels, max_length: int, regression: bool
 ) -> EncodedDataset:
-    """Tokenize (truncating to ``max_length``) without padding; padding happens per batch."""
+    """Tokenize (truncating to ``max_length``) without padding; padding happens per batch.
+
+    Single texts longer than the bound of :func:`bounded_text` are cut first, so memory follows
+    ``max_length``, not the input (text pairs are tokenized whole: pair truncation depends on both
+    lengths).
+    """
+    if text_pairs is None:
+        texts = [bounded_text(tokenizer, t, max_length) for t in texts]
     enc = tokenizer(
         list(texts),
         list(text_pairs) if text_pairs is not None else None,

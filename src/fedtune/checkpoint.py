@@ -64,6 +64,8 @@ class Checkpoint:
     """``python`` (JSON), ``torch`` (uint8 tensor), ``numpy`` (state tuple); restored by :meth:`restore_rng`."""
     wall_time: float = 0.0
     """Seconds the run had been going (the round loop's clock) at this round."""
+    data_fingerprint: str = ""
+    """What the clients trained on (:func:`fedtune.shards.data_fingerprint`); empty in older checkpoints."""
 
     @property
     def round(self) -> int:
@@ -141,6 +143,7 @@ def write_checkpoint(out: str | Path, ckpt: Checkpoint) -> Path:
         "clients": {cid: {p: list(td) for p, td in st.items()} for cid, st in ckpt.client_states.items()},
         "rng": rng,
         "wall_time": ckpt.wall_time,
+        "data_fingerprint": ckpt.data_fingerprint,
         "config": ckpt.config,
     }
     _atomic_write(folder / INDEX_FILE, (json.dumps(index, indent=1) + "\n").encode())
@@ -196,6 +199,7 @@ def read_checkpoint(out: str | Path) -> Checkpoint:
     return Checkpoint(
         state=ServerState(round=int(index["round"]), params=params, buffers=buffers),
         config=index["config"], client_states=clients, rng=rng, wall_time=float(index.get("wall_time", 0.0)),
+        data_fingerprint=str(index.get("data_fingerprint", "")),
     )
 
 
@@ -255,10 +259,12 @@ class Checkpointer:
     process (the simulation), else None (Flower: their state stays on their nodes).
     """
 
-    def __init__(self, out: str | Path, exp: Experiment, client_states: Mapping[str, ClientState] | None) -> None:
+    def __init__(self, out: str | Path, exp: Experiment, client_states: Mapping[str, ClientState] | None,
+                 data_fingerprint: str = "") -> None:
         self.out = Path(out)
         self.config = exp.to_dict()
         self.client_states = client_states
+        self.data_fingerprint = data_fingerprint
 
     def __call__(self, state: ServerState, record: dict) -> None:
         """Write the checkpoint of the round just finished."""
@@ -266,8 +272,17 @@ class Checkpointer:
             return
         write_checkpoint(self.out, Checkpoint(
             state=state, config=self.config, client_states=dict(self.client_states or {}), rng=capture_rng(),
-            wall_time=float(record.get("wall_time", 0.0)),
+            wall_time=float(record.get("wall_time", 0.0)), data_fingerprint=self.data_fingerprint,
         ))
+
+
+def check_fingerprint(ckpt: Checkpoint | None, fingerprint: str, what: str) -> None:
+    """Refuse to resume when the clients' data differs from what the checkpoint's rounds trained on."""
+    if ckpt is None or not ckpt.data_fingerprint or not fingerprint or ckpt.data_fingerprint == fingerprint:
+        return
+    raise CheckpointError(f"the {what} changed since the checkpoint of round {ckpt.round} (fingerprint "
+                          f"{ckpt.data_fingerprint[:12]} then, {fingerprint[:12]} now): resuming would continue on "
+                          "other data; restore the data or start a new run")
 
 
 def checkpoint_to_resume(exp: Experiment, remote: object | None = None) -> Checkpoint:

@@ -39,11 +39,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         if args.output:
             raise ConfigError("--resume OUT_DIR continues the run in OUT_DIR; drop --output")
+        if args.overwrite:
+            raise ConfigError("--resume continues the run in OUT_DIR and --overwrite replaces it: give one")
         exp = resume_experiment(args.resume, args.config, list(args.set or []))
+        args.run_dir = exp.resolved_output_dir  # (the resume hint if interrupted)
         run_experiment(exp, quiet=args.quiet, resume=True)
         return 0
     exp = _load(args)
-    run_experiment(exp, quiet=args.quiet)
+    args.run_dir = exp.resolved_output_dir  # (the resume hint if interrupted)
+    run_experiment(exp, quiet=args.quiet, overwrite=args.overwrite)
     return 0
 
 
@@ -183,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``fedtune`` argument parser."""
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -195,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars or table")
     p.add_argument("--resume", metavar="OUT_DIR",
                    help="continue the run in OUT_DIR from its last checkpoint (its config, or FILE/--set, must match)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in the output folder (without it such a folder is refused)")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("partition", help="partition the training set and write client manifests")
@@ -268,13 +275,34 @@ def main(argv: list[str] | None = None) -> int:
     try:
         configure_allocator()  # FEDTUNE_ALLOCATOR=bounded: freed tensors go back to the OS (fedtune.memory)
         return args.fn(args)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        out = getattr(args, "run_dir", None)
+        hint = f"; continue it with `fedtune run --resume {out}`" if out is not None and (
+            Path(out) / "checkpoint").is_dir() else ""
+        print(f"fedtune: interrupted{hint}", file=sys.stderr)
+        return 130
     except ConfigError as exc:
+        if args.debug:
+            raise
         print(f"fedtune: config error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, PartitionError, ModelLoadError, PredictError, CheckpointError, MergeError) as exc:
-        # These carry messages that name the file, field or value; a traceback would add nothing.
-        print(f"fedtune: error: {exc}", file=sys.stderr)
+    except (DataError, PartitionError, ModelLoadError, PredictError, CheckpointError, MergeError,
+            ConnectionError, TimeoutError, OSError) as exc:
+        # These carry messages that name the file, field, value or address; a traceback would add nothing.
+        if args.debug:
+            raise
+        print(f"fedtune: error: {_one_line(exc)}", file=sys.stderr)
         return 1
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's message on one line (an OSError without one is named by its errno text and file)."""
+    text = str(exc)
+    if isinstance(exc, OSError) and exc.strerror and exc.filename and exc.strerror not in text:
+        text = f"{exc.filename}: {exc.strerror}"
+    return " ".join(text.split()) or type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

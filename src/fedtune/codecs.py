@@ -37,12 +37,13 @@ import gzip
 import json
 import math
 import struct
+from fractions import Fraction
 from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as _st_load
-from safetensors.torch import save as _st_save
 
+from fedtune.payload import save_tensors
 from fedtune.types import TensorDict
 
 NONE = "none"
@@ -58,6 +59,16 @@ _SCALE, _MIN, _INDEX = "@scale", "@min", "@index"
 
 class CodecError(ValueError):
     """A codec spec is malformed (names the bad part), or a payload does not match its codec."""
+
+
+def exact_ceil(fraction: float, n: int) -> int:
+    """``ceil(fraction * n)`` with ``fraction`` taken as the decimal it was written as.
+
+    In binary floating point 0.07 * 100 is 7.000000000000001, whose ceiling keeps one entry too
+    many; the shortest decimal of the float (``repr``: 0.07) times ``n`` is exact.
+    """
+    q = Fraction(repr(float(fraction))) * n
+    return -(-q.numerator // q.denominator)
 
 
 @dataclass(frozen=True)
@@ -100,7 +111,7 @@ class Codec:
     def encode(self, tensors: TensorDict) -> bytes:
         """The bytes sent for ``tensors`` (see the module docstring for the layout)."""
         if self.is_identity:
-            return _st_save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+            return save_tensors({k: v.detach().cpu() for k, v in tensors.items()})
         out: dict[str, torch.Tensor] = {}
         dtypes: dict[str, str] = {}  # original dtype of the floating tensors that are not float32
         shapes: dict[str, list[int]] = {}  # original shape of the sparsified tensors
@@ -122,7 +133,7 @@ class Codec:
                 if self.topk_global:
                     index = kept[name]
                 else:
-                    k = min(flat.numel(), max(1, math.ceil(self.topk * flat.numel())))
+                    k = min(flat.numel(), max(1, exact_ceil(self.topk, flat.numel())))
                     index = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
                 out[name + _INDEX] = index.to(_index_dtype(flat.numel()))
                 x = flat[index]
@@ -134,7 +145,7 @@ class Codec:
         for key, table in ((_META_DTYPES, dtypes), (_META_SHAPES, shapes)):
             if table:
                 metadata[key] = json.dumps(table, separators=(",", ":"))
-        return self._compress(_st_save(out, metadata=metadata))
+        return self._compress(save_tensors(out, metadata))
 
     def decode(self, data: bytes) -> TensorDict:
         """Inverse of :meth:`encode` (lossy stages give back their approximation, in the original dtype).
@@ -176,7 +187,7 @@ class Codec:
         flats = [tensors[n].detach().cpu().to(torch.float32).flatten() for n in names]
         sizes = [f.numel() for f in flats]
         total = sum(sizes)
-        k = min(total, max(1, math.ceil(self.topk * total)))
+        k = min(total, max(1, exact_ceil(self.topk, total)))
         chosen = torch.topk(torch.cat(flats).abs(), k, sorted=False).indices.sort().values
         bounds = torch.tensor([0] + sizes).cumsum(0)
         return {n: chosen[(chosen >= bounds[i]) & (chosen < bounds[i + 1])] - bounds[i] for i, n in enumerate(names)}

@@ -21,7 +21,7 @@ from fedtune.config import Experiment
 from fedtune.models import set_trainable
 from fedtune.outputs import JsonlWriter
 from fedtune.partition import client_ids
-from fedtune.shards import make_shards
+from fedtune.shards import data_fingerprint, make_shards, plan_shards, write_shards
 from fedtune.personalization import split_holdout
 from fedtune.precision import default_device
 from fedtune.runtime.parallel import ParallelSimulationTransport
@@ -52,34 +52,38 @@ def simulation_transport(exp: Experiment, model, client_data, *, pad_id: int, de
 
 
 def run_experiment(exp: Experiment, *, quiet: bool = False, device: torch.device | None = None,
-                   resume: bool = False) -> RunResult:
+                   resume: bool = False, overwrite: bool = False) -> RunResult:
     """Run ``exp`` where ``exp.runtime.mode`` says and write its outputs (the library's ``fedtune run``).
 
     ``simulation``: :func:`run_simulation` in this process; ``flower`` and ``flower-simulation``: the
     same server run inside Flower's ServerApp, clients in Flower's ClientApp
     (:func:`fedtune.runtime.flower.launch.run_on_flower`). Every round is checkpointed into the
     output folder; ``resume`` continues from the latest checkpoint there (:mod:`fedtune.checkpoint`).
+    A folder that holds another run is refused unless ``overwrite`` (its old files are then removed).
     """
     if exp.runtime.mode != "simulation":
         from fedtune.runtime.flower.launch import run_on_flower  # Flower is imported only when asked for
 
         if resume:
             checkpoint.checkpoint_to_resume(exp, remote=True)  # refuses early, before anything is submitted
-        return run_on_flower(exp, quiet=quiet, resume=resume)
-    return run_simulation(exp, quiet=quiet, device=device, resume=resume)
+        return run_on_flower(exp, quiet=quiet, resume=resume, overwrite=overwrite)
+    return run_simulation(exp, quiet=quiet, device=device, resume=resume, overwrite=overwrite)
 
 
 def run_simulation(exp: Experiment, *, quiet: bool = False, device: torch.device | None = None,
-                   resume: bool = False) -> RunResult:
+                   resume: bool = False, overwrite: bool = False) -> RunResult:
     """The in-process simulation of ``exp`` (federated, or the centralized / local baseline)."""
     from fedtune.config.checks import check_experiment
 
     check_experiment(exp)
     ckpt = checkpoint.checkpoint_to_resume(exp) if resume else None  # refuses early, before any loading
-    side = prepare_server(exp, build_task, device or default_device(), resume=ckpt is not None)
+    side = prepare_server(exp, build_task, device or default_device(), resume=ckpt is not None, overwrite=overwrite)
     task, model, out = side.task, side.model, side.out
     train = task.train
-    units = make_shards(exp, task.units, task.name, out)
+    units = plan_shards(exp, task.units)
+    fingerprint = data_fingerprint(train, [task.rows_of(u) for u in units])
+    checkpoint.check_fingerprint(ckpt, fingerprint, "training data or its partition")  # before the manifests change
+    write_shards(exp, task.units, task.name, out, units)
     ids = client_ids(len(units))
     held_out_rows: dict[str, EncodedDataset] = {}
     if needs_holdout(exp):  # (personalization, federated evaluation: every client keeps rows to score on)
@@ -112,7 +116,7 @@ def run_simulation(exp: Experiment, *, quiet: bool = False, device: torch.device
                                       attacks=attacks)
 
     simulation.enable_scoring(task, held_out_rows, side.eval_context)  # (eval.per_client, eval.federated, ...)
-    fed = Federation(clients, len(train), simulation.client_states, per_round)
+    fed = Federation(clients, len(train), simulation.client_states, per_round, data_fingerprint=fingerprint)
     return run_federation(side, strategy, simulation, fed, quiet=quiet, ckpt=ckpt, summary=summary)
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any, TextIO
 
-from fedtune.config import Experiment
+from fedtune.config import ConfigError, Experiment
 
 
 def _jsonable(value: Any) -> Any:
@@ -20,19 +22,56 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def prepare_output_dir(exp: Experiment, *, resume: bool = False) -> Path:
-    """Create the output folder and write the resolved ``config.toml``; clear a previous metrics.jsonl and
-    checkpoint (a resumed run keeps both: see :mod:`fedtune.checkpoint`)."""
+RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "checkpoint", "model", "samples.jsonl",
+             "predictions.json", "export")
+"""What a run writes into its output folder (``partition/`` aside: ``fedtune partition`` writes it first)."""
+
+
+def run_files_in(out: Path) -> list[str]:
+    """The run files already in ``out`` (empty when it holds no run)."""
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def check_output_dir(exp: Experiment, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Refuse an output folder that would lose something, before anything is loaded or written.
+
+    A folder holding another run is refused unless ``resume`` (continue it) or ``overwrite``
+    (replace it); a file in the way or a folder that cannot be written is refused too.
+    """
     out = exp.resolved_output_dir
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output_dir {out} is a file, not a folder")
+    found = run_files_in(out) if out.is_dir() else []
+    if found and not (resume or overwrite):
+        raise ConfigError(f"{out} already holds a run ({', '.join(found)}): continue it with "
+                          f"`fedtune run --resume {out}`, pick another --output, or replace it with --overwrite")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the output folder {out}: {parent} is not writable")
+    return out
+
+
+def clear_run_files(out: Path) -> None:
+    """Remove every file a previous run left in ``out`` (:data:`RUN_FILES`; ``partition/`` stays)."""
+    for name in run_files_in(out):
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def prepare_output_dir(exp: Experiment, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Create the output folder and write the resolved ``config.toml`` (after :func:`check_output_dir`).
+
+    ``overwrite`` first removes every file of the previous run (:data:`RUN_FILES`), so the folder
+    never mixes two runs; a resumed run keeps its ``metrics.jsonl`` and checkpoint
+    (:mod:`fedtune.checkpoint`).
+    """
+    out = check_output_dir(exp, resume=resume, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    if overwrite and not resume:
+        clear_run_files(out)
     (out / "config.toml").write_text(exp.to_toml())
-    if not resume:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-        import shutil
-
-        from fedtune.checkpoint import CHECKPOINT_DIR
-
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return out
 
 

@@ -6,6 +6,8 @@ import contextlib
 
 import torch
 
+from fedtune.errors import ConfigError
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -14,14 +16,19 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_precision(precision: str, device: torch.device) -> None:
+    """A ConfigError naming ``train.precision`` when ``device`` cannot run it (checked before a run starts)."""
+    if precision != "fp32" and precision not in _DTYPES:
+        raise ConfigError(f"train.precision = {precision!r} is unknown (fp32, bf16, fp16)")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision = 'fp16' needs a CUDA device; this one is the CPU: use 'bf16' (or 'fp32')")
+
+
 def autocast(precision: str, device: torch.device):
     """Autocast context for ``precision`` (fp32 = no autocast); weights stay float32."""
+    check_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision not in _DTYPES:
-        raise ValueError(f"unknown precision {precision!r} (fp32, bf16, fp16)")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device; on the CPU use bf16")
     return torch.autocast(device.type, dtype=_DTYPES[precision])
 
 

@@ -57,7 +57,7 @@ class Predictor:
     def predict(self, rows: Iterable[dict[str, Any]], batch_size: int = 32) -> Iterator[dict[str, Any]]:
         """One output dict per input row, in order."""
         rows = list(rows)
-        for i, r in enumerate(rows):
+        for i, r in enumerate(rows, start=1):  # rows count from 1, as in every other error
             self.check(r, f"input row {i}")
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]

@@ -102,6 +102,6 @@ def dp_epsilon(*, noise_multiplier: float, sampling_rate: float, rounds: int, de
         return math.inf
     accountant = RdpAccountant()
     event = dp_accounting.PoissonSampledDpEvent(sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
-    accountant.compose(event, rounds)
-    with _quiet_absl():
+    with _quiet_absl():  # (compose computes the RDP series too: its warnings are the bulk)
+        accountant.compose(event, rounds)
         return float(accountant.get_epsilon(delta))

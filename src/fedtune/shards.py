@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
+from fedtune.batching import EncodedDataset
 from fedtune.config import Experiment
-from fedtune.partition import partition_indices, read_manifests, write_manifests
+from fedtune.partition import PartitionError, partition_indices, read_manifests, write_manifests
 from fedtune.tasks.task import PartitionUnits
 
 
@@ -14,6 +19,13 @@ def make_shards(exp: Experiment, units: PartitionUnits, dataset: str, out: Path)
 
     The manifests are written to ``out/partition``.
     """
+    shards = plan_shards(exp, units)
+    write_shards(exp, units, dataset, out, shards)
+    return shards
+
+
+def plan_shards(exp: Experiment, units: PartitionUnits) -> list[list[int]]:
+    """The client shards of :func:`make_shards`, without writing anything."""
     if exp.partition.manifest_dir:
         shards, _ = read_manifests(exp.partition.manifest_dir)
         n = units.count
@@ -37,8 +49,34 @@ def make_shards(exp: Experiment, units: PartitionUnits, dataset: str, out: Path)
             min_examples=p.min_examples,
             groups=units.groups,
         )
+    empty = [f"client_{k:03d}" for k, shard in enumerate(shards) if not shard]
+    if empty:  # (it would fail only when that client is first asked to train)
+        raise PartitionError(f"{len(empty)} of {len(shards)} clients get no training rows ({', '.join(empty[:3])}"
+                             f"{' ...' if len(empty) > 3 else ''}) from {units.count} rows: use fewer clients "
+                             "(partition.num_clients) or raise partition.min_examples")
+    return shards
+
+
+def write_shards(exp: Experiment, units: PartitionUnits, dataset: str, out: Path, shards: list[list[int]]) -> None:
+    """Write ``shards`` as the run's manifests in ``out/partition``."""
     meta = {"dataset": dataset, "method": exp.partition.method, "seed": exp.seed, "alpha": exp.partition.alpha}
     if exp.partition.manifest_dir:
         meta["source"] = str(exp.partition.manifest_dir)
     write_manifests(out / "partition", shards, units.labels, units.label_names, meta)
-    return shards
+
+
+def data_fingerprint(rows: EncodedDataset, shards: Sequence[Sequence[int]]) -> str:
+    """SHA-256 of what every client trains on: each shard's encoded rows (token ids and targets), in order.
+
+    A checkpoint keeps it; resuming on changed files, labels or partition is then refused.
+    """
+    digest = hashlib.sha256()
+    for k, shard in enumerate(shards):
+        digest.update(f"client {k}: {len(shard)}\n".encode())
+        part = rows.subset(list(shard))
+        for ids in part.input_ids:
+            digest.update(np.asarray(ids, dtype=np.int64).tobytes() + b";")
+        digest.update(part.labels.numpy().tobytes())
+        for labels in part.token_labels or []:
+            digest.update(np.asarray(labels, dtype=np.int64).tobytes() + b";")
+    return digest.hexdigest()

@@ -99,3 +99,30 @@ def test_shipped_experiments_load():
     assert len(files) >= 2
     for f in files:
         Experiment.from_toml(f)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.weight_decay=-0.01", "train.weight_decay must be >= 0"),
+    ("train.grad_clip=-1", "train.grad_clip must be >= 0"),
+    ("train.max_steps=-3", "train.max_steps must be >= 0"),
+])
+def test_negative_values_that_would_silently_mean_off_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message):
+        Experiment.from_overrides([override])
+
+
+def test_toml_with_a_byte_order_mark_loads_and_non_utf8_names_the_file(tmp_path):
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbfname = \"with-bom\"\n")
+    assert Experiment.from_toml(bom).name == "with-bom"
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.toml: not UTF-8 text \(byte offset 11: b.\\xe9."):
+        Experiment.from_toml(latin)
+
+
+def test_an_empty_experiment_file_is_refused_with_what_to_do(tmp_path):
+    empty = tmp_path / "empty.toml"
+    empty.write_text("# nothing yet\n")
+    with pytest.raises(ConfigError, match=r"empty.toml is empty \(no keys\): `fedtune run` without a file runs"):
+        Experiment.from_toml(empty)

@@ -19,6 +19,8 @@ CASES = {
                                      r"train.compile = true needs simulation.parallel_clients = 1"),
     "checkpointing-one-client-at-a-time": (["train.gradient_checkpointing=true", "simulation.parallel_clients=3"],
                                            r"gradient_checkpointing = true needs simulation.parallel_clients = 1"),
+    "clients-per-round-within-partition": (["federation.clients_per_round=5"],
+                                           r"clients_per_round = 5 is more than the partition's partition.num_clients = 3"),
     "compile-in-process": ([*FLOWER, "train.compile=true"], r"train.compile = true is for runtime.mode = 'simulation'"),
     "flower-needs-federation": ([*FLOWER, 'mode="local"'], r"mode = 'local' needs every client's data"),
     "secagg-weighted-mean": ([*FLOWER, "runtime.secagg=true", 'strategy.name="median"'],

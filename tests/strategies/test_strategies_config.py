@@ -192,3 +192,17 @@ def test_fedtune_config_prints_the_strategy_options(capsys):
     out = capsys.readouterr().out
     section = out.split("[strategy]")[1].split("\n[")[0]
     assert 'name = "feddyn"' in section and "alpha = 0.05" in section and "mu = 0.0" in section
+
+
+def test_krum_cohort_too_small_is_refused_before_any_training(tiny_experiment):
+    """Krum needs n >= 2f + 3 updates: said when the strategy is built, not after a round of training."""
+    from fedtune.experiment import run_experiment
+
+    exp = tiny_experiment('strategy.name="krum"', "strategy.krum_f=1")  # 3 clients < 2*1 + 3
+    with pytest.raises(ConfigError, match=r"krum_f = 1 needs at least 5 clients per round \(2f \+ 3\), but rounds "
+                                          r"sample 3"):
+        run_experiment(exp, quiet=True)
+    assert not (exp.resolved_output_dir / "metrics.jsonl").exists()  # no round ran
+    with pytest.raises(ConfigError, match="strategy.krum_m = 4 averages more updates than a round has"):
+        run_experiment(tiny_experiment('strategy.name="multikrum"', "strategy.krum_m=4", "partition.num_clients=3",
+                                       f'output_dir="{exp.resolved_output_dir}-m"'), quiet=True)

@@ -78,3 +78,15 @@ def test_bad_instruction_file_names_row(tmp_path):
     p.write_text('[{"instruction": "x", "output": "y"}, {"instruction": "x"}]')
     with pytest.raises(ValueError, match="row 1"):
         load_instructions(p)
+
+
+def test_overlong_instruction_is_cut_before_tokenizing_with_the_same_tokens(lm):
+    from fedtune.tasks.causal_lm import Instruction, encode_instructions
+
+    _, tok = lm
+    long = " ".join(["once upon a time there was a little girl"] * 20_000)  # ~0.9 MB
+    ex = [Instruction(long, "", long)]
+    cut = encode_instructions(tok, ex, 32)
+    whole = tok(ex[0].prompt(), add_special_tokens=False)["input_ids"]  # the ~1 MB prompt tokenized whole
+    prompt = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + whole
+    assert cut.input_ids[0] == prompt[:32] and cut.labels[0] == [-100] * 32

@@ -68,6 +68,9 @@ class Experiment:
         """Load an experiment file, then apply ``section.key=value`` overrides."""
         path = Path(path)
         raw = read_toml(path, "config")
+        if not raw:  # the dataclass defaults are not the default experiment: say so instead of running them
+            raise ConfigError(f"{path} is empty (no keys): `fedtune run` without a file runs the default experiment "
+                              "(experiments/default.toml); an experiment file needs its settings")
         apply_overrides(raw, overrides)
         return from_dict(cls, raw, source=str(path))
 

@@ -59,6 +59,10 @@ CHECKS: tuple[Check, ...] = (
           lambda e: e.train.compile and _flower(e),
           lambda e: f"train.compile = true is for runtime.mode = 'simulation', not {e.runtime.mode!r}: a Flower "
                     "ClientApp runs in a fresh process per round and would compile every round"),
+    Check("clients-per-round-within-partition",
+          lambda e: e.federation.clients_per_round > e.partition.num_clients,
+          lambda e: f"federation.clients_per_round = {e.federation.clients_per_round} is more than the "
+                    f"partition's partition.num_clients = {e.partition.num_clients}"),
     Check("flower-needs-federation",
           lambda e: _flower(e) and e.mode != "federated",
           lambda e: f"mode = {e.mode!r} needs every client's data in one place; on runtime.mode = "

@@ -86,6 +86,10 @@ class RuntimeConfig:
     )
 
     def __post_init__(self) -> None:
+        host, sep, port = self.superlink.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"runtime.superlink = {self.superlink!r} must be host:port (the SuperLink's --port), "
+                              "e.g. '127.0.0.1:9092'")
         if self.min_clients < 0:
             raise ConfigError(f"runtime.min_clients must be >= 0, got {self.min_clients}")
         if self.connect_timeout <= 0 or self.round_timeout <= 0:

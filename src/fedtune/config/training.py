@@ -47,6 +47,9 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.batch_size < 1:
             raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        for name in ("weight_decay", "grad_clip", "max_steps", "epochs"):  # 0 means off; below 0 is a mistake
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0 (0 = off), got {getattr(self, name)}")
 
 
 @dataclass

@@ -25,9 +25,10 @@ from fedtune.config import Experiment
 from fedtune.memory import release_memory
 from fedtune.models import get_trainable, load_tokenizer, save_model, set_trainable
 from fedtune.resident import sync_base
-from fedtune.outputs import JsonlWriter, prepare_output_dir, print_table, write_summary
+from fedtune.outputs import JsonlWriter, check_output_dir, prepare_output_dir, print_table, write_summary
 from fedtune.payload import CommStats
 from fedtune.personalization import per_client_report
+from fedtune.precision import check_precision
 from fedtune.server.loop import Transport, run_rounds
 from fedtune.server.progress import Progress
 from fedtune.strategies.base import Strategy
@@ -87,14 +88,20 @@ class ServerSide:
 
 
 def prepare_server(exp: Experiment, build_task: Callable[[Experiment, Any], Task], device: torch.device, *,
-                   resume: bool) -> ServerSide:
-    """Output folder, tokenizer, task and model of the server (``build_task(exp, tokenizer)`` loads the task)."""
+                   resume: bool, overwrite: bool = False) -> ServerSide:
+    """Tokenizer, task, model and output folder of the server (``build_task(exp, tokenizer)`` loads the task).
+
+    The folder is checked first and written last: a bad model or bad data stops the run before it
+    touches an existing folder (:func:`fedtune.outputs.check_output_dir`).
+    """
     t_start = time.perf_counter()
     torch.manual_seed(exp.seed)
-    out = prepare_output_dir(exp, resume=resume)
+    check_precision(exp.train.precision, device)
+    check_output_dir(exp, resume=resume, overwrite=overwrite)
     tokenizer = load_tokenizer(exp.model.name)
     task = build_task(exp, tokenizer)
     model = build_model(task, exp, device)
+    out = prepare_output_dir(exp, resume=resume, overwrite=overwrite)
     return ServerSide(exp, task, model, tokenizer, device, out, t_start)
 
 
@@ -107,6 +114,8 @@ class Federation:
     client_states: dict[str, ClientState] | None = None
     """The clients' states when they live in this process (checkpointed with the run); None on Flower."""
     per_round: int = 1
+    data_fingerprint: str = ""
+    """What the clients train on (:func:`fedtune.shards.data_fingerprint`), kept in every checkpoint."""
 
 
 def model_meta(exp: Experiment, task: Task, model) -> ModelMeta:
@@ -229,7 +238,7 @@ def run_federation(
         strategy, transport, list(fed.clients), start,
         rounds=rounds, per_round=fed.per_round, seed=exp.seed, evaluate=evaluate, eval_every=exp.eval.every,
         callbacks=[JsonlWriter(out / "metrics.jsonl"), progress.round_done,
-                   checkpoint.Checkpointer(out, exp, fed.client_states)],
+                   checkpoint.Checkpointer(out, exp, fed.client_states, fed.data_fingerprint)],
         on_client_done=progress.client_done, eval_initial=exp.eval.initial and start.round == 0,
         wall_time_offset=ckpt.wall_time if ckpt is not None else 0.0,
     )
@@ -251,12 +260,16 @@ def run_federation(
     summary["bytes_up_total"] = sum(r.get("bytes_up", 0) for r in history)
     summary["bytes_down_total"] = sum(r.get("bytes_down", 0) for r in history)
     summary["clients_per_round"] = fed.per_round
-    return finish_run(side, history, final, summary, quiet)
+    return finish_run(side, history, final, summary, quiet, wall_time_offset=ckpt.wall_time if ckpt is not None else 0.0)
 
 
 def finish_run(side: ServerSide, history: list[dict], final: dict[str, float], summary: dict[str, Any],
-               quiet: bool) -> RunResult:
-    """Write ``summary.json`` (final and best metrics, wall time), print the table; the RunResult."""
+               quiet: bool, *, wall_time_offset: float = 0.0) -> RunResult:
+    """Write ``summary.json`` (final and best metrics, wall time), print the table; the RunResult.
+
+    ``wall_time_offset``: the wall time a resumed run had reached at its checkpoint, so the summary
+    counts the whole run, not only the last process.
+    """
     task, headline = side.task, side.task.headline
     summary["final_metrics"] = final
     if task.details():
@@ -266,7 +279,7 @@ def finish_run(side: ServerSide, history: list[dict], final: dict[str, float], s
         (r[f"eval_{headline}"] for r in history if f"eval_{headline}" in r), default=None
     )
     summary["higher_is_better"] = task.higher_is_better
-    summary["wall_time"] = time.perf_counter() - side.t_start
+    summary["wall_time"] = wall_time_offset + time.perf_counter() - side.t_start
     write_summary(side.out / "summary.json", summary)
     if not quiet:
         print_table(history, headline, sys.stdout)

@@ -79,6 +79,8 @@ class BuildContext:
     """Clients in the federation (1 for the centralized and local baselines)."""
     seed: int = 0
     """The experiment's seed."""
+    clients_per_round: int = 0
+    """Clients sampled each round (0 when unknown): rules that need a cohort size check it when built."""
 
 
 @dataclass(frozen=True)

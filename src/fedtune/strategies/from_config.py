@@ -71,7 +71,10 @@ def _base_strategy(exp: Experiment, num_clients: int) -> Strategy:
     if uses_lora_aggregation(exp):  # model.lora.aggregation: a LoRA-aware rule replaces fedavg / fedprox's mean
         return build_lora_strategy(exp, local, num_clients)
     spec = strategy_spec(exp.strategy.name)
-    return spec.create(exp.strategy.options(), BuildContext(local=local, num_clients=num_clients, seed=exp.seed))
+    per_round = 1 if exp.mode != "federated" else clients_per_round(
+        num_clients, exp.federation.clients_per_round, exp.federation.fraction)
+    return spec.create(exp.strategy.options(), BuildContext(local=local, num_clients=num_clients, seed=exp.seed,
+                                                            clients_per_round=per_round))
 
 
 def build_lora_strategy(exp: Experiment, local: LocalTrainConfig, num_clients: int) -> LoraAggregation:

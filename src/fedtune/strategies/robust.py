@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from fedtune import aggregate, tensors
+from fedtune.errors import ConfigError
 from fedtune.strategies.base import BuildContext, Capabilities, NoOptions, option_error, register_strategy
 from fedtune.strategies.fedavg import FedAvg
 from fedtune.types import ClientUpdate, Metrics, ServerState, TensorDict
@@ -140,13 +141,26 @@ def build_trimmed_mean(options: TrimmedMeanOptions, ctx: BuildContext) -> Trimme
     return TrimmedMean(local=ctx.local, beta=options.trim_beta)
 
 
+def _check_cohort(name: str, f: int, ctx: BuildContext) -> None:
+    """Krum's n >= 2f + 3 (Blanchard et al. 2017), checked when the strategy is built, before any training."""
+    if ctx.clients_per_round and ctx.clients_per_round < 2 * f + 3:
+        raise ConfigError(f"strategy.name = {name!r} with strategy.krum_f = {f} needs at least {2 * f + 3} clients "
+                          f"per round (2f + 3), but rounds sample {ctx.clients_per_round} (partition.num_clients, "
+                          "federation.clients_per_round / fraction)")
+
+
 @register_strategy("krum", KrumOptions, Krum.capabilities)
 def build_krum(options: KrumOptions, ctx: BuildContext) -> Krum:
     """``strategy.name = "krum"``: ``krum_f``."""
+    _check_cohort("krum", options.krum_f, ctx)
     return Krum(local=ctx.local, f=options.krum_f)
 
 
 @register_strategy("multikrum", MultiKrumOptions, MultiKrum.capabilities)
 def build_multikrum(options: MultiKrumOptions, ctx: BuildContext) -> MultiKrum:
     """``strategy.name = "multikrum"``: ``krum_f``, ``krum_m``."""
+    _check_cohort("multikrum", options.krum_f, ctx)
+    if ctx.clients_per_round and options.krum_m > ctx.clients_per_round:
+        raise ConfigError(f"strategy.krum_m = {options.krum_m} averages more updates than a round has "
+                          f"({ctx.clients_per_round} clients per round)")
     return MultiKrum(local=ctx.local, f=options.krum_f, m=options.krum_m)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedtune.batching import bounded_text
 from fedtune.tasks.json_files import read_json
 
 IGNORE_INDEX = -100
@@ -73,11 +74,15 @@ def _ids(tokenizer, text: str, bos: bool) -> list[int]:
 
 
 def encode_instructions(tokenizer, examples: Sequence[Instruction], max_length: int) -> EncodedLM:
-    """bos + prompt + response + eos, truncated to ``max_length``; loss on response (+eos) only."""
+    """bos + prompt + response + eos, truncated to ``max_length``; loss on response (+eos) only.
+
+    An overlong prompt or response is cut before tokenizing (:func:`fedtune.batching.bounded_text`:
+    the same first ``max_length`` tokens, memory bounded by ``max_length``).
+    """
     ids_all, labels_all = [], []
     for ex in examples:
-        prompt = _ids(tokenizer, ex.prompt(), bos=True)
-        response = _ids(tokenizer, ex.output, bos=False) + [tokenizer.eos_token_id]
+        prompt = _ids(tokenizer, bounded_text(tokenizer, ex.prompt(), max_length), bos=True)
+        response = _ids(tokenizer, bounded_text(tokenizer, ex.output, max_length), bos=False) + [tokenizer.eos_token_id]
         ids = (prompt + response)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
         ids_all.append(ids)

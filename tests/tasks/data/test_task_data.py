@@ -447,3 +447,44 @@ def test_datasets_loader_path_with_class_labels(offline: None, tmp_path: Path) -
         load_task_data(DataConfig(dataset=str(folder), eval_split="nope"))
     with pytest.raises(DataError, match="column 'body' .* available columns: 'text', 'label'"):
         load_task_data(DataConfig(dataset=str(folder), text_column="body"))
+
+
+def test_csv_nan_label_is_missing_not_a_class(tmp_path: Path) -> None:
+    train = tmp_path / "t.csv"
+    train.write_text("sentence,target\nok,pos\nfine,neg\nodd,NaN\n")
+    with pytest.raises(DataError, match=r"t.csv, row 3: missing label in column 'target' \(value 'NaN'\)"):
+        load_task_data(_files_cfg(train, train))
+
+
+def test_labels_are_matched_by_value_not_spelling(tmp_path: Path) -> None:
+    """Training labels 1.0 / 2.0 and an eval file that writes 1: the same class, not position 1."""
+    train = tmp_path / "t.csv"
+    train.write_text("sentence,target\na,1.0\nb,2.0\nc,1.0\n")
+    ev = tmp_path / "e.csv"
+    ev.write_text("sentence,target\nx,1\ny,2\n")
+    data = load_task_data(_files_cfg(train, ev))
+    assert data.label_names == ["1", "2"]
+    assert list(data.train.labels) == [0, 1, 0] and list(next(iter(data.evals.values())).labels) == [0, 1]
+    with pytest.raises(DataError, match=r"names one value twice: \['1', '1.0'\]"):
+        load_task_data(_files_cfg(train, ev, label_names=["1", "1.0", "2"]))
+
+
+def test_empty_and_numeric_texts_are_kept_and_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One rule for texts: null is an error (above); empty and numbers are kept, and the rows are counted."""
+    import logging
+
+    train = _write(tmp_path / "t.jsonl", [{"sentence": "fine", "target": "pos"}, {"sentence": "", "target": "neg"},
+                                          {"sentence": 42, "target": "pos"}, {"sentence": 7.5, "target": "neg"}])
+    with caplog.at_level(logging.WARNING):
+        data = load_task_data(_files_cfg(train, train))
+    assert data.train.texts == ["fine", "", "42", "7.5"]
+    assert "column 'sentence': 1 empty text(s) and 2 non-text value(s) read as text, of 4 rows (kept)" in caplog.text
+    null = _write(tmp_path / "n.jsonl", [{"sentence": "fine", "target": "pos"}, {"sentence": None, "target": "neg"}])
+    with pytest.raises(DataError, match=r"n.jsonl, row 2: missing text in column 'sentence'"):
+        load_task_data(_files_cfg(null, null))
+
+
+def test_list_labels_hint_at_multilabel(tmp_path: Path) -> None:
+    train = _write(tmp_path / "t.jsonl", [{"sentence": "a", "target": ["x", "y"]}, {"sentence": "b", "target": ["y"]}])
+    with pytest.raises(DataError, match=r't.jsonl, row 1: the label .* is a list .*need data.task = "multilabel"'):
+        load_task_data(_files_cfg(train, train))

@@ -204,22 +204,27 @@ def _flwr() -> str:
     return str(exe) if exe.exists() else "flwr"
 
 
-def run_on_flower(exp: Experiment, *, quiet: bool = False, resume: bool = False):
+def run_on_flower(exp: Experiment, *, quiet: bool = False, resume: bool = False, overwrite: bool = False):
     """Run ``exp`` on Flower as ``exp.runtime.mode`` says; return the RunResult (read back from the outputs).
 
     ``resume``: the ServerApp continues from the checkpoint in the output folder (the caller has
-    checked it fits, :func:`fedtune.checkpoint.checkpoint_to_resume`).
+    checked it fits, :func:`fedtune.checkpoint.checkpoint_to_resume`). ``overwrite`` removes a
+    previous run's files from the output folder here before submitting (a ServerApp on another
+    machine refuses a folder there that holds a run).
     """
     from fedtune.config.checks import check_experiment
+    from fedtune.outputs import check_output_dir, clear_run_files
 
     check_experiment(exp)  # before anything is submitted
+    check_output_dir(exp, resume=resume, overwrite=overwrite)
     out = exp.resolved_output_dir.resolve()
+    if overwrite and not resume and out.is_dir():
+        clear_run_files(out)
     if exp.runtime.mode == "flower-simulation":
         return _simulate(exp, quiet=quiet, resume=resume)
-    # The ServerApp runs next to the SuperLink: pin the output folder to an absolute path.
-    import dataclasses
-
-    shipped = dataclasses.replace(exp, output_dir=str(out))
+    # The ServerApp runs next to the SuperLink, in its folder: pin the output folder and every local
+    # path the server reads (data files, a manifest folder, a model folder) to absolute paths.
+    shipped = _absolute_paths(exp, out)
     r = exp.runtime  # generous bound so a stuck run can never hang `fedtune run` forever
     stages = 4 if r.secagg else 1  # SecAgg+ waits up to round_timeout in each of its four stages
     limit = r.connect_timeout + exp.federation.rounds * stages * r.round_timeout + 300
@@ -235,6 +240,19 @@ def run_on_flower(exp: Experiment, *, quiet: bool = False, resume: bool = False)
         raise RuntimeError(f"the Flower run on {r.superlink} ended without writing {summary}; "
                            "the ServerApp failed (its log is above)")
     return _read_result(out)
+
+
+def _absolute_paths(exp: Experiment, out: Path) -> Experiment:
+    """``exp`` with ``output_dir`` = ``out`` and its relative local paths made absolute (hub ids stay)."""
+    import dataclasses
+
+    def local(value: str) -> str:
+        return str(Path(value).resolve()) if value and Path(value).exists() else value
+
+    data = dataclasses.replace(exp.data, train_file=local(exp.data.train_file), eval_file=local(exp.data.eval_file))
+    partition = dataclasses.replace(exp.partition, manifest_dir=local(exp.partition.manifest_dir))
+    model = dataclasses.replace(exp.model, name=local(exp.model.name), init_adapter=local(exp.model.init_adapter))
+    return dataclasses.replace(exp, output_dir=str(out), data=data, partition=partition, model=model)
 
 
 def _read_result(out: Path):

@@ -58,6 +58,9 @@ def make_server_app(
 
 def run_on_grid(exp, transport: FlowerTransport, *, quiet: bool = False, resume: bool = False):
     """The server run of ``exp`` with its clients behind ``transport``: prepare, connect, the round loop, outputs."""
+    import hashlib
+    import json
+
     from fedtune import checkpoint
     from fedtune.attacks import experiment_attacker
     from fedtune.config.checks import check_experiment
@@ -71,6 +74,9 @@ def run_on_grid(exp, transport: FlowerTransport, *, quiet: bool = False, resume:
     side = prepare_server(exp, server_task, default_device(), resume=ckpt is not None)
     sizes = transport.connect(side.task.units.label_names)  # the training data stays on the nodes
     ids = sorted(sizes)
+    # The server sees only who the clients are and how many rows each holds: that is its fingerprint.
+    fingerprint = hashlib.sha256(json.dumps(sorted(sizes.items())).encode()).hexdigest()
+    checkpoint.check_fingerprint(ckpt, fingerprint, "set of clients or their row counts")
     log.info("%s (%s): %d train rows over %d clients", side.task.name, side.task.kind, sum(sizes.values()), len(ids))
     strategy = server_strategy(side, len(ids))
     per_round = clients_per_round(len(ids), exp.federation.clients_per_round, exp.federation.fraction)
@@ -79,5 +85,6 @@ def run_on_grid(exp, transport: FlowerTransport, *, quiet: bool = False, resume:
         attackers = [c for c in ids if experiment_attacker(exp.attack, c, exp.partition.num_clients, exp.seed)]
         log.info("attack %s by %d clients: %s", exp.attack.kind, len(attackers), attackers)
         summary["attackers"] = attackers
-    return run_federation(side, strategy, transport, Federation(ids, sum(sizes.values()), None, per_round),
+    return run_federation(side, strategy, transport, Federation(ids, sum(sizes.values()), None, per_round,
+                                                                data_fingerprint=fingerprint),
                           quiet=quiet, ckpt=ckpt, summary=summary)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -14,6 +15,8 @@ import numpy as np
 from fedtune.config import DataConfig
 from fedtune.tasks.data.containers import DataError, TaskData
 from fedtune.tasks.data.labels import _RawSplit, _resolve_labels
+
+log = logging.getLogger(__name__)
 
 
 _FILE_TYPES = {
@@ -113,11 +116,21 @@ def _column(table: Mapping[str, list[Any]], column: str, source: str, option: st
 
 
 def _texts(values: list[Any], source: str, column: str) -> list[str]:
-    out = []
+    """The column's texts. One rule for every format: a missing value (null, NaN) is an error naming
+    the row; an empty text and a non-text value (a number, read as its text) are kept, and how many
+    rows each touched is logged once per file and column."""
+    out, empty, converted = [], 0, 0
     for i, value in enumerate(values):
         if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
             raise DataError(f"{source}, row {i + 1}: missing text in column {column!r}")
-        out.append(value if isinstance(value, str) else str(value))
+        if not isinstance(value, str):
+            converted += 1
+            value = str(value)
+        empty += not value.strip()
+        out.append(value)
+    if empty or converted:
+        log.warning("%s, column %r: %d empty text(s) and %d non-text value(s) read as text, of %d rows (kept)",
+                    source, column, empty, converted, len(out))
     return out
 
 

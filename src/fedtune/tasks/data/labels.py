@@ -19,18 +19,29 @@ def _is_missing(value: Any) -> bool:
         return True
     if isinstance(value, np.floating) and np.isnan(value):
         return True
-    return isinstance(value, str) and not value.strip()
+    # A CSV cell "NaN" is read as text (the readers keep every cell as written): it is a missing
+    # value, as the JSON readers' NaN is, never a class of its own.
+    return isinstance(value, str) and (not value.strip() or value.strip().lower() == "nan")
 
 
 def _label_key(value: Any) -> str:
-    """Canonical string form of a classification label (1, 1.0, "1" and " 1 " all give "1")."""
+    """Canonical string form of a classification label, by value.
+
+    1, 1.0, "1", " 1 ", "1.0" and "1e0" all give "1"; "2.50" gives "2.5". Integer text keeps its
+    digits ("007" stays "007": a code, not a number).
+    """
     if isinstance(value, (bool, np.bool_)):
         return str(bool(value)).lower()
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (float, np.floating)):
         return str(int(value)) if float(value).is_integer() else repr(float(value))
-    return str(value).strip()
+    text = str(value).strip()
+    if not _is_int_text(text) and any(c in text for c in ".eE"):
+        number = _float_label(text)
+        if number is not None:
+            return str(int(number)) if number.is_integer() else repr(number)
+    return text
 
 
 def _is_int_text(text: str) -> bool:
@@ -99,6 +110,9 @@ def _resolve_labels(
 
     for split in (train, *evals.values()):
         for i, value in enumerate(split.raw_labels):
+            if isinstance(value, (list, tuple, np.ndarray)):
+                raise DataError(f"{split.source}, row {i + 1}: the label in column {split.label_column!r} is a list "
+                                f"({list(value)[:3]}): several labels per text need data.task = \"multilabel\"")
             if _is_missing(value):
                 raise missing(split, i, value)
 
@@ -121,9 +135,10 @@ def _resolve_labels(
         return None, convert(train), {k: convert(v) for k, v in evals.items()}
 
     if label_names:
-        names = [str(n) for n in label_names]
+        names = [_label_key(n) for n in label_names]
         if len(set(names)) != len(names):
-            raise DataError(f"{names_source} has duplicate entries: {names}")
+            same = sorted({str(n) for n, k in zip(label_names, names) if names.count(k) > 1})
+            raise DataError(f"{names_source} names one value twice: {same} (labels are matched by value)")
         where = f"{names_source} {names}"
     else:
         names = _infer_label_names([_label_key(v) for v in train.raw_labels])

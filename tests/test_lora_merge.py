@@ -118,6 +118,7 @@ def test_warm_start_begins_round_one_from_the_trained_adapter(trained, tiny_expe
     assert res.history[0]["eval_accuracy"] == pytest.approx(trained["acc_a"])
     assert res.history[0]["eval_accuracy"] > 0.5  # not the untrained model's chance level
     with pytest.raises(MergeError, match=r"model.init_adapter = .*shape .*check model.lora.r"):
-        run_experiment(tiny_experiment(f'model.init_adapter="{trained["a"]}"', "model.lora.r=8"), quiet=True)
+        run_experiment(tiny_experiment(f'model.init_adapter="{trained["a"]}"', "model.lora.r=8"), quiet=True,
+                       overwrite=True)
     with pytest.raises(MergeError, match=r"model.init_adapter = .*lacks"):
-        run_experiment(tiny_experiment(f'model.init_adapter="{trained["q"]}"'), quiet=True)
+        run_experiment(tiny_experiment(f'model.init_adapter="{trained["q"]}"'), quiet=True, overwrite=True)

@@ -250,12 +250,13 @@ def test_config_rejects_bad_lora_settings(tiny_experiment):
     assert s.client_ranks == {"client_000": 2, "client_001": 4, "client_002": 2} and s.objective().mu == 0.1
 
 
-def test_uniform_rank_rules_keep_the_batched_trainer(tiny_experiment):
+def test_uniform_rank_rules_keep_the_batched_trainer(tiny_experiment, tmp_path):
     from fedtune.experiment import run_experiment
 
     sets = ["model.lora.aggregation=fedex", "federation.rounds=2", "train.epochs=2"]
     seq = run_experiment(tiny_experiment(*sets), quiet=True).history
-    par = run_experiment(tiny_experiment(*sets, "simulation.parallel_clients=3"), quiet=True).history
+    par = run_experiment(tiny_experiment(*sets, "simulation.parallel_clients=3", f'output_dir="{tmp_path / "par"}"'),
+                         quiet=True).history
     assert all(r["lora_gap"] < 1e-5 for r in par)
     assert [r["bytes_up"] for r in par] == [r["bytes_up"] for r in seq]
     assert par[-1]["eval_loss"] == pytest.approx(seq[-1]["eval_loss"], rel=1e-3)  # same updates up to float order

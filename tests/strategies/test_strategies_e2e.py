@@ -46,11 +46,12 @@ def test_strategy_runs_end_to_end(tiny_experiment, name):
     assert math.isfinite(change) and change > 0, (name, change)
 
 
-def test_scaffold_doubles_the_bytes_it_moves(tiny_experiment):
+def test_scaffold_doubles_the_bytes_it_moves(tiny_experiment, tmp_path):
     from fedtune.experiment import run_experiment
 
     plain = run_experiment(tiny_experiment(*FAST), quiet=True).history[0]
-    scaf = run_experiment(tiny_experiment("strategy.name=scaffold", *FAST), quiet=True).history[0]
+    scaf = run_experiment(tiny_experiment("strategy.name=scaffold", *FAST, f'output_dir="{tmp_path / "scaffold"}"'),
+                          quiet=True).history[0]
     assert scaf["bytes_up"] == 2 * plain["bytes_up"] and scaf["bytes_down"] == 2 * plain["bytes_down"]
     assert scaf["control_norm"] > 0
 

@@ -48,7 +48,7 @@ def test_tuned_threshold_is_reported_and_at_least_as_good(ml_experiment):
 
     fixed = run_experiment(ml_experiment("federation.rounds=1", "eval.initial=false"), quiet=True).history[-1]
     tuned = run_experiment(ml_experiment("federation.rounds=1", "eval.initial=false", "eval.tune_threshold=true"),
-                           quiet=True).history[-1]
+                           quiet=True, overwrite=True).history[-1]  # (same folder: replace the first run)
     assert fixed["eval_threshold"] == 0.5
     assert 0.0 < tuned["eval_threshold"] < 1.0
     assert tuned["eval_micro_f1"] >= fixed["eval_micro_f1"]  # tuned on the same split: never worse than 0.5

@@ -59,6 +59,8 @@ class _Resident:
     rows: Any
     held_out: Any
     pad_id: int
+    attack: Any = None
+    """This node's byzantine behaviour (fedtune.attacks), or None."""
 
 
 _RESIDENT: dict[tuple, _Resident] = {}
@@ -78,7 +80,7 @@ def _resident(exp: Experiment, node: NodeData, task_info: messages.TaskInfo, dev
             rows = poison_rows(rows, attack, len(task_info.label_names or ()))
         model = build_model(task, exp, device)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        _RESIDENT[key] = _Resident(model, task, rows, held_out, pad_id)
+        _RESIDENT[key] = _Resident(model, task, rows, held_out, pad_id, attack)
     return _RESIDENT[key]
 
 
@@ -121,7 +123,7 @@ def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | Non
             resident.model, resident.rows, request.plan, node.client_id, pad_id=resident.pad_id,
             seed=client_seed(exp.seed, request.plan.round, node.client_id), device=device, state=state,
         )
-        update = byzantine_update(update, node.attack_in(exp), exp.seed, request.plan.round)
+        update = byzantine_update(update, resident.attack, exp.seed, request.plan.round)
         if secagg.is_secagg(msg.content):  # secaggplus_mod masks the delta and drops the plain arrays
             messages.save_client_state(state, context.state)
             return Message(secagg.encode_reply(update, secagg.delta_names(request.plan.params)), reply_to=msg)

@@ -106,3 +106,8 @@ def full_plan(objective) -> RoundPlan:
         personal=frozenset({"head.weight"}),
         base_offset={"m.base_layer.weight": torch.randn(5, 6)},
     )
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+"""The ChatML chat template (SmolLM2's shape, without its default system message), for tokenizers in tests."""

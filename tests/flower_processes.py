@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -111,6 +113,14 @@ class Federation:
             except psutil.NoSuchProcess:
                 pass
 
+    def resume(self, proc: subprocess.Popen) -> None:
+        """SIGCONT a frozen process and its descendants (a machine that hung wakes up)."""
+        for p in _family(proc):
+            try:
+                p.resume()
+            except psutil.NoSuchProcess:
+                pass
+
     def stop(self) -> None:
         """Kill every process we started and all of its descendants (Flower detaches some into new sessions)."""
         victims: list[psutil.Process] = []
@@ -198,3 +208,31 @@ def wait_exit(proc: subprocess.Popen, timeout: float) -> int | None:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         return None
+
+
+def wait_for_training(log: Path, rnd: int, timeout: float = 120) -> None:
+    """Block until the SuperNode writing ``log`` has received its round-``rnd`` train message."""
+    pattern = re.compile(rf"ROUND {rnd}\][^\n]*\n[^\n]*Receiving: train message")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if log.exists() and pattern.search(log.read_text()):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{log.name}: no round-{rnd} train message within {timeout}s:\n{log.read_text()[-2000:]}")
+
+
+def run_in_background(run) -> tuple[threading.Thread, dict]:
+    """Start ``run_experiment(run)`` in a daemon thread; the dict gets ``result`` or ``error`` when it ends."""
+    from fedtune.experiment import run_experiment
+
+    outcome: dict = {}
+
+    def submit() -> None:
+        try:
+            outcome["result"] = run_experiment(run, quiet=True)
+        except Exception as exc:  # noqa: BLE001 (the caller checks it)
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=submit, daemon=True)
+    thread.start()
+    return thread, outcome

@@ -17,7 +17,7 @@ from fedtune.config import ConfigError
 from fedtune.experiment import run_experiment
 from fedtune.types import ServerState
 
-from equivalence import kill_and_resume, metric_lines, untimed
+from equivalence import Killed, kill_and_resume, kill_at, metric_lines, untimed
 
 
 STATEFUL = {
@@ -105,6 +105,21 @@ def test_resume_errors_are_clear(tiny_experiment, tmp_path, capsys):
     tensor_file.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))  # one flipped byte
     with pytest.raises(CheckpointError, match="SHA-256"):
         read_checkpoint(res.output_dir)
+
+
+def test_run_killed_in_round_1_says_how_to_start_again(tiny_experiment, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "r"
+    with monkeypatch.context() as m:
+        kill_at(m, 1)
+        with pytest.raises(Killed):
+            run_experiment(tiny_experiment(f'output_dir="{out}"'), quiet=True)
+    assert main(["run", "--resume", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    hint = f"`fedtune run {out / 'config.toml'} --overwrite`"
+    assert err == (f"fedtune: error: {out} holds a run stopped before it finished round 1 (no checkpoint yet, "
+                   f"nothing to continue): start it again with {hint}")
+    assert main(["run", str(out / "config.toml"), "--overwrite", "--quiet"]) == 0  # the hint works as written
+    assert [r["round"] for r in metric_lines(out)] == [1, 2]
 
 
 def test_checkpoint_round_trip_keeps_everything(tmp_path):

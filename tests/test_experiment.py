@@ -123,3 +123,32 @@ def test_per_client_evaluation(tiny_experiment):
     res = run_experiment(tiny_experiment("federation.rounds=1", "eval.per_client=true"), quiet=True)
     m = res.final_metrics
     assert 0.0 <= m["client_accuracy_min"] <= m["client_accuracy_mean"] <= 1.0
+
+
+def test_cosine_learning_rate_is_recorded_per_round(tiny_experiment):
+    res = run_experiment(tiny_experiment("federation.rounds=3", "train.epochs=1", "train.lr_schedule=\"cosine\"",
+                                         "train.lr_min=0.002"), quiet=True)
+    assert [r["lr"] for r in res.history] == pytest.approx([0.02, 0.011, 0.002])
+
+
+def test_communication_budget_warns_or_stops_cleanly(tiny_experiment, tmp_path, caplog):
+    one = run_experiment(tiny_experiment("federation.rounds=1", f'output_dir="{tmp_path / "one"}"'), quiet=True)
+    per_round = one.history[0]["bytes_down"] + one.history[0]["bytes_up"]
+    budget = int(1.5 * per_round)  # passed in round 2
+    stopped = run_experiment(tiny_experiment("federation.rounds=4", "eval.every=3", f"federation.comm_budget_bytes={budget}",
+                                             'federation.budget_action="stop"', f'output_dir="{tmp_path / "stop"}"'),
+                             quiet=True)
+    assert [r["round"] for r in stopped.history] == [1, 2]
+    assert stopped.history[-1]["stopped"].startswith(f"communication budget federation.comm_budget_bytes = {budget:,} "
+                                                     "passed in round 2")
+    assert "eval_accuracy" in stopped.history[-1]  # the last round is evaluated although eval.every = 3
+    assert json.loads((stopped.output_dir / "summary.json").read_text())["stopped"] == stopped.history[-1]["stopped"]
+    assert (stopped.output_dir / "model" / "adapter_model.safetensors").is_file()
+    with caplog.at_level("WARNING", logger="fedtune.budget"):
+        warned = run_experiment(tiny_experiment("federation.rounds=3", f"federation.comm_budget_bytes={budget}",
+                                                f'output_dir="{tmp_path / "warn"}"'), quiet=True)
+    assert [r["round"] for r in warned.history] == [1, 2, 3] and "stopped" not in warned.history[-1]
+    assert [r.getMessage() for r in caplog.records if r.name == "fedtune.budget"] == [
+        f"communication budget federation.comm_budget_bytes = {budget:,} passed in round 2 "
+        f"({warned.history[0]['bytes_down'] + warned.history[0]['bytes_up'] + warned.history[1]['bytes_down'] + warned.history[1]['bytes_up']:,} "
+        "bytes moved both ways); the run goes on (federation.budget_action = 'warn')"]

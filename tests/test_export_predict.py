@@ -47,7 +47,6 @@ def _final_global_model(run, initial=False):
 
 def test_every_export_matches_the_trained_model(trained_run):
     from fedtune.artifacts import load_for_inference
-    from fedtune.batching import collate
     from fedtune.export import FORMATS, evaluate_exports, export_run
 
     run = trained_run.output_dir

@@ -122,3 +122,43 @@ def test_an_overlong_text_is_cut_before_tokenizing_with_the_same_tokens(tiny_mod
     assert bounded_text(tok, short, 16) == short
     unbroken = "x" * (16 * CHARS_PER_TOKEN + 50)  # one [UNK] word: a cut would hold too few tokens to be exact
     assert bounded_text(tok, unbroken, 16) == unbroken
+
+
+def test_overlong_text_pairs_are_cut_with_the_same_tokens(tiny_model_dir):
+    """Both halves of a pair are bounded; longest-first truncation gives the ids of the whole pair, except the
+    one tie-break documented in encode_texts when both halves are beyond the bound."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from fedtune.batching import CHARS_PER_TOKEN, encode_texts
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    words = "goal match team score coach league the a today new".split()
+    rng = random.Random(3)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    # words: short, near the limit, beyond the bound (max_length * CHARS_PER_TOKEN characters: cut first). The
+    # whole pairs are the reference; a tokenizer keeps the overflow of both halves of a pair, so far longer texts
+    # would cost it gigabytes here (the cost encode_texts avoids).
+    lengths = [3, 7, 15, 40, 18 * CHARS_PER_TOKEN // 4, 30 * CHARS_PER_TOKEN // 4]
+    firsts = [text(a) for a in lengths for _ in lengths]
+    seconds = [text(b) for _ in lengths for b in lengths]
+    beyond = [len(a) > 17 * CHARS_PER_TOKEN and len(b) > 17 * CHARS_PER_TOKEN for a, b in zip(firsts, seconds)]
+    assert sum(beyond) == 4
+    for max_length in (16, 17):
+        whole = tok(firsts, seconds, truncation=True, max_length=max_length)
+        enc = encode_texts(tok, firsts, seconds, [0] * len(firsts), max_length, False)
+        for i, (got, want) in enumerate(zip(enc.input_ids, whole["input_ids"])):
+            if not beyond[i]:
+                assert got == want and enc.token_type_ids[i] == whole["token_type_ids"][i], i
+                continue
+            assert len(got) == len(want) == max_length  # both halves long: the same budget, split within one token
+            halves = [[t for t, k in zip(ids, kinds) if k == side][1 - side:-1]  # (without [CLS] and [SEP])
+                      for ids, kinds in ((got, enc.token_type_ids[i]), (want, whole["token_type_ids"][i]))
+                      for side in (0, 1)]
+            for mine, theirs in ((halves[0], halves[2]), (halves[1], halves[3])):
+                short, long = sorted((mine, theirs), key=len)
+                assert long[: len(short)] == short and len(long) - len(short) <= 1, i

@@ -140,3 +140,16 @@ def test_saved_model_reloads_with_the_same_logits(tiny_model_dir, tmp_path, mode
     assert torch.allclose(got, want, atol=1e-5, rtol=0), (got - want).abs().max()
     # The comparison can tell models apart: the unsaved initial model is far from the saved one.
     assert (untrained - want).abs().max() > 1e-2
+
+
+def test_quantized_base_is_refused_without_cuda_and_outside_lora(tiny_model_dir):
+    from fedtune.config import Experiment
+    from fedtune.models import load_model
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for CPU-only machines")
+    with pytest.raises(ConfigError, match=r"model.quantization = '4bit' \(QLoRA\) needs a CUDA device and "
+                                          r"bitsandbytes; this one is the CPU"):
+        load_model(ModelConfig(name=str(tiny_model_dir), quantization="4bit"), "causal_lm", seed=0)
+    with pytest.raises(ConfigError, match="model.quantization = '8bit' needs model.mode = 'lora'"):
+        Experiment.from_overrides(['model.quantization="8bit"', 'model.mode="full"'])

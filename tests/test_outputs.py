@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from contextlib import contextmanager
+
 import pytest
 
 from fedtune.cli import main
@@ -72,6 +76,41 @@ def test_output_dir_that_is_a_file_is_refused(tiny_experiment, tmp_path):
     path.write_text("not a folder")
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         run_experiment(tiny_experiment(f'output_dir="{path}"'), quiet=True)
+
+
+def test_output_dir_inside_a_file_is_refused(tiny_experiment, tmp_path):
+    path = tmp_path / "taken"
+    path.write_text("not a folder")
+    with pytest.raises(ConfigError, match=rf"cannot create the output folder {path}/run: {path} is a file"):
+        run_experiment(tiny_experiment(f'output_dir="{path / "run"}"'), quiet=True)
+
+
+@contextmanager
+def _read_only(folder):
+    """``folder`` made immutable (``chattr +i``: not even root may write in it), restored on exit."""
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here (needs CAP_LINUX_IMMUTABLE on ext4/xfs)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_unwritable_output_folder_is_one_line_and_loses_nothing(finished_run, tiny_experiment, tmp_path, capsys):
+    """A new run under a read-only folder, and --overwrite of a run in a read-only folder: refused up front."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    with _read_only(locked):
+        assert main(["run", _file(tiny_experiment(f'output_dir="{locked / "run"}"'), tmp_path), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"fedtune: config error: cannot write the output folder {locked / 'run'}: {locked} is not writable\n"
+        assert list(locked.iterdir()) == []
+    folder = finished_run.resolved_output_dir
+    before = _snapshot(folder)
+    with _read_only(folder):
+        assert main(["run", _file(finished_run, tmp_path), "--overwrite", "--quiet"]) == 2
+        assert f"{folder} is not writable" in capsys.readouterr().err
+    assert _snapshot(folder) == before
 
 
 def _file(exp, tmp_path) -> str:

@@ -1,7 +1,5 @@
 """Integration: the real embedded MiniLM-L6, federated LoRA on a small AG News slice."""
 
-import pytest
-
 from conftest import shared_data_or_skip
 from fedtune.config import Experiment, default_experiment
 from fedtune.experiment import run_experiment

@@ -47,6 +47,8 @@ class ModelMeta:
     task: str
     base_model: str
     format: str = "pytorch"
+    base_gguf_file: str = ""
+    """The base model's ``model.gguf_file`` (a GGUF file in the folder or hub repo ``base_model``), if any."""
     """pytorch (a full model or a peft adapter), merged, int8, onnx or onnx-int8."""
     num_labels: int = 0
     problem_type: str = ""
@@ -54,6 +56,8 @@ class ModelMeta:
     max_length: int = 128
     doc_stride: int = 128
     prompt_template: str = "{text}\nLabel:"
+    prompt_format: str = "auto"
+    """causal_lm: ``data.prompt_format`` of the run (how ``instruction`` inputs are rendered)."""
     threshold: float = 0.5
     input_names: list[str] = field(default_factory=list)
     """ONNX formats: the graph's input names, in order."""
@@ -121,7 +125,7 @@ def load_torch_model(folder: Path, meta: ModelMeta) -> nn.Module:
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        base = auto.from_pretrained(resolve_model_path(meta.base_model), **_head_kwargs(meta))
+        base = auto.from_pretrained(resolve_model_path(meta.base_model, meta.base_gguf_file), **_head_kwargs(meta))
         with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             model = PeftModel.from_pretrained(base, folder)

@@ -80,12 +80,18 @@ def encode_texts(
 ) -> EncodedDataset:
     """Tokenize (truncating to ``max_length``) without padding; padding happens per batch.
 
-    Single texts longer than the bound of :func:`bounded_text` are cut first, so memory follows
-    ``max_length``, not the input (text pairs are tokenized whole: pair truncation depends on both
-    lengths).
+    Texts (and the second texts of pairs) longer than the bound of :func:`bounded_text` are cut
+    first, so memory follows ``max_length``, not the input (a tokenizer keeps the overflow of both
+    halves of a pair: two long halves cost it far more than one). The ids are those of the whole
+    texts: a cut keeps more than ``max_length`` tokens, and pair truncation (``longest_first``)
+    keeps the same prefixes of two texts when one of them is longer than ``max_length``, whatever
+    its length beyond that. One exception: when *both* halves of a pair are beyond the bound, an odd
+    budget's last token goes to whichever cut is longer, which may be the other half than with the
+    whole texts (which half is longer is not known without tokenizing both whole).
     """
-    if text_pairs is None:
-        texts = [bounded_text(tokenizer, t, max_length) for t in texts]
+    texts = [bounded_text(tokenizer, t, max_length) for t in texts]
+    if text_pairs is not None:
+        text_pairs = [bounded_text(tokenizer, t, max_length) for t in text_pairs]
     enc = tokenizer(
         list(texts),
         list(text_pairs) if text_pairs is not None else None,

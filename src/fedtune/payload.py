@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from safetensors.torch import load as _load
 from safetensors.torch import save as _save
@@ -49,7 +49,11 @@ def payload_bytes(params: TensorDict) -> int:
 
 @dataclass
 class CommStats:
-    """Bytes a round moved each way, counted from encoded payloads."""
+    """What a round's traffic did: bytes each way (counted from encoded payloads) and the clients that failed."""
 
     bytes_down: int = 0
     bytes_up: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    """(client id, reason) of every sampled client whose update did not arrive (offline, timeout, error)."""
+    restarted: list[str] = field(default_factory=list)
+    """Clients whose plan was sent again, to the node they restarted on, while the round waited."""

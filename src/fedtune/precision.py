@@ -24,6 +24,34 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ConfigError("train.precision = 'fp16' needs a CUDA device; this one is the CPU: use 'bf16' (or 'fp32')")
 
 
+def check_quantization(quantization: str, device: torch.device) -> None:
+    """A ConfigError naming ``model.quantization`` when this machine cannot load a quantized base (QLoRA)."""
+    if quantization == "none":
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"model.quantization = {quantization!r} (QLoRA) needs a CUDA device and bitsandbytes; this "
+                          "one is the CPU: use 'none' (the base in float32, or bf16 autocast with train.precision)")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"model.quantization = {quantization!r} needs the bitsandbytes package "
+                          "(pip install bitsandbytes)")
+
+
+def quantization_kwargs(quantization: str) -> dict:
+    """``from_pretrained`` arguments that load the base quantized by bitsandbytes (none for 'none')."""
+    if quantization == "none":
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+
+
 def autocast(precision: str, device: torch.device):
     """Autocast context for ``precision`` (fp32 = no autocast); weights stay float32."""
     check_precision(precision, device)

@@ -3,7 +3,8 @@
 Inputs by task: ``text`` (and optional ``text_pair``) for classification, multi-label and
 generative classification; ``question`` + ``context`` for QA; ``prompt`` for causal LM (the
 prompt is used as given — wrap it in the training template yourself, or pass ``instruction`` /
-``input`` fields and the Alpaca template is applied). ONNX exports run through onnxruntime.
+``input`` fields and they are rendered as in training: the model's chat template, or the Alpaca
+template, per the run's ``data.prompt_format``). ONNX exports run through onnxruntime.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from typing import Any
 
 import torch
 
-from fedtune.artifacts import ModelMeta, OnnxModel, load_for_inference
+from fedtune.artifacts import ModelMeta, load_for_inference
 from fedtune.batching import EncodedDataset, collate, encode_texts
+from fedtune.generation import generate_batches
 from fedtune.tasks.causal_lm import Instruction, _ids, score_candidates
+from fedtune.tasks.prompt_format import PromptFormat
 from fedtune.tasks.qa import QAExample, postprocess, prepare_eval_features
 
 REQUIRED = {
@@ -111,31 +114,25 @@ class Predictor:
     @torch.no_grad()
     def _causal_lm(self, chunk):
         out = []
+        fmt = PromptFormat(self.tokenizer, self.meta.prompt_format)
         for r in chunk:
-            prompt = r["prompt"] if isinstance(r.get("prompt"), str) else \
-                Instruction(r["instruction"], r.get("input", ""), "").prompt()
-            out.append({**r, "generation": self.generate(prompt)})
+            if isinstance(r.get("prompt"), str):
+                ids = _ids(self.tokenizer, r["prompt"], bos=True)
+            else:  # rendered as in training: the chat template, or the Alpaca template
+                ids = fmt.prompt_ids(Instruction(r["instruction"], r.get("input", ""), ""))
+            out.append({**r, "generation": self.generate_ids(ids)})
         return out
 
     @torch.no_grad()
     def generate(self, prompt: str) -> str:
-        """Greedy continuation of ``prompt`` (``max_new_tokens``; stops at end-of-sequence)."""
-        ids = _ids(self.tokenizer, prompt, bos=True)
-        eos = self.tokenizer.eos_token_id
-        if not isinstance(self.model, OnnxModel):
-            t = torch.tensor([ids])
-            gen = self.model.generate(input_ids=t, attention_mask=torch.ones_like(t), do_sample=False,
-                                      max_new_tokens=self.max_new_tokens, pad_token_id=eos)
-            return self.tokenizer.decode(gen[0, len(ids):], skip_special_tokens=True)
-        new: list[int] = []  # the ONNX graph has no cache: recompute the whole sequence per token
-        for _ in range(self.max_new_tokens):
-            t = torch.tensor([ids + new])
-            nxt = int(self.model(input_ids=t, attention_mask=torch.ones_like(t)).logits[0, -1].argmax())
-            if nxt == eos:
-                break
-            new.append(nxt)
-        return self.tokenizer.decode(new, skip_special_tokens=True)
+        """Greedy continuation of ``prompt`` as given (BOS first; ``max_new_tokens``; stops at end-of-sequence)."""
+        return self.generate_ids(_ids(self.tokenizer, prompt, bos=True))
 
+    @torch.no_grad()
+    def generate_ids(self, ids: list[int]) -> str:
+        """Greedy continuation of the token ids ``ids`` (``max_new_tokens``; stops at end-of-sequence)."""
+        new = generate_batches(self.model, self.tokenizer, [ids], max_new_tokens=self.max_new_tokens)[0]
+        return self.tokenizer.decode(new, skip_special_tokens=True)
 
 def describe(meta: ModelMeta) -> str:
     """One line: task, format and base model."""

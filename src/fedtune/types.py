@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -38,6 +40,25 @@ class LocalTrainConfig:
     """Run the training forward through ``torch.compile`` (fedtune.compiled; in-process simulation)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them (less memory, ~1.3-2x time)."""
+    lr_schedule: str = "constant"
+    """Learning rate across rounds: "constant" (``lr`` every round) or "cosine" (``lr`` in round 1 to
+    ``lr_min`` in round ``rounds``); see :meth:`at_round`."""
+    lr_min: float = 0.0
+    rounds: int = 0
+    """The run's number of rounds (the cosine schedule's length)."""
+
+    def round_lr(self, rnd: int) -> float:
+        """The learning rate of round ``rnd`` (1-based): cosine is lr_min + (lr - lr_min)(1 + cos(pi t)) / 2 with
+        t = (rnd - 1) / (rounds - 1), so round 1 trains at ``lr`` and the last round at ``lr_min``."""
+        if self.lr_schedule == "constant" or self.rounds <= 1:
+            return self.lr
+        t = min(max(rnd - 1, 0), self.rounds - 1) / (self.rounds - 1)
+        return self.lr_min + 0.5 * (self.lr - self.lr_min) * (1.0 + math.cos(math.pi * t))
+
+    def at_round(self, rnd: int) -> "LocalTrainConfig":
+        """This configuration with round ``rnd``'s learning rate (what a client trains with)."""
+        lr = self.round_lr(rnd)
+        return self if lr == self.lr else dataclasses.replace(self, lr=lr)
 
 
 BASE_OFFSET = "lora_base_offset"

@@ -108,3 +108,23 @@ def test_empty_client_is_an_error(setup):
     model, data, params = setup
     with pytest.raises(ValueError, match="no training examples"):
         run(model, data.subset([]), params, None)
+
+
+def test_cosine_schedule_runs_from_lr_to_lr_min_over_the_rounds():
+    cfg = LocalTrainConfig(epochs=1, max_steps=0, lr=0.1, batch_size=8, lr_schedule="cosine", lr_min=0.02, rounds=5)
+    lrs = [cfg.round_lr(r) for r in range(1, 6)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.02) and lrs[2] == pytest.approx(0.06)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))  # falling every round
+    assert LocalTrainConfig(1, 0, 0.1, 8, rounds=5).round_lr(4) == 0.1  # constant
+    assert cfg.at_round(1) is cfg and cfg.at_round(5).lr == pytest.approx(0.02)
+
+
+def test_a_client_trains_with_its_rounds_learning_rate(setup):
+    """lr_min = 0: the last round's update is zero, the first round's is not (the schedule reaches the optimizer)."""
+    model, data, params = setup
+    local = LocalTrainConfig(epochs=0, max_steps=4, lr=0.05, batch_size=8, optimizer="sgd", lr_schedule="cosine",
+                             lr_min=0.0, rounds=3)
+    first = local_train(model, data, RoundPlan(1, params, local), "c0", pad_id=0, seed=7, device=torch.device("cpu"))
+    last = local_train(model, data, RoundPlan(3, params, local), "c0", pad_id=0, seed=7, device=torch.device("cpu"))
+    assert tensors.norm(first.delta) > 0
+    assert tensors.norm(last.delta) == 0

@@ -1,9 +1,6 @@
 """Causal LM pieces on the tiny pretrained Llama (stories260K)."""
 
-from pathlib import Path
-
 import pytest
-import torch
 
 from conftest import REPO
 from fedtune.tasks.causal_lm import (
@@ -76,7 +73,7 @@ def test_code_alpaca_loads():
 def test_bad_instruction_file_names_row(tmp_path):
     p = tmp_path / "i.json"
     p.write_text('[{"instruction": "x", "output": "y"}, {"instruction": "x"}]')
-    with pytest.raises(ValueError, match="row 1"):
+    with pytest.raises(ValueError, match=r"i.json, row 2 lacks text field\(s\) \['output'\]"):
         load_instructions(p)
 
 

@@ -104,7 +104,7 @@ def local_train(
 
 
 def _train(model, data, plan: RoundPlan, client_id, *, pad_id, seed, device, state: ClientState) -> ClientUpdate:
-    cfg = plan.local
+    cfg = plan.local.at_round(plan.round)  # (the round's learning rate under a schedule)
     start, personal = prepare_start(model, plan, client_id, state)
     reference = {k: v.to(device) for k, v in start.items()}
     ctx = LocalContext(client_id=client_id, reference=reference, state=state, local=cfg, device=device)

@@ -47,6 +47,12 @@ class DataConfig:
         ),
     )
     doc_stride: int = field(default=128, metadata=_help("qa: tokens of overlap between windows of a long context."))
+    prompt_format: Literal["auto", "chat", "alpaca"] = field(
+        default="auto",
+        metadata=_help("causal_lm: how instructions are rendered: 'chat' (the tokenizer's chat template, loss on "
+                       "the assistant's tokens), 'alpaca' (the Alpaca template, for base models), 'auto' (chat when "
+                       "the tokenizer has a chat template)."),
+    )
     prompt_template: str = field(
         default="{text}\nLabel:",
         metadata=_help("generative_classification: the prompt; {text} (and {text_pair}) are filled in; "

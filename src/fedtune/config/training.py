@@ -15,7 +15,13 @@ class TrainConfig:
 
     epochs: float = field(default=1.0, metadata=_help("Local epochs per round."))
     max_steps: int = field(default=0, metadata=_help("Cap on local optimizer steps per round (0 = no cap)."))
-    lr: float = field(default=5e-4, metadata=_help("Learning rate (AdamW)."))
+    lr: float = field(default=5e-4, metadata=_help("Learning rate (AdamW); the schedule's maximum with lr_schedule."))
+    lr_schedule: Literal["constant", "cosine"] = field(
+        default="constant",
+        metadata=_help("Learning rate across rounds: constant, or cosine from lr in round 1 to lr_min in the last "
+                       "round (federation.rounds), as FlowerTune and OpenFedLLM schedule it; constant within a round."),
+    )
+    lr_min: float = field(default=0.0, metadata=_help("lr_schedule = cosine: the last round's learning rate."))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
     batch_size: int = field(default=16, metadata=_help("Local batch size."))
     grad_clip: float = field(default=1.0, metadata=_help("Max gradient norm (0 = off)."))
@@ -47,6 +53,8 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be > 0, got {self.lr}")
         if self.batch_size < 1:
             raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.lr_min <= self.lr:
+            raise ConfigError(f"train.lr_min must be in [0, train.lr = {self.lr:g}], got {self.lr_min:g}")
         for name in ("weight_decay", "grad_clip", "max_steps", "epochs"):  # 0 means off; below 0 is a mistake
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0 (0 = off), got {getattr(self, name)}")

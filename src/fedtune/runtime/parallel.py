@@ -326,7 +326,7 @@ def train_group(
 
 
 def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, pad_id, seeds, device, states):
-    cfg = plan.local
+    cfg = plan.local.at_round(plan.round)  # (the round's learning rate under a schedule)
     k = len(client_ids)
     sync_base(model, plan.base_offset)
     reference = {n: plan.params[n].to(device, torch.float32) for n in layout.names}

@@ -87,11 +87,14 @@ def run_rounds(
     on_client_done: Callable[[str], None] | None = None,
     eval_initial: bool = False,
     wall_time_offset: float = 0.0,
+    stop: Callable[[dict], str | None] | None = None,
 ) -> tuple[ServerState, list[dict]]:
     """Run rounds ``initial.round + 1 .. rounds``; return the final state and one record per round.
 
     With ``eval_initial`` the starting model is evaluated first and recorded as round ``initial.round``.
     ``wall_time_offset`` is added to every record's ``wall_time`` (a resumed run continues its clock).
+    ``stop`` sees each round's record before evaluation; a reason it returns ends the run after that
+    round (evaluated, recorded with ``"stopped": reason``), e.g. a communication budget (fedtune.budget).
     """
     state = initial
     history: list[dict] = []
@@ -127,13 +130,23 @@ def run_rounds(
             "bytes_up": stats.bytes_up,
             "divergence": tap.divergence.result(),
         }
+        if plan.local.lr_schedule != "constant":
+            record["lr"] = plan.local.round_lr(rnd)
         uplink_error = tap.weighted(UPLINK_ERROR)
         if uplink_error is not None:  # (a lossy codec_up: what the payloads left out, relative)
             record[UPLINK_ERROR] = uplink_error
         record.update({k: v for k, v in agg_metrics.items() if k not in record})
+        if stats.failed:  # (a real federation: clients offline, timed out, failed or restarted)
+            record["failed"] = [{"client": c, "reason": r} for c, r in stats.failed]
+        if stats.restarted:
+            record["restarted"] = list(stats.restarted)
         if tap.rejected:
             record["rejected"] = [{"client": c, "reason": r} for c, r in tap.rejected]
-        if evaluate is not None and (rnd % eval_every == 0 or rnd == rounds):
+        stopped = stop(record) if stop is not None else None
+        if stopped:
+            record["stopped"] = stopped
+            log.warning("stopping after round %d: %s", rnd, stopped)
+        if evaluate is not None and (rnd % eval_every == 0 or rnd == rounds or stopped):
             t1 = time.perf_counter()
             record.update({f"eval_{k}": v for k, v in evaluate(state).items()})
             record["eval_time"] = time.perf_counter() - t1
@@ -142,6 +155,8 @@ def run_rounds(
         history.append(record)
         for cb in callbacks:
             cb(state, record)
+        if stopped:
+            break
     return state, history
 
 

@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from fedtune import checkpoint, tensors
 from fedtune.artifacts import BASE_OFFSET_FILE, ModelMeta
+from fedtune.budget import CommBudget
 from fedtune.client.evaluate import HELD_OUT, TRAIN, ScoreRequest
 from fedtune.config import Experiment
 from fedtune.memory import release_memory
@@ -28,7 +29,7 @@ from fedtune.resident import sync_base
 from fedtune.outputs import JsonlWriter, check_output_dir, prepare_output_dir, print_table, write_summary
 from fedtune.payload import CommStats
 from fedtune.personalization import per_client_report
-from fedtune.precision import check_precision
+from fedtune.precision import check_precision, check_quantization
 from fedtune.server.loop import Transport, run_rounds
 from fedtune.server.progress import Progress
 from fedtune.strategies.base import Strategy
@@ -97,8 +98,9 @@ def prepare_server(exp: Experiment, build_task: Callable[[Experiment, Any], Task
     t_start = time.perf_counter()
     torch.manual_seed(exp.seed)
     check_precision(exp.train.precision, device)
+    check_quantization(exp.model.quantization, device)
     check_output_dir(exp, resume=resume, overwrite=overwrite)
-    tokenizer = load_tokenizer(exp.model.name)
+    tokenizer = load_tokenizer(exp.model.name, exp.model.gguf_file)
     task = build_task(exp, tokenizer)
     model = build_model(task, exp, device)
     out = prepare_output_dir(exp, resume=resume, overwrite=overwrite)
@@ -122,9 +124,10 @@ def model_meta(exp: Experiment, task: Task, model) -> ModelMeta:
     """What the saved model is, for `fedtune export` and `fedtune predict`."""
     config = model.config
     return ModelMeta(
-        task=task.kind, base_model=exp.model.name, num_labels=int(getattr(config, "num_labels", 0) or 0),
+        task=task.kind, base_model=exp.model.name, base_gguf_file=exp.model.gguf_file, num_labels=int(getattr(config, "num_labels", 0) or 0),
         problem_type=getattr(config, "problem_type", None) or "", label_names=task.units.label_names,
         max_length=exp.data.max_length, doc_stride=exp.data.doc_stride, prompt_template=exp.data.prompt_template,
+        prompt_format=exp.data.prompt_format,
         threshold=float(task.details().get("threshold", exp.eval.threshold)),
     )
 
@@ -241,6 +244,7 @@ def run_federation(
                    checkpoint.Checkpointer(out, exp, fed.client_states, fed.data_fingerprint)],
         on_client_done=progress.client_done, eval_initial=exp.eval.initial and start.round == 0,
         wall_time_offset=ckpt.wall_time if ckpt is not None else 0.0,
+        stop=CommBudget(exp.federation.comm_budget_bytes, exp.federation.budget_action, previous),
     )
     history = previous + history
     progress.close()
@@ -257,6 +261,8 @@ def run_federation(
     save_model(model, side.tokenizer, out / "model")
     save_base_offset(state, out / "model")
     model_meta(exp, task, model).write(out / "model")
+    if history and history[-1].get("stopped"):
+        summary["stopped"] = history[-1]["stopped"]
     summary["bytes_up_total"] = sum(r.get("bytes_up", 0) for r in history)
     summary["bytes_down_total"] = sum(r.get("bytes_down", 0) for r in history)
     summary["clients_per_round"] = fed.per_round

@@ -38,6 +38,9 @@ def local_train_config(exp: Experiment) -> LocalTrainConfig:
         length_bucketing=t.length_bucketing,
         compile=t.compile,
         gradient_checkpointing=t.gradient_checkpointing,
+        lr_schedule=t.lr_schedule,
+        lr_min=t.lr_min,
+        rounds=exp.federation.rounds,
     )
 
 

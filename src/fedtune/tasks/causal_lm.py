@@ -9,6 +9,7 @@ highest (optionally length-normalized) log-likelihood.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,11 +30,19 @@ ALPACA_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 @dataclass(frozen=True)
 class Instruction:
-    """One instruction-following example."""
+    """One instruction-following example: an instruction (with optional input) and its response.
+
+    A chat conversation is an Instruction too: ``system`` (an optional system message) and
+    ``history`` (earlier ``(user, assistant)`` turns) come before the last user turn
+    (``instruction``) and its answer (``output``); those need a chat template
+    (:mod:`fedtune.tasks.prompt_format`).
+    """
 
     instruction: str
     input: str
     output: str
+    system: str = ""
+    history: tuple[tuple[str, str], ...] = ()
 
     def prompt(self) -> str:
         """The prompt text (Alpaca template)."""
@@ -41,20 +50,75 @@ class Instruction:
             return ALPACA_TEMPLATE.format(instruction=self.instruction, input=self.input)
         return ALPACA_TEMPLATE_NO_INPUT.format(instruction=self.instruction)
 
+    def user_text(self) -> str:
+        """The last user turn: the instruction, and its input after a blank line."""
+        return f"{self.instruction}\n\n{self.input}" if self.input.strip() else self.instruction
+
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation in the OpenAI chat format, the answer last."""
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for user, assistant in self.history:
+            out += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        return out + [{"role": "user", "content": self.user_text()}, {"role": "assistant", "content": self.output}]
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def instruction_from_row(row: object, where: str) -> Instruction:
+    """An Instruction from one data row: ``instruction``/``input``/``output`` fields, or a ``messages`` list
+    (OpenAI chat format: an optional system message, then user and assistant turns alternating, the
+    assistant last). ``where`` names the row in errors."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
+    if "messages" in row:
+        return _from_messages(row["messages"], where)
+    missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
+    if missing:
+        raise ValueError(f"{where} lacks text field(s) {missing} (or a 'messages' list)")
+    return Instruction(row["instruction"], row.get("input", "") or "", row["output"])
+
+
+def _from_messages(messages: object, where: str) -> Instruction:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}, message {j + 1}: expected {{\"role\": one of {list(ROLES)}, "
+                             f"\"content\": text}}, got {str(m)[:80]}")
+    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    roles = [m["role"] for m in turns]
+    if len(turns) < 2 or len(turns) % 2 or roles != ["user", "assistant"] * (len(turns) // 2):
+        raise ValueError(f"{where}: messages must be user and assistant turns alternating after an optional "
+                         f"system message, the assistant last; got {roles}")
+    pairs = [(turns[i]["content"], turns[i + 1]["content"]) for i in range(0, len(turns), 2)]
+    return Instruction(pairs[-1][0], "", pairs[-1][1], system=system, history=tuple(pairs[:-1]))
+
 
 def load_instructions(path: str | Path) -> list[Instruction]:
-    """Read an Alpaca-style JSON list (instruction, input, output); errors name the file and row."""
+    """Read instructions from a JSON list or a JSONL file: Alpaca rows (instruction, input, output) or
+    chat rows (``messages``, see :func:`instruction_from_row`); errors name the file and row (from 1)."""
     path = Path(path)
-    rows = read_json(path, "instruction")
-    if not isinstance(rows, list) or not rows:
-        raise ValueError(f"{path}: expected a non-empty JSON list of objects")
-    out = []
-    for i, row in enumerate(rows):
-        missing = [k for k in ("instruction", "output") if not isinstance(row.get(k), str)]
-        if missing:
-            raise ValueError(f"{path}: row {i} lacks text field(s) {missing}")
-        out.append(Instruction(row["instruction"], row.get("input", "") or "", row["output"]))
-    return out
+    if path.suffix.lower() == ".jsonl":
+        if not path.is_file():
+            raise FileNotFoundError(f"instruction file not found: {path}")
+        rows = []
+        for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append((n, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}, line {n}: not valid JSON: {exc}") from None
+        where = "line"
+    else:
+        data = read_json(path, "instruction")
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of objects (or a .jsonl file)")
+        rows, where = list(enumerate(data, start=1)), "row"
+    if not rows:
+        raise ValueError(f"{path}: no instructions")
+    return [instruction_from_row(row, f"{path}, {where} {n}") for n, row in rows]
 
 
 @dataclass(frozen=True)

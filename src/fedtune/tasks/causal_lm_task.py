@@ -16,6 +16,7 @@ log-likelihood, scored with the dataset's official metric.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,12 +25,16 @@ from torch import nn
 
 from fedtune.batching import EncodedDataset
 from fedtune.config import DataConfig, EvalConfig, ModelConfig
+from fedtune.generation import generate_batches
 from fedtune.models import load_model
-from fedtune.tasks.causal_lm import IGNORE_INDEX, EncodedLM, Instruction, _ids, candidate_ids, score_candidate_ids, encode_instructions, load_instructions, perplexity, \
-    score_candidates
-from fedtune.tasks.data import DataError, TaskData, _rng, data_dir
+from fedtune.tasks.causal_lm import IGNORE_INDEX, EncodedLM, Instruction, _ids, candidate_ids, instruction_from_row, \
+    load_instructions, perplexity, score_candidate_ids, score_candidates
+from fedtune.tasks.prompt_format import PromptFormat, PromptFormatError
+from fedtune.tasks.data import DataError, TaskData, seeded_rng, data_dir
 from fedtune.tasks.metrics import compute_metrics, primary_metric
 from fedtune.tasks.task import EvalContext, PartitionUnits, Task
+
+log = logging.getLogger(__name__)
 
 CODE_ALPACA = ("code_alpaca", "codealpaca", "sahil280114/codealpaca")
 """Dataset names that mean Code Alpaca."""
@@ -59,22 +64,23 @@ def load_instruction_data(cfg: DataConfig, seed: int) -> tuple[list[Instruction]
                                 "Alpaca-format JSON file (or put code_alpaca in $FEDTUNE_DATA_DIR)") from exc
             part = ds[cfg.train_split]
             missing = [c for c in ("instruction", "output") if c not in part.column_names]
-            if missing:
-                raise DataError(f"{cfg.dataset} [{cfg.train_split}]: no column(s) {missing}; "
+            if missing and "messages" not in part.column_names:
+                raise DataError(f"{cfg.dataset} [{cfg.train_split}]: no column(s) {missing} and no 'messages'; "
                                 f"columns: {', '.join(part.column_names)}")
-            train = [Instruction(r["instruction"], r.get("input", "") or "", r["output"]) for r in part]
+            train = [instruction_from_row(r, f"{cfg.dataset} [{cfg.train_split}], row {i}")
+                     for i, r in enumerate(part, start=1)]
             evals = None
     if evals is None:
         held = cfg.eval_size or DEFAULT_HELD_OUT
         if held >= len(train):
             raise DataError(f"cannot hold out {held} eval rows from {len(train)} instructions; set data.eval_size")
-        order = _rng(seed, 7).permutation(len(train)).tolist()
+        order = seeded_rng(seed, 7).permutation(len(train)).tolist()
         evals = [train[i] for i in sorted(order[:held])]
         train = [train[i] for i in sorted(order[held:])]
     elif cfg.eval_size:
-        evals = [evals[i] for i in sorted(_rng(seed, 1).permutation(len(evals))[: cfg.eval_size].tolist())]
+        evals = [evals[i] for i in sorted(seeded_rng(seed, 1).permutation(len(evals))[: cfg.eval_size].tolist())]
     if cfg.train_size and cfg.train_size < len(train):
-        train = [train[i] for i in sorted(_rng(seed, 0).permutation(len(train))[: cfg.train_size].tolist())]
+        train = [train[i] for i in sorted(seeded_rng(seed, 0).permutation(len(train))[: cfg.train_size].tolist())]
     return train, evals
 
 
@@ -82,6 +88,20 @@ def _lm_rows(enc: EncodedLM, classes: Sequence[int] | None = None) -> EncodedDat
     """LM rows; ``labels`` holds each row's class id (generative classification) or zeros (unused)."""
     labels = torch.tensor(list(classes), dtype=torch.long) if classes is not None else torch.zeros(len(enc), dtype=torch.long)
     return EncodedDataset(enc.input_ids, None, labels, token_labels=enc.labels)
+
+
+def _with_answers(enc: EncodedLM, split: str, max_length: int) -> EncodedLM:
+    """The rows that keep answer tokens after truncation (a row without any has nothing to learn or score)."""
+    keep = [i for i, labels in enumerate(enc.labels) if any(t != IGNORE_INDEX for t in labels)]
+    if len(keep) == len(enc):
+        return enc
+    if not keep:
+        raise DataError(f"no {split} instruction keeps any answer token within data.max_length = {max_length}: "
+                        "the prompts are longer than that; raise data.max_length")
+    log.warning("%d of %d %s instructions keep no answer token within data.max_length = %d (the prompt fills it) "
+                "and are left out; raise data.max_length to keep them", len(enc) - len(keep), len(enc), split,
+                max_length)
+    return EncodedLM([enc.input_ids[i] for i in keep], [enc.labels[i] for i in keep])
 
 
 class CausalLMTask(Task):
@@ -95,10 +115,16 @@ class CausalLMTask(Task):
         train, evals = load_instruction_data(data_cfg, seed)
         self.name = data_cfg.dataset if not data_cfg.train_file else "files"
         self.tokenizer = tokenizer
-        self.eval_examples = evals
-        self.samples, self.max_new_tokens = eval_cfg.samples, eval_cfg.max_new_tokens
-        self.train = _lm_rows(encode_instructions(tokenizer, train, data_cfg.max_length))
-        self._eval = encode_instructions(tokenizer, evals, data_cfg.max_length)
+        try:
+            self.format = PromptFormat(tokenizer, data_cfg.prompt_format)
+            self.eval_examples = evals
+            self.samples, self.max_new_tokens = eval_cfg.samples, eval_cfg.max_new_tokens
+            self.train = _lm_rows(_with_answers(self.format.encode(train, data_cfg.max_length), "training",
+                                                data_cfg.max_length))
+            self._eval = _with_answers(self.format.encode(evals, data_cfg.max_length), "evaluation",
+                                       data_cfg.max_length)
+        except PromptFormatError as exc:
+            raise DataError(str(exc)) from None
 
     @property
     def units(self) -> PartitionUnits:
@@ -119,25 +145,21 @@ class CausalLMTask(Task):
         return perplexity(model, data, pad_id=ctx.pad_id, batch_size=ctx.batch_size, device=ctx.device)["perplexity"]
 
     @torch.no_grad()
-    def generate(self, model: nn.Module, prompts: Sequence[str], ctx: EvalContext) -> list[str]:
-        """Greedy continuations of ``prompts`` (one at a time, so no padding is involved)."""
-        model.eval()
-        outs = []
-        for p in prompts:
-            ids = torch.tensor([_ids(self.tokenizer, p, bos=True)], device=ctx.device)
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_new_tokens,
-                                 do_sample=False, pad_token_id=self.tokenizer.eos_token_id)
-            outs.append(self.tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
-        return outs
+    def generate(self, model: nn.Module, examples: Sequence[Instruction], ctx: EvalContext) -> list[str]:
+        """Greedy answers to ``examples``, generated in batches with the KV cache (:mod:`fedtune.generation`)."""
+        new = generate_batches(model, self.tokenizer, [self.format.prompt_ids(ex) for ex in examples],
+                               max_new_tokens=self.max_new_tokens, batch_size=8, device=ctx.device)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
 
     def write_samples(self, model: nn.Module, ctx: EvalContext, path: Path, rnd: int) -> None:
         examples = self.eval_examples[: self.samples]
         if not examples:
             return
-        texts = self.generate(model, [e.prompt() for e in examples], ctx)
+        texts = self.generate(model, examples, ctx)
         with path.open("a") as f:
             for e, t in zip(examples, texts):
-                f.write(json.dumps({"round": rnd, "prompt": e.prompt(), "generation": t, "reference": e.output},
+                f.write(json.dumps({"round": rnd, "prompt": self.format.prompt_text(e), "generation": t,
+                                    "reference": e.output},
                                    ensure_ascii=False) + "\n")
 
 

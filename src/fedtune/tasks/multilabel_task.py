@@ -27,7 +27,8 @@ from fedtune.batching import EncodedDataset, collate
 from fedtune.config import DataConfig, EvalConfig, ModelConfig
 from fedtune.models import load_classifier
 from fedtune.precision import autocast
-from fedtune.tasks.data import DataError, _read_table, _rng, data_dir, stratified_indices
+from fedtune.tasks.data import DataError, data_dir, seeded_rng, stratified_indices
+from fedtune.tasks.data.files import _read_table
 from fedtune.tasks.multilabel_metrics import multilabel_scores, tune_threshold
 from fedtune.tasks.task import EvalContext, PartitionUnits, Task
 
@@ -154,10 +155,10 @@ class MultiLabelTask(Task):
         train = data.train
         primary = [lab[0] for lab in train.labels]
         if data_cfg.train_size > 0:
-            train = train.subset(stratified_indices(primary, data_cfg.train_size, _rng(seed, 0)))
+            train = train.subset(stratified_indices(primary, data_cfg.train_size, seeded_rng(seed, 0)))
         evals = data.evals
         if data_cfg.eval_size > 0:
-            evals = {k: v.subset(sorted(_rng(seed, 1 + j).choice(len(v.texts), min(data_cfg.eval_size, len(v.texts)),
+            evals = {k: v.subset(sorted(seeded_rng(seed, 1 + j).choice(len(v.texts), min(data_cfg.eval_size, len(v.texts)),
                                                                   replace=False).tolist()))
                      for j, (k, v) in enumerate(evals.items())}
         self.name, self.label_names = data.name, data.label_names

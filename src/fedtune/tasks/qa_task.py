@@ -22,7 +22,7 @@ from fedtune.batching import EncodedDataset, collate
 from fedtune.config import ConfigError, DataConfig, EvalConfig, ModelConfig
 from fedtune.models import load_model
 from fedtune.precision import autocast
-from fedtune.tasks.data import DataError, _rng, data_dir
+from fedtune.tasks.data import DataError, seeded_rng, data_dir
 from fedtune.tasks.qa import QAExample, QAFeatures, load_squad_json, postprocess, prepare_eval_features, \
     prepare_train_features
 from fedtune.tasks.squad_metric import squad_scores
@@ -85,8 +85,8 @@ class QATask(Task):
         if not getattr(tokenizer, "is_fast", False):
             raise DataError("qa needs a fast tokenizer (character offsets); this model's tokenizer is not one")
         train, dev = load_squad(data_cfg)
-        self.train_examples = _subset(train, data_cfg.train_size, _rng(seed, 0))
-        self.eval_examples = _subset(dev, data_cfg.eval_size, _rng(seed, 1))
+        self.train_examples = _subset(train, data_cfg.train_size, seeded_rng(seed, 0))
+        self.eval_examples = _subset(dev, data_cfg.eval_size, seeded_rng(seed, 1))
         self.name = "squad" if not data_cfg.train_file else "files"
         self.n_best, self.max_answer_length = eval_cfg.n_best, eval_cfg.max_answer_length
         feats = prepare_train_features(tokenizer, self.train_examples, data_cfg.max_length, data_cfg.doc_stride)

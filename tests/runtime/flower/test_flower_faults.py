@@ -10,30 +10,16 @@ from __future__ import annotations
 
 import json
 import re
-import threading
-import time
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("flwr")
 
-from fedtune.experiment import run_experiment  # noqa: E402
-
-from flower_processes import federation, flower_experiment, write_manifests  # noqa: E402
+from flower_processes import (  # noqa: E402
+    federation, flower_experiment, run_in_background, wait_for_training, write_manifests,
+)
 
 TIMEOUT = 40  # seconds; a ClientApp process starts, loads the model and trains within it even on loaded cores
-
-
-def _wait_for_training(log: Path, rnd: int, timeout: float = 120) -> None:
-    """Block until the SuperNode writing ``log`` has received its round-``rnd`` train message."""
-    pattern = re.compile(rf"ROUND {rnd}\][^\n]*\n[^\n]*Receiving: train message")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if log.exists() and pattern.search(log.read_text()):
-            return
-        time.sleep(0.2)
-    raise TimeoutError(f"{log.name}: no round-{rnd} train message within {timeout}s:\n{log.read_text()[-2000:]}")
 
 
 def test_killed_and_hanging_clients(tiny_experiment, tmp_path, capfd):
@@ -47,19 +33,10 @@ def test_killed_and_hanging_clients(tiny_experiment, tmp_path, capfd):
         nodes = [fed.start_supernode(f"node{i}", f'manifest="{manifests[i]}"') for i in range(3)]
         run = exp('runtime.mode="flower"', f'runtime.superlink="{fed.address}"', "runtime.insecure=true",
                   "runtime.min_clients=2", "runtime.connect_timeout=90", f"runtime.round_timeout={TIMEOUT}")
-        outcome: dict = {}
-
-        def submit() -> None:
-            try:
-                outcome["result"] = run_experiment(run, quiet=True)
-            except Exception as exc:  # noqa: BLE001 (checked below)
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=submit, daemon=True)
-        thread.start()
-        _wait_for_training(fed.workdir / "node2.log", 1)
+        thread, outcome = run_in_background(run)
+        wait_for_training(fed.workdir / "node2.log", 1)
         fed.kill(nodes[2])  # dies while training round 1
-        _wait_for_training(fed.workdir / "node1.log", 2)
+        wait_for_training(fed.workdir / "node1.log", 2)
         fed.freeze(nodes[1])  # hangs in round 2: connected, never answers
         thread.join(300)
         assert not thread.is_alive(), "fedtune run did not return"

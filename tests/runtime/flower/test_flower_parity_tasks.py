@@ -11,7 +11,7 @@ LoRA base corrections) must agree within 1e-6.
 |---|---|---|---|
 | qa | extractive QA (stride windows on the nodes) | full fine-tuning | int16+gzip both ways, federated EM/F1 scored on the nodes |
 | multilabel | multi-label | LoRA, fedit | per-client micro F1 scored on the nodes |
-| causal_lm | causal LM (tiny Llama) | LoRA, svd with client ranks 2 and 4 | FedProx term |
+| causal_lm | causal LM (tiny Llama with a chat template; Alpaca and `messages` rows) | LoRA, svd with client ranks 2 and 4 | FedProx term, cosine learning rate across rounds |
 | generative | generative classification (tiny Llama) | LoRA, ffa | |
 | fedsa | classification | LoRA, fedsa (B kept on the nodes) | |
 | fedper | classification | LoRA, FedPer (heads kept on the nodes) | federated evaluation, per-client evaluation, personalization report scored on the nodes |
@@ -31,6 +31,7 @@ pytest.importorskip("flwr")
 
 from safetensors.torch import load_file  # noqa: E402
 
+from builders import CHATML  # noqa: E402
 from conftest import REPO, shared_data_or_skip  # noqa: E402
 from fedtune.config import Experiment  # noqa: E402
 from fedtune.experiment import run_experiment  # noqa: E402
@@ -98,11 +99,32 @@ def _stories() -> Path:
     return STORIES
 
 
+def _chat_model(tmp_path) -> Path:
+    """stories260K with a ChatML chat template, as a model folder of its own."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "stories-chat"
+    shutil.copytree(_stories(), folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = CHATML
+    tok.save_pretrained(folder)
+    return folder
+
+
 def _causal_lm(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
-    alpaca = shared_data_or_skip() / "code_alpaca" / "code_alpaca_2k.json"  # (a file path: the nodes need no env)
-    return [f'model.name="{_stories()}"', 'data.task="causal_lm"', f'data.train_file="{alpaca}"', "eval.federated=true",
-            "data.train_size=24", "data.eval_size=8",
-            "data.max_length=96", "train.lr=0.01", "train.batch_size=8", 'model.lora.aggregation="svd"',
+    import json
+
+    alpaca = json.loads((shared_data_or_skip() / "code_alpaca" / "code_alpaca_2k.json").read_text())[:32]
+    rows = [r if i % 2 else {"messages": [{"role": "system", "content": "Answer with code."},
+                                          {"role": "user", "content": r["instruction"]},
+                                          {"role": "assistant", "content": r["output"]}]}
+            for i, r in enumerate(alpaca)]  # both shapes, rendered with the model's chat template
+    data = tmp_path / "chat.jsonl"  # (a file path: the nodes need no env)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [f'model.name="{_chat_model(tmp_path)}"', 'data.task="causal_lm"', f'data.train_file="{data}"',
+            "eval.federated=true", "data.train_size=24", "data.eval_size=8", 'train.lr_schedule="cosine"',
+            "train.lr_min=0.002",
+            "data.max_length=192", "train.lr=0.01", "train.batch_size=8", 'model.lora.aggregation="svd"',
             "model.lora.r=4", "model.lora.client_ranks=[2, 4]", 'strategy.name="fedprox"', "strategy.mu=0.1",
             "eval.samples=0"]
 

@@ -71,7 +71,7 @@ def _resident(exp: Experiment, node: NodeData, task_info: messages.TaskInfo, dev
     key = (exp.to_toml(), node, task_info, str(device))
     if key not in _RESIDENT:
         _RESIDENT.clear()  # one resident model per process
-        tokenizer = load_tokenizer(exp.model.name)
+        tokenizer = load_tokenizer(exp.model.name, exp.model.gguf_file)
         task, rows, held_out = node.load_task(exp, task_info.label_names, tokenizer,
                                               holdout=exp.personalization.holdout if needs_holdout(exp) else 0.0)
         attack = node.attack_in(exp)

@@ -278,7 +278,7 @@ def _simulate(exp: Experiment, *, quiet: bool, resume: bool = False):
     from fedtune.tasks.registry import build_task
 
     out = exp.resolved_output_dir
-    task = build_task(exp, load_tokenizer(exp.model.name))
+    task = build_task(exp, load_tokenizer(exp.model.name, exp.model.gguf_file))
     make_shards(exp, task.units, task.name, out)  # the virtual nodes' manifests
     results: list = []
     server = make_server_app(fixed(exp), on_result=results.append, quiet=quiet, resume=resume)

@@ -42,7 +42,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 
-from fedtune.config import ConfigError, Experiment, RuntimeConfig
+from fedtune.config import RuntimeConfig
 from fedtune.types import ClientUpdate, TensorDict
 
 log = logging.getLogger(__name__)

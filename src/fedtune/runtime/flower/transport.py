@@ -8,6 +8,14 @@ strategy's streaming aggregate consumes them one by one, in sampled order (see `
 the serialized records of every message actually sent (:func:`messages.encoded_size`): the codec
 payloads (``[federation] codec_down`` / ``codec_up``, see :mod:`fedtune.channel`) plus Flower's
 record framing (a few hundred bytes per message).
+
+Nodes come and go: a SuperNode that restarts registers as a new Flower node. Every round, and
+while a round waits for replies, the transport asks any node it has not seen yet which client it
+is; a known client that answers from a new node is re-homed there, and when its plan for the
+round is still unanswered the plan is sent again to the new node (one update per client and
+round at most: the first reply wins, later ones are dropped). Every client that gives no update
+is named, with its reason, in the round's ``CommStats.failed`` (the ``failed`` list of its
+metrics.jsonl record).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from flwr.app import Message
@@ -80,6 +88,11 @@ class FlowerTransport:
         """Keys of the messages that got no reply in the last exchange."""
         self.sizes: dict[str, int] = {}
         """client id -> training rows, from the IDENTIFY replies."""
+        self.seen: set[int] = set()
+        """Node ids asked (or being asked) which client they are."""
+        self.asking: dict[str, int] = {}
+        """Message id -> node id of IDENTIFY requests sent to nodes that joined after the start."""
+        self._next_look = 0.0
 
     def connect(self, label_names: Sequence[str] | None) -> dict[str, int]:
         """Wait for enough SuperNodes, ask each which client it is; return ``{client_id: num_examples}``.
@@ -99,6 +112,7 @@ class FlowerTransport:
             time.sleep(self.poll * 5)
             nodes = list(self.grid.get_node_ids())
         log.info("%d SuperNodes connected; identifying them", len(nodes))
+        self.seen.update(int(n) for n in nodes)
         content = messages.encode_identify_request(self.task)
         out = [Message(content, dst_node_id=n, message_type=messages.IDENTIFY) for n in nodes]
         sizes: dict[str, int] = {}
@@ -124,31 +138,54 @@ class FlowerTransport:
         Replies are decoded as they come in, but handed on in the order of ``clients``, so the
         aggregate sums in the same order as the simulation (float sums are order-sensitive; this
         is what makes the two runtimes agree to 1e-6 and runs reproducible). An update waits only
-        for the earlier clients' replies; a client that is offline, fails or times out
-        (``runtime.round_timeout``) is skipped and logged, and the round goes on with the others
-        as long as :meth:`quorum` of them answered (else :class:`FederationError`).
+        for the earlier clients' replies. A client whose node restarts while the round waits gets
+        its plan again on the new node; one that is offline (and does not come back while the
+        others train), fails or times out (``runtime.round_timeout``) is skipped, logged and named
+        in ``stats.failed``, and the round goes on with the others as long as :meth:`quorum` of
+        them answered (else :class:`FederationError`).
         """
         unknown = [c for c in clients if c not in self.nodes]
         if unknown:
             raise FederationError(f"round {plan.round}: no SuperNode serves client(s) {unknown}")
         need = self.quorum(len(clients))
-        clients = self._online(plan.round, clients, need)
+        self._rejoin()
+        online = self._online(plan.round, clients, need)
         if self.runtime.secagg:
-            update, summed = self._secagg_round(plan, clients, stats)
-            self._check_quorum(plan.round, len(summed), len(clients), need)
+            for cid in clients:
+                if cid not in online:
+                    self._fail(plan.round, cid, "offline", stats)
+            update, summed = self._secagg_round(plan, online, stats)
+            self._check_quorum(plan.round, len(summed), len(online), need)
             yield update
             return
-        out = []
-        for cid in clients:
-            content = messages.encode_train_request(
-                messages.TrainRequest(cid, client_view(plan, cid), self.task, self.channel))
-            stats.bytes_down += messages.encoded_size(content)
-            out.append(Message(content, dst_node_id=self.nodes[cid], message_type=messages.TRAIN,
-                               group_id=str(plan.round)))
-        deadline = time.monotonic() + self.runtime.round_timeout
+        contents: dict[int, Any] = {}
         arrived: dict[int, ClientUpdate | None] = {}
         next_up = answered = 0
-        for i, reply in self._exchange(out, deadline, list(range(len(clients))), f"round {plan.round}"):
+
+        def train_message(i: int) -> Message:
+            cid = clients[i]
+            if i not in contents:
+                contents[i] = messages.encode_train_request(
+                    messages.TrainRequest(cid, client_view(plan, cid), self.task, self.channel))
+            stats.bytes_down += messages.encoded_size(contents[i])
+            return Message(contents[i], dst_node_id=self.nodes[cid], message_type=messages.TRAIN,
+                           group_id=str(plan.round))
+
+        def resend() -> list[tuple[Message, int]]:  # clients whose node restarted while the round waits
+            again = []
+            for cid, old, new in self._rejoin():
+                i = clients.index(cid) if cid in clients else -1
+                if i >= next_up and i not in arrived:
+                    log.warning("round %d: client %s is back on SuperNode %d (was %d); its plan is sent there",
+                                plan.round, cid, new, old)
+                    again.append((train_message(i), i))
+                    stats.restarted.append(cid)
+            return again
+
+        out = [(train_message(i), i) for i, cid in enumerate(clients) if cid in online]
+        deadline = time.monotonic() + self.runtime.round_timeout
+        for i, reply in self._exchange([m for m, _ in out], deadline, [i for _, i in out], f"round {plan.round}",
+                                       resend=resend):
             arrived[i] = self._decode(plan, clients[i], reply, stats)
             while next_up in arrived:
                 update = arrived.pop(next_up)
@@ -156,7 +193,11 @@ class FlowerTransport:
                 if update is not None:
                     answered += 1
                     yield update
-        self.failures.extend((plan.round, clients[i], "timeout") for i in self.missing)
+        for i in self.missing:
+            self._fail(plan.round, clients[i], "timeout", stats)
+        for i, cid in enumerate(clients):
+            if i not in contents:
+                self._fail(plan.round, cid, "offline", stats)
         for i in sorted(arrived):  # replies queued behind a client that never answered
             if arrived[i] is not None:
                 answered += 1
@@ -182,7 +223,7 @@ class FlowerTransport:
         for i, reply in self._exchange(out, deadline, list(range(len(clients))), f"scoring before round {plan.round}"):
             if reply.has_error():
                 log.error("client %s could not score: %s", clients[i], reply.error.reason)
-                self.failures.append((plan.round, clients[i], f"scoring: {reply.error.reason}"))
+                self._fail(plan.round, clients[i], f"scoring: {reply.error.reason}", stats)
                 continue
             stats.bytes_up += messages.encoded_size(reply.content)
             got[i] = messages.decode_score(reply.content)
@@ -195,13 +236,54 @@ class FlowerTransport:
         """Answers a round needs: ``runtime.min_clients`` (at most the sampled count), or 1 when it is 0."""
         return min(self.runtime.min_clients, sampled) if self.runtime.min_clients > 0 else 1
 
+    def _fail(self, rnd: int, cid: str, why: str, stats: CommStats | None = None) -> None:
+        self.failures.append((rnd, cid, why))
+        if stats is not None:
+            stats.failed.append((cid, why))
+
+    def _rejoin(self) -> list[tuple[str, int, int]]:
+        """Ask nodes that joined since the start which client they are; return (client, old node, new node) of
+        every client now served by another node (a SuperNode that restarted registers as a new node)."""
+        now = time.monotonic()
+        new_nodes = []
+        if now >= self._next_look:  # (at most once a second: one SuperLink call)
+            self._next_look = now + 1.0
+            new_nodes = [int(n) for n in self.grid.get_node_ids() if int(n) not in self.seen]
+        if new_nodes:
+            self.seen.update(new_nodes)
+            content = messages.encode_identify_request(self.task)
+            ids = self.grid.push_messages([Message(content, dst_node_id=n, message_type=messages.IDENTIFY)
+                                           for n in new_nodes])
+            self.asking.update(zip(ids, new_nodes))
+        if not self.asking:
+            return []
+        moved = []
+        for reply in self.grid.pull_messages(list(self.asking)):
+            node_id = self.asking.pop(reply.metadata.reply_to_message_id, None)
+            if node_id is None:
+                continue
+            if reply.has_error():
+                log.error("SuperNode %d joined but could not identify: %s", node_id, reply.error.reason)
+                continue
+            ident = messages.decode_identity(reply.content)
+            old = self.nodes.get(ident.client_id)
+            if old is None:
+                log.warning("SuperNode %d joined as client %s, which is not in this run's federation (fixed at "
+                            "its start); it is not sampled", node_id, ident.client_id)
+            elif old != node_id:
+                log.warning("client %s now answers from SuperNode %d (was %d)", ident.client_id, node_id, old)
+                moved.append((ident.client_id, old, node_id))
+            self.nodes[ident.client_id] = node_id
+            self.sizes[ident.client_id] = ident.num_examples
+        return moved
+
     def _online(self, rnd: int, clients: Sequence[str], need: int) -> list[str]:
-        """The sampled clients whose nodes the SuperLink still lists as online; the others are failures."""
+        """The sampled clients whose nodes the SuperLink lists as online (FederationError when fewer than ``need``)."""
         online = set(self.grid.get_node_ids())
         gone = [c for c in clients if self.nodes[c] not in online]
         for cid in gone:
-            log.error("round %d: client %s (node %d) is offline; left out", rnd, cid, self.nodes[cid])
-            self.failures.append((rnd, cid, "offline"))
+            log.error("round %d: client %s (node %d) is offline; left out unless it is back before the others "
+                      "answer", rnd, cid, self.nodes[cid])
         if len(clients) - len(gone) < need:
             raise FederationError(
                 f"round {rnd}: only {len(clients) - len(gone)} of {len(clients)} sampled clients are online "
@@ -236,44 +318,57 @@ class FlowerTransport:
         client_of = {self.nodes[c]: c for c in clients}
         update, summed = secagg.aggregate_round(_CountingGrid(self.grid, stats), self.runtime, plan.round,
                                                 secagg.delta_names(plan.params), requests, client_of)
-        self.failures.extend((plan.round, c, "left the SecAgg+ round") for c in clients if c not in summed)
+        for c in clients:
+            if c not in summed:
+                self._fail(plan.round, c, "left the SecAgg+ round", stats)
         return update, summed
 
     def _decode(self, plan: RoundPlan, cid: str, reply: Message, stats: CommStats) -> ClientUpdate | None:
         rnd = plan.round
         if reply.has_error():
             log.error("round %d: client %s failed: %s", rnd, cid, reply.error.reason)
-            self.failures.append((rnd, cid, reply.error.reason))
+            self._fail(rnd, cid, reply.error.reason, stats)
             return None
         stats.bytes_up += messages.encoded_size(reply.content)
         try:
             update = self.channel.decode_update(messages.decode_update(reply.content), plan)
         except (messages.MessageError, CodecError) as exc:
             log.error("round %d: client %s sent an unreadable update: %s", rnd, cid, exc)
-            self.failures.append((rnd, cid, f"unreadable update: {exc}"))
+            self._fail(rnd, cid, f"unreadable update: {exc}", stats)
             return None
         if update.client_id != cid:
             log.error("round %d: the node of client %s answered as %s; dropped", rnd, cid, update.client_id)
-            self.failures.append((rnd, cid, f"answered as {update.client_id}"))
+            self._fail(rnd, cid, f"answered as {update.client_id}", stats)
             return None
         return update
 
-    def _exchange(self, out: list[Message], deadline: float, keys: list, what: str) -> Iterator[tuple[Any, Message]]:
+    def _exchange(self, out: list[Message], deadline: float, keys: list, what: str,
+                  resend: Callable[[], list[tuple[Message, Any]]] | None = None) -> Iterator[tuple[Any, Message]]:
         """Push ``out`` (``keys[i]`` names ``out[i]``); yield ``(key, reply)`` as replies arrive until ``deadline``.
 
-        Keys without a reply by the deadline are left in ``self.missing`` (and logged).
+        ``resend`` (polled while waiting) returns further ``(message, key)`` pairs to push for keys still
+        waiting (a client's plan again, to its restarted node). Each key yields at most once: the first
+        reply wins and the key's other messages are forgotten. Keys without a reply by the deadline are
+        left in ``self.missing`` (and logged).
         """
         self.missing: list = []
         pending = dict(zip(self.grid.push_messages(out), keys))
+        done: set = set()
         while pending:
             for reply in self.grid.pull_messages(list(pending)):
                 key = pending.pop(reply.metadata.reply_to_message_id, None)
-                if key is not None:
+                if key is not None and key not in done:
+                    done.add(key)
+                    pending = {m: k for m, k in pending.items() if k != key}
                     yield key, reply
             if not pending:
                 break
+            if resend is not None:
+                again = [(m, k) for m, k in resend() if k not in done]
+                if again:
+                    pending.update(zip(self.grid.push_messages([m for m, _ in again]), [k for _, k in again]))
             if time.monotonic() > deadline:
-                self.missing = sorted(pending.values())
+                self.missing = sorted(set(pending.values()))
                 log.error("%s: no reply from %s before the timeout", what, ", ".join(map(str, self.missing)))
                 return
             time.sleep(self.poll)

@@ -39,13 +39,11 @@ simply keeps every row (no error).
 from __future__ import annotations
 
 from fedtune.tasks.data.containers import DataError, TaskData, TextDataset
-from fedtune.tasks.data.files import _read_table as _read_table
 from fedtune.tasks.data.files import read_json_lines
 from fedtune.tasks.data.known_tasks import GLUE_TASKS, TASKS
 from fedtune.tasks.data.load import load_task_data
 from fedtune.tasks.data.local_layouts import data_dir
-from fedtune.tasks.data.subsets import _rng as _rng
-from fedtune.tasks.data.subsets import stratified_indices
+from fedtune.tasks.data.subsets import seeded_rng, stratified_indices
 
 __all__ = [
     "DataError",
@@ -56,5 +54,6 @@ __all__ = [
     "data_dir",
     "load_task_data",
     "read_json_lines",
+    "seeded_rng",
     "stratified_indices",
 ]

@@ -13,7 +13,8 @@ from fedtune.config import DataConfig
 from fedtune.tasks.data.containers import TaskData
 
 
-def _rng(seed: int, stream: int) -> np.random.Generator:
+def seeded_rng(seed: int, stream: int) -> np.random.Generator:
+    """The NumPy generator of (seed, stream): every seeded draw of the data (subsets, held-out rows) uses one."""
     return np.random.default_rng([seed & 0xFFFFFFFFFFFFFFFF, stream])
 
 
@@ -49,10 +50,10 @@ def _apply_sizes(task: TaskData, cfg: DataConfig, seed: int) -> TaskData:
     if cfg.train_size > 0:
         pick: Callable[..., list[int]] = _random_indices if task.is_regression else stratified_indices
         arg: Any = len(train) if task.is_regression else train.labels
-        train = train.subset(pick(arg, cfg.train_size, _rng(seed, 0)))
+        train = train.subset(pick(arg, cfg.train_size, seeded_rng(seed, 0)))
     if cfg.eval_size > 0:
         evals = {
-            key: split.subset(_random_indices(len(split), cfg.eval_size, _rng(seed, 1 + k)))
+            key: split.subset(_random_indices(len(split), cfg.eval_size, seeded_rng(seed, 1 + k)))
             for k, (key, split) in enumerate(evals.items())
         }
     if train is task.train and evals is task.evals:

@@ -29,10 +29,17 @@ SETS = ["federation.rounds=3", "eval.every=1", "train.epochs=40", "strategy.name
 # (40 epochs: a round lasts a few seconds, so the signal lands inside round 2, not between rounds)
 
 
+def _default_sigint() -> None:
+    # A shell without job control starts background jobs with SIGINT ignored, and Python then installs no
+    # KeyboardInterrupt handler: the child gets Ctrl-C's default disposition, as in a terminal.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _fedtune(*args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                            preexec_fn=_default_sigint)
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:

@@ -97,60 +97,28 @@ class Federation:
 
     def kill(self, proc: subprocess.Popen) -> None:
         """SIGKILL one process we started and its descendants (a machine that dies mid-round)."""
-        family = _family(proc)
-        for p in family:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(family, timeout=5)
+        psutil.wait_procs(_each(_family(proc), "kill"), timeout=5)
 
     def freeze(self, proc: subprocess.Popen) -> None:
         """SIGSTOP one process we started and its descendants (a machine that hangs: it never answers)."""
-        for p in _family(proc):
-            try:
-                p.suspend()
-            except psutil.NoSuchProcess:
-                pass
+        _each(_family(proc), "suspend")
 
     def resume(self, proc: subprocess.Popen) -> None:
         """SIGCONT a frozen process and its descendants (a machine that hung wakes up)."""
-        for p in _family(proc):
-            try:
-                p.resume()
-            except psutil.NoSuchProcess:
-                pass
+        _each(_family(proc), "resume")
 
     def stop(self) -> None:
         """Kill every process we started and all of its descendants (Flower detaches some into new sessions)."""
-        victims: list[psutil.Process] = []
-        for proc in self.procs:
-            try:
-                victims.append(psutil.Process(proc.pid))
-                victims.extend(psutil.Process(proc.pid).children(recursive=True))
-            except psutil.NoSuchProcess:
-                pass
-        for v in victims:  # frozen ones (freeze) must run again to act on SIGTERM
-            try:
-                v.resume()
-            except psutil.NoSuchProcess:
-                pass
+        victims = [p for proc in self.procs for p in _family(proc)]
+        _each(victims, "resume")  # frozen ones (freeze) must run again to act on SIGTERM
         for proc in self.procs:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        for v in victims:
-            try:
-                v.terminate()
-            except psutil.NoSuchProcess:
-                pass
+        _each(victims, "terminate")
         _, alive = psutil.wait_procs(victims, timeout=5)
-        for v in alive:
-            try:
-                v.kill()
-            except psutil.NoSuchProcess:
-                pass
+        _each(alive, "kill")
         for proc in self.procs:
             try:
                 proc.wait(timeout=5)
@@ -160,6 +128,16 @@ class Federation:
     def tail(self, chars: int = 2500) -> str:
         """The end of every process log (for failure messages)."""
         return "\n".join(f"--- {p.name}\n{p.read_text()[-chars:]}" for p in self.logs if p.exists())
+
+
+def _each(procs: list[psutil.Process], action: str) -> list[psutil.Process]:
+    """Call ``action`` (kill, suspend, resume, terminate) on each of ``procs`` still alive; return ``procs``."""
+    for p in procs:
+        try:
+            getattr(p, action)()
+        except psutil.NoSuchProcess:
+            pass
+    return procs
 
 
 def _family(proc: subprocess.Popen) -> list[psutil.Process]:

@@ -80,7 +80,8 @@ def test_a_failed_conversion_leaves_nothing_behind(cache, tmp_path):
     gguf = _fake_gguf(tmp_path / "m.gguf")
     with pytest.raises(RuntimeError, match="half-way"):
         converted_folder(gguf, _Converter(fail=True))
-    assert [p.name for p in (cache / "gguf").iterdir() if not p.name.endswith(".lock")] == []
+    assert [p.name for p in (cache / "gguf").iterdir()
+            if not p.name.endswith(".lock") and p.name != "digests.json"] == []
     convert = _Converter()
     assert (converted_folder(gguf, convert) / MARKER).is_file() and convert.calls == 1  # the next try converts
 
@@ -131,3 +132,16 @@ def test_embedded_llm_loads_as_a_llama_with_its_chat_template():
     model = load_model(ModelConfig(name="embedded-llm", mode="full"), "causal_lm", seed=0)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert 134e6 < sum(p.numel() for p in model.parameters()) < 135e6
+
+
+def test_the_gguf_file_is_hashed_once_per_version(cache, tmp_path, monkeypatch):
+    """Every load resolves the model; a multi-GB GGUF is read again only when it changed."""
+    gguf = _fake_gguf(tmp_path / "m.gguf")
+    reads = []
+    real = model_sources.file_sha256
+    monkeypatch.setattr(model_sources, "file_sha256", lambda path: reads.append(path) or real(path))
+    first = model_sources.gguf_digest(gguf)
+    assert model_sources.gguf_digest(gguf) == first == real(gguf) and len(reads) == 1  # remembered
+    _fake_gguf(gguf, b"GGUF other, longer weights")
+    assert model_sources.gguf_digest(gguf) == real(gguf) != first and len(reads) == 2  # changed: hashed again
+

@@ -101,18 +101,21 @@ def sandbox_prefix(allow_network: bool = False) -> list[str]:
 
 
 def execute(records: Sequence[dict], problems: Sequence[dict], *, timeout: float = 5.0, workers: int = 2,
-            allow_network: bool = False) -> list[dict]:
+            allow_network: bool = False, sandbox: Sequence[str] | None = None) -> list[dict]:
     """Run every completion against its problem's tests in a separate, network-less process.
 
+    ``sandbox`` is the command prefix of :func:`sandbox_prefix` when the caller has it already.
     Returns the records with ``passed`` (bool) and ``result`` ("passed", "timed out", "failed: ...").
     """
+    if sandbox is None:
+        sandbox = sandbox_prefix(allow_network)
     by_id = {p["task_id"]: p for p in problems}
     with tempfile.TemporaryDirectory(prefix="fedtune-humaneval-") as tmp:
         src, dst = Path(tmp) / "completions.jsonl", Path(tmp) / "results.jsonl"
         with src.open("w") as fh:
             for r in records:
                 fh.write(json.dumps({**r, "problem": by_id[r["task_id"]]}) + "\n")
-        cmd = [*sandbox_prefix(allow_network), sys.executable, "-m", "fedtune.humaneval_worker", str(src), str(dst),
+        cmd = [*sandbox, sys.executable, "-m", "fedtune.humaneval_worker", str(src), str(dst),
                str(timeout), str(workers)]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HTTP", "HTTPS", "http", "https"))}
         budget = 60 + len(records) * (timeout + 2) / max(1, workers)
@@ -148,9 +151,9 @@ def evaluate_humaneval(model: nn.Module, tokenizer, *, limit: int = 0, samples: 
                        allow_network: bool = False,
                        device: torch.device = torch.device("cpu")) -> HumanEvalResult:
     """Generate, execute and score: pass@k of ``model`` on the first ``limit`` problems (all when 0)."""
-    sandbox_prefix(allow_network)  # refuse before generating for minutes
+    sandbox = sandbox_prefix(allow_network)  # refuse before generating for minutes
     problems = load_problems(limit)
     records = complete(model, tokenizer, problems, samples=samples, max_new_tokens=max_new_tokens,
                        temperature=temperature, batch_size=batch_size, seed=seed, device=device)
-    scored = execute(records, problems, timeout=timeout, allow_network=allow_network)
+    scored = execute(records, problems, timeout=timeout, sandbox=sandbox)
     return HumanEvalResult(pass_at_k(scored), len(problems), samples, scored)

@@ -12,7 +12,8 @@
 With ``model.gguf_file`` the model is that GGUF file inside the folder or hub repo ``model.name``
 (transformers' ``gguf_file=``). A GGUF model is dequantized once by transformers (the ``gguf``
 package; about a minute for 135M parameters on a 2-core CPU) and saved as a plain safetensors
-folder in the cache, keyed by the GGUF file's SHA-256: ``$FEDTUNE_CACHE/gguf/<stem>-<hash16>/``
+folder in the cache, keyed by the GGUF file's SHA-256 (hashed once per file version, see
+:func:`gguf_digest`): ``$FEDTUNE_CACHE/gguf/<stem>-<hash16>/``
 (``FEDTUNE_CACHE`` defaults to ``$XDG_CACHE_HOME/fedtune``, else ``~/.cache/fedtune``). Later runs,
 and every client of a federation on the machine, load that folder in seconds. The folder is
 written under a lock and moved into place when complete, so clients starting together convert it
@@ -108,6 +109,29 @@ def _hub_download(repo: str, filename: str) -> Path:
                                "network, put the file in a folder and set model.name to that folder") from None
 
 
+def gguf_digest(gguf: Path) -> str:
+    """The GGUF file's SHA-256, read once per (path, size, modification time).
+
+    Every load resolves the model (tokenizer and model, in every client process), and a 7B GGUF
+    takes seconds to hash; the digest is kept in ``$FEDTUNE_CACHE/gguf/digests.json`` under that
+    key, so a changed file (new size or time) is hashed again.
+    """
+    stat = gguf.stat()
+    key = f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    index = cache_dir() / "gguf" / "digests.json"
+    try:
+        known = json.loads(index.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = file_sha256(gguf)
+        index.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index.with_name(f".{index.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1) + "\n")
+        os.replace(tmp, index)  # (two processes at once: the last write wins; a lost entry is hashed again)
+    return known[key]
+
+
 def file_sha256(path: Path) -> str:
     """SHA-256 of a file, read in 8 MiB chunks."""
     digest = hashlib.sha256()
@@ -134,7 +158,7 @@ def converted_folder(gguf: Path, convert: Callable[[Path, Path], None] | None = 
     ``convert`` defaults to transformers' dequantization (:func:`dequantize`). Concurrent callers wait
     on a lock file and the first converts; the folder appears complete or not at all.
     """
-    digest = file_sha256(gguf)
+    digest = gguf_digest(gguf)
     root = cache_dir() / "gguf"
     folder = root / f"{gguf.stem}-{digest[:16]}"
     if (folder / MARKER).is_file():

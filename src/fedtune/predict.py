@@ -124,15 +124,11 @@ class Predictor:
         return out
 
     @torch.no_grad()
-    def generate(self, prompt: str) -> str:
-        """Greedy continuation of ``prompt`` as given (BOS first; ``max_new_tokens``; stops at end-of-sequence)."""
-        return self.generate_ids(_ids(self.tokenizer, prompt, bos=True))
-
-    @torch.no_grad()
     def generate_ids(self, ids: list[int]) -> str:
         """Greedy continuation of the token ids ``ids`` (``max_new_tokens``; stops at end-of-sequence)."""
         new = generate_batches(self.model, self.tokenizer, [ids], max_new_tokens=self.max_new_tokens)[0]
         return self.tokenizer.decode(new, skip_special_tokens=True)
+
 
 def describe(meta: ModelMeta) -> str:
     """One line: task, format and base model."""

@@ -237,13 +237,14 @@ def run_federation(
     start, previous = strategy.init(initial), []
     if ckpt is not None:  # server state, client states, RNGs and metrics.jsonl back to the checkpoint's round
         start, previous = checkpoint.restore(ckpt, start, fed.client_states, out / "metrics.jsonl")
+    resumed_time = ckpt.wall_time if ckpt is not None else 0.0  # (a resumed run continues its clock)
     state, history = run_rounds(
         strategy, transport, list(fed.clients), start,
         rounds=rounds, per_round=fed.per_round, seed=exp.seed, evaluate=evaluate, eval_every=exp.eval.every,
         callbacks=[JsonlWriter(out / "metrics.jsonl"), progress.round_done,
                    checkpoint.Checkpointer(out, exp, fed.client_states, fed.data_fingerprint)],
         on_client_done=progress.client_done, eval_initial=exp.eval.initial and start.round == 0,
-        wall_time_offset=ckpt.wall_time if ckpt is not None else 0.0,
+        wall_time_offset=resumed_time,
         stop=CommBudget(exp.federation.comm_budget_bytes, exp.federation.budget_action, previous),
     )
     history = previous + history
@@ -266,7 +267,7 @@ def run_federation(
     summary["bytes_up_total"] = sum(r.get("bytes_up", 0) for r in history)
     summary["bytes_down_total"] = sum(r.get("bytes_down", 0) for r in history)
     summary["clients_per_round"] = fed.per_round
-    return finish_run(side, history, final, summary, quiet, wall_time_offset=ckpt.wall_time if ckpt is not None else 0.0)
+    return finish_run(side, history, final, summary, quiet, wall_time_offset=resumed_time)
 
 
 def finish_run(side: ServerSide, history: list[dict], final: dict[str, float], summary: dict[str, Any],

@@ -51,12 +51,12 @@ def build_strategy(exp: Experiment, num_clients: int | None = None) -> Strategy:
     local baselines train one client at a time, so for them it is 1.
     """
     n = 1 if exp.mode != "federated" else (num_clients if num_clients is not None else exp.partition.num_clients)
-    strategy = _base_strategy(exp, n)
+    per_round = 1 if exp.mode != "federated" else clients_per_round(
+        n, exp.federation.clients_per_round, exp.federation.fraction)
+    strategy = _base_strategy(exp, n, per_round)
     p = exp.privacy
     if not p.enabled:
         return strategy
-    per_round = 1 if exp.mode != "federated" else clients_per_round(
-        n, exp.federation.clients_per_round, exp.federation.fraction)
     try:
         return DifferentiallyPrivate(strategy, clip=p.clip, noise_multiplier=p.noise_multiplier, delta=p.delta,
                                      num_clients=n, clients_per_round=per_round, seed=exp.seed)
@@ -69,13 +69,11 @@ def uses_lora_aggregation(exp: Experiment) -> bool:
     return exp.model.mode == "lora" and exp.model.lora.aggregation != "none"
 
 
-def _base_strategy(exp: Experiment, num_clients: int) -> Strategy:
+def _base_strategy(exp: Experiment, num_clients: int, per_round: int) -> Strategy:
     local = local_train_config(exp)
     if uses_lora_aggregation(exp):  # model.lora.aggregation: a LoRA-aware rule replaces fedavg / fedprox's mean
         return build_lora_strategy(exp, local, num_clients)
     spec = strategy_spec(exp.strategy.name)
-    per_round = 1 if exp.mode != "federated" else clients_per_round(
-        num_clients, exp.federation.clients_per_round, exp.federation.fraction)
     return spec.create(exp.strategy.options(), BuildContext(local=local, num_clients=num_clients, seed=exp.seed,
                                                             clients_per_round=per_round))
 

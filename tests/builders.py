@@ -111,3 +111,26 @@ def full_plan(objective) -> RoundPlan:
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 """The ChatML chat template (SmolLM2's shape, without its default system message), for tokenizers in tests."""
+
+
+def stories_chat_model(stories, folder):
+    """A copy of the tiny Llama ``stories`` in ``folder`` whose tokenizer has the :data:`CHATML` template."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(stories, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = CHATML
+    tok.save_pretrained(folder)
+    return folder
+
+
+def stories_tokenizers(stories):
+    """(base, chat) tokenizers of the tiny Llama: its own, and the same with the :data:`CHATML` template."""
+    from transformers import AutoTokenizer
+
+    base = AutoTokenizer.from_pretrained(stories)
+    chat = AutoTokenizer.from_pretrained(stories)
+    chat.chat_template = CHATML
+    return base, chat

@@ -184,3 +184,41 @@ def test_predict_generative_classification(tmp_path, tiny_csv, capsys):
     assert out["label"] in ("money", "sports", "tech")
     assert set(out["log_likelihoods"]) == {"money", "sports", "tech"}
     assert out["label"] == max(out["log_likelihoods"], key=out["log_likelihoods"].get)
+
+
+
+def test_predict_generative_classification_as_chat_scores_as_the_run_did(tmp_path, tiny_csv, capsys):
+    """A chat-format run: predict renders its rows with the model's chat template and the run's
+    resolved template, so its choice is the run's constrained prediction."""
+    from builders import stories_chat_model
+    from conftest import REPO
+
+    from fedtune.artifacts import ModelMeta, model_folder
+    from fedtune.config import Experiment
+    from fedtune.experiment import run_experiment
+    from fedtune.tasks.label_prompts import CHAT_TEMPLATE
+
+    stories = REPO.parent / "shared" / "models" / "stories260K"
+    if not (stories / "config.json").is_file():
+        pytest.skip("stories260K not present")
+    folder = stories_chat_model(stories, tmp_path / "stories-chat")
+    train, evalf = tiny_csv
+    run = run_experiment(Experiment.from_overrides([
+        f'model.name="{folder}"', 'data.task="generative_classification"', 'data.dataset="files"',
+        f'data.train_file="{train}"', f'data.eval_file="{evalf}"', 'data.text_column="text"',
+        'data.label_column="label"', "data.max_length=128", "partition.num_clients=1", "federation.rounds=1",
+        "train.max_steps=2", "train.epochs=0", f'output_dir="{tmp_path / "gen"}"']), quiet=True)
+    meta = ModelMeta.read(model_folder(run.output_dir))
+    assert meta.prompt_format == "chat" and meta.prompt_template == CHAT_TEMPLATE  # resolved, not "auto" / ""
+    texts = ["goal match team", "bank money loan"]
+    assert main(["predict", str(run.output_dir), "--text", texts[0], "--text", texts[1]]) == 0
+    outs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    from fedtune.artifacts import load_for_inference
+    from fedtune.tasks.causal_lm import score_candidate_ids
+    from fedtune.tasks.label_prompts import LabelPrompts
+
+    model, tok, _ = load_for_inference(str(run.output_dir))
+    lp = LabelPrompts(tok, meta.label_names, max_length=128)
+    expected = score_candidate_ids(model, [lp.prompt_ids(t) for t in texts], lp.candidates, pad_id=tok.pad_token_id or 0)
+    for out, row in zip(outs, expected):
+        assert [out["log_likelihoods"][n] for n in meta.label_names] == pytest.approx(row.tolist(), abs=1e-5)

@@ -29,3 +29,19 @@ def test_batched_greedy_equals_one_prompt_at_a_time():
     sampled = generate_batches(model, tok, prompts, max_new_tokens=16, batch_size=4, temperature=1.0, seed=1)
     assert sampled == generate_batches(model, tok, prompts, max_new_tokens=16, batch_size=4, temperature=1.0, seed=1)
     assert sampled != one  # (sampling at temperature 1 leaves the greedy path somewhere in 64 tokens)
+
+
+def test_stop_strings_end_rows_early_without_changing_what_comes_before():
+    if not (STORIES / "config.json").is_file():
+        pytest.skip("stories260K not present")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(STORIES).eval(), AutoTokenizer.from_pretrained(STORIES)
+    prompts = [[tok.bos_token_id] + tok(t, add_special_tokens=False)["input_ids"] for t in ("Once upon a time", "Tom")]
+    full = generate_batches(model, tok, prompts, max_new_tokens=48, batch_size=2)
+    texts = [tok.decode(ids) for ids in full]
+    stop = next(w for w in (" the ", " a ", " and ") if all(w in t for t in texts))  # a word both continuations use
+    cut = generate_batches(model, tok, prompts, max_new_tokens=48, batch_size=2, stop_strings=[stop])
+    for whole, short in zip(full, cut):
+        assert whole[: len(short)] == short and len(short) < len(whole)  # the same tokens, ended early
+        assert stop in tok.decode(short) and stop not in tok.decode(short[:-1])

@@ -58,7 +58,7 @@ def test_evaluate_command_on_a_tiny_model(tmp_path, capsys):
         pytest.skip("stories260K not present")
     out = tmp_path / "he.jsonl"
     assert main(["evaluate", str(STORIES), "--limit", "2", "--max-new-tokens", "8", "--out", str(out)]) == 0
-    assert f"HumanEval, 2 problems x 1 sample(s), base model {STORIES}: pass@1 0.0000" in capsys.readouterr().out
+    assert f"HumanEval (raw prompts), 2 problems x 1 sample(s), base model {STORIES}: pass@1 0.0000" in capsys.readouterr().out
     head, *rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert head["pass_at"] == {"1": 0.0} and [r["task_id"] for r in rows] == ["HumanEval/0", "HumanEval/1"]
     assert all(isinstance(r["completion"], str) and r["passed"] is False for r in rows)
@@ -67,3 +67,38 @@ def test_evaluate_command_on_a_tiny_model(tmp_path, capsys):
 def test_several_samples_need_a_temperature():
     with pytest.raises(HumanEvalError, match="needs sampling: set a temperature > 0"):
         complete(None, None, load_problems(1), samples=2, temperature=0.0)
+
+
+def test_chat_answers_run_their_code_block_after_the_prompt():
+    """A chat answer's whole function (a fenced block among prose) redefines the prompt's stub; a bare
+    body completes it; both pass the problem's own tests, and a wrong function fails them."""
+    from fedtune.humaneval import code_of_answer
+
+    try:
+        sandbox_prefix()
+    except HumanEvalError as exc:
+        pytest.skip(str(exc))
+    problem = load_problems(1)[0]
+    whole = problem["prompt"] + problem["canonical_solution"]
+    answers = [f"Here is the function:\n\n```python\n{whole}```\n\nIt compares every pair.",
+               f"```py\n{whole}",  # an unclosed block (generation ran out)
+               problem["canonical_solution"],  # no block: the body as it is
+               "```python\ndef has_close_elements(numbers, threshold):\n    return False\n```"]
+    assert code_of_answer(answers[0]).rstrip() == "\n" + whole.rstrip() == code_of_answer(answers[1]).rstrip()
+    records = [{"task_id": problem["task_id"], "completion": code_of_answer(a)} for a in answers]
+    assert [r["passed"] for r in execute(records, [problem], timeout=3)] == [True, True, True, False]
+
+
+def test_chat_prompts_need_a_chat_template(tmp_path):
+    if not (STORIES / "config.json").is_file():
+        pytest.skip("stories260K not present")
+    from builders import stories_tokenizers
+    from transformers import AutoModelForCausalLM
+
+    base, chat = stories_tokenizers(STORIES)
+    model = AutoModelForCausalLM.from_pretrained(STORIES).eval()
+    with pytest.raises(HumanEvalError, match="--prompt-format chat needs a model with a chat template"):
+        complete(model, base, load_problems(1), max_new_tokens=4, prompt_format="chat")
+    records = complete(model, chat, load_problems(2), max_new_tokens=6, prompt_format="chat")
+    assert [r["task_id"] for r in records] == ["HumanEval/0", "HumanEval/1"]
+    assert all(r["completion"].startswith("\n") and r["completion"][1:] in r["answer"] for r in records)

@@ -56,8 +56,10 @@ class ModelMeta:
     max_length: int = 128
     doc_stride: int = 128
     prompt_template: str = "{text}\nLabel:"
+    """generative_classification: the prompt template the model was trained with."""
     prompt_format: str = "auto"
-    """causal_lm: ``data.prompt_format`` of the run (how ``instruction`` inputs are rendered)."""
+    """causal_lm: ``data.prompt_format`` of the run (how ``instruction`` inputs are rendered);
+    generative_classification: ``chat`` or ``alpaca`` (plain), as resolved in training (older models: plain)."""
     threshold: float = 0.5
     input_names: list[str] = field(default_factory=list)
     """ONNX formats: the graph's input names, in order."""

@@ -180,12 +180,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_humaneval(model, tokenizer, limit=args.limit, samples=args.samples,
                                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 batch_size=args.batch_size, timeout=args.timeout, seed=args.seed,
-                                allow_network=args.allow_network)
+                                allow_network=args.allow_network, prompt_format=args.prompt_format)
     scores = ", ".join(f"pass@{k} {v:.4f}" for k, v in result.pass_at.items())
-    print(f"HumanEval, {result.problems} problems x {result.samples} sample(s), {what}: {scores}")
+    print(f"HumanEval ({args.prompt_format} prompts), {result.problems} problems x {result.samples} sample(s), "
+          f"{what}: {scores}")
     if args.out:
         with open(args.out, "w") as fh:
-            fh.write(json.dumps({"benchmark": "humaneval", "model": args.model, "problems": result.problems,
+            fh.write(json.dumps({"benchmark": "humaneval", "model": args.model, "prompt_format": args.prompt_format,
+                                 "problems": result.problems,
                                  "samples": result.samples, "pass_at": result.pass_at}) + "\n")
             for r in result.records:
                 fh.write(json.dumps(r, ensure_ascii=False) + "\n")
@@ -308,6 +310,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="score the first N problems only (0 = all 164)")
     p.add_argument("--samples", type=int, default=1, help="completions per problem (pass@k for k <= samples)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples (needed for samples > 1)")
+    p.add_argument("--prompt-format", choices=["raw", "chat"], default="raw",
+                   help="raw: the model continues the problem's code (the HumanEval protocol); chat: the problem in "
+                        "a user turn of the model's chat template, the answer's code block run (instruct models)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per completion")
     p.add_argument("--batch-size", type=int, default=8, help="prompts generated together")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds each program may run")

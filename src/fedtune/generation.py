@@ -4,7 +4,9 @@ Scoring a benchmark means generating for hundreds of prompts; one prompt at a ti
 CPU on tiny matrix products. :func:`generate_batches` sorts prompts by length, left-pads each
 batch (so every row's next token sits in the last position), and lets ``model.generate`` reuse
 its key/value cache; rows stop at the end-of-sequence token (or one of ``stop_ids``) and are
-trimmed there. Greedy by default; ``temperature > 0`` samples, seeded per batch.
+trimmed there. ``stop_strings`` (e.g. HumanEval's ``"\ndef "``) end a row once its text contains one
+(the text after it is left to the caller to cut; a batch ends when all its rows have stopped).
+Greedy by default; ``temperature > 0`` samples, seeded per batch.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from torch import nn
 @torch.no_grad()
 def generate_batches(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                      batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                     stop_ids: Sequence[int] = (), device: torch.device = torch.device("cpu")) -> list[list[int]]:
+                     stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),
+                     device: torch.device = torch.device("cpu")) -> list[list[int]]:
     """The new token ids generated for each prompt (token ids), in the prompts' order."""
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -45,7 +48,8 @@ def generate_batches(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int
         gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=sample, temperature=temperature if sample else None,
                              top_p=top_p if sample else None, top_k=None, pad_token_id=pad,
-                             eos_token_id=sorted(stops) or None, use_cache=True)
+                             eos_token_id=sorted(stops) or None, use_cache=True,
+                             **({"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}))
         for j, i in enumerate(rows):
             new = gen[j, width:].tolist()
             cut = next((k for k, t in enumerate(new) if t in stops), len(new))

@@ -10,13 +10,19 @@ namespace can be made the run is refused unless ``allow_network`` is given.
 
 Completions follow the HumanEval protocol: the model continues the problem's prompt (a function
 signature and docstring) greedily (pass@1) or sampled (``samples`` > 1, pass@k by the unbiased
-estimator of Chen et al. 2021), cut at the first line that starts a new top-level statement.
+estimator of Chen et al. 2021), cut at the first line that starts a new top-level statement
+(``prompt_format = "raw"``, the default). An instruct model answers a chat instead
+(``prompt_format = "chat"``): the problem goes into a user turn (:data:`CHAT_INSTRUCTION`), rendered
+with the model's chat template, and the program is the answer's first fenced code block (or the
+whole answer without one), run after the problem's prompt — a whole function redefines the
+prompt's stub, a bare body completes it — with the tests unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +39,11 @@ from fedtune.generation import generate_batches
 
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 """A completion ends where one of these begins (the function body is over)."""
+CHAT_INSTRUCTION = ("Complete the following Python function. Answer with the whole function, its imports "
+                    "included, in one Python code block.\n\n```python\n{prompt}```")
+"""The user's turn of ``prompt_format = "chat"``; ``{prompt}`` is the problem's prompt."""
+CHAT_STOP = ("\n```\n",)
+"""A chat answer's generation may end once its code block is closed."""
 
 
 class HumanEvalError(RuntimeError):
@@ -66,22 +77,47 @@ def truncate(completion: str) -> str:
     return completion[:cut]
 
 
+def code_of_answer(answer: str) -> str:
+    """The program in a chat answer, to run after the problem's prompt: the first fenced code block's
+    contents (an unclosed block to its end), else the whole answer; after a newline."""
+    fenced = re.search(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:\n```|$)", answer, re.S)
+    return "\n" + (fenced.group(1) if fenced else answer)
+
+
+def _prompt_ids(tokenizer, problem: dict, prompt_format: str) -> list[int]:
+    if prompt_format == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise HumanEvalError("--prompt-format chat needs a model with a chat template; this one has none "
+                                 "(a base model): use --prompt-format raw")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": CHAT_INSTRUCTION.format(
+            prompt=problem["prompt"])}], tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # the prompt as the tokenizer encodes a text (its own special tokens: Llama-2's <s>, none for ChatML models)
+    return list(tokenizer(problem["prompt"])["input_ids"])
+
+
 def complete(model: nn.Module, tokenizer, problems: Sequence[dict], *, samples: int = 1, max_new_tokens: int = 256,
-             temperature: float = 0.0, batch_size: int = 8, seed: int = 0,
+             temperature: float = 0.0, batch_size: int = 8, seed: int = 0, prompt_format: str = "raw",
              device: torch.device = torch.device("cpu")) -> list[dict]:
-    """``samples`` completions of every problem's prompt: ``{"task_id", "completion"}`` records."""
+    """``samples`` completions of every problem's prompt: ``{"task_id", "completion"}`` records (chat: also the
+    ``answer`` the completion was taken from)."""
     if samples > 1 and temperature <= 0:
         raise HumanEvalError("more than one sample per problem needs sampling: set a temperature > 0 (0.2 or 0.8 "
                              "are the usual ones for pass@1 / pass@10)")
-    # the prompt as the tokenizer encodes a text (its own special tokens: Llama-2's <s>, none for ChatML models)
-    prompts = [list(tokenizer(p["prompt"])["input_ids"]) for p in problems]
+    if prompt_format not in ("raw", "chat"):
+        raise HumanEvalError(f"prompt_format must be raw or chat, got {prompt_format!r}")
+    prompts = [_prompt_ids(tokenizer, p, prompt_format) for p in problems]
+    chat = prompt_format == "chat"
     records = []
     for s in range(samples):
         new = generate_batches(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               temperature=temperature, seed=seed + 100_003 * s, device=device)
+                               temperature=temperature, seed=seed + 100_003 * s,
+                               stop_strings=CHAT_STOP if chat else STOP_SEQUENCES, device=device)
         for p, ids in zip(problems, new):
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            records.append({"task_id": p["task_id"], "sample": s, "completion": truncate(text)})
+            record = {"task_id": p["task_id"], "sample": s}
+            records.append({**record, "completion": code_of_answer(text), "answer": text} if chat else
+                           {**record, "completion": truncate(text)})
     return records
 
 
@@ -148,12 +184,13 @@ def pass_at_k(records: Sequence[dict], ks: Sequence[int] = (1, 10, 100)) -> dict
 
 def evaluate_humaneval(model: nn.Module, tokenizer, *, limit: int = 0, samples: int = 1, max_new_tokens: int = 256,
                        temperature: float = 0.0, batch_size: int = 8, timeout: float = 5.0, seed: int = 0,
-                       allow_network: bool = False,
+                       allow_network: bool = False, prompt_format: str = "raw",
                        device: torch.device = torch.device("cpu")) -> HumanEvalResult:
     """Generate, execute and score: pass@k of ``model`` on the first ``limit`` problems (all when 0)."""
     sandbox = sandbox_prefix(allow_network)  # refuse before generating for minutes
     problems = load_problems(limit)
     records = complete(model, tokenizer, problems, samples=samples, max_new_tokens=max_new_tokens,
-                       temperature=temperature, batch_size=batch_size, seed=seed, device=device)
+                       temperature=temperature, batch_size=batch_size, seed=seed, prompt_format=prompt_format,
+                       device=device)
     scored = execute(records, problems, timeout=timeout, sandbox=sandbox)
     return HumanEvalResult(pass_at_k(scored), len(problems), samples, scored)

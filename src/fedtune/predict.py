@@ -17,7 +17,8 @@ import torch
 from fedtune.artifacts import ModelMeta, load_for_inference
 from fedtune.batching import EncodedDataset, collate, encode_texts
 from fedtune.generation import generate_batches
-from fedtune.tasks.causal_lm import Instruction, _ids, score_candidates
+from fedtune.tasks.causal_lm import Instruction, _ids, score_candidate_ids
+from fedtune.tasks.label_prompts import LabelPrompts
 from fedtune.tasks.prompt_format import PromptFormat
 from fedtune.tasks.qa import QAExample, postprocess, prepare_eval_features
 
@@ -104,10 +105,13 @@ class Predictor:
         answers = postprocess(examples, feats, starts, ends)
         return [{**r, "answer": answers[str(i)]} for i, r in enumerate(chunk)]
 
+    @torch.no_grad()
     def _generative_classification(self, chunk):
         names = self.meta.label_names or []
-        prompts = [self.meta.prompt_template.format(text=r["text"], text_pair=r.get("text_pair", "")) for r in chunk]
-        scores = score_candidates(self.model, self.tokenizer, prompts, [" " + n for n in names])
+        lp = LabelPrompts(self.tokenizer, names, template=self.meta.prompt_template, max_length=self.meta.max_length,
+                          prompt_format="chat" if self.meta.prompt_format == "chat" else "alpaca")
+        prompts = [lp.prompt_ids(r["text"], r.get("text_pair", "")) for r in chunk]
+        scores = score_candidate_ids(self.model, prompts, lp.candidates, pad_id=self.pad_id)
         return [{**r, "label": names[int(s.argmax())], "log_likelihoods": dict(zip(names, map(float, s)))}
                 for r, s in zip(chunk, scores)]
 

@@ -15,6 +15,8 @@ CASES = {
                                         r"eval.federated.*mode = 'centralized' has none"),
     "label-flip-needs-classes": (['data.task="causal_lm"', 'attack.kind="label_flip"', "attack.fraction=0.5"],
                                  r"label_flip.*not data.task = 'causal_lm'"),
+    "generated-labels-need-label-answers": (["eval.generative=true"],
+                                            r"eval.generative parses.*not 'classification'"),
     "compile-one-client-at-a-time": (["train.compile=true", "simulation.parallel_clients=3"],
                                      r"train.compile = true needs simulation.parallel_clients = 1"),
     "checkpointing-one-client-at-a-time": (["train.gradient_checkpointing=true", "simulation.parallel_clients=3"],

@@ -87,3 +87,22 @@ def test_overlong_instruction_is_cut_before_tokenizing_with_the_same_tokens(lm):
     whole = tok(ex[0].prompt(), add_special_tokens=False)["input_ids"]  # the ~1 MB prompt tokenized whole
     prompt = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + whole
     assert cut.input_ids[0] == prompt[:32] and cut.labels[0] == [-100] * 32
+
+
+@pytest.mark.parametrize("candidates", [[[300], [301], [42]], [[300, 7], [301], [42, 9, 11]]])
+def test_candidate_scores_equal_each_pairs_log_likelihood(lm, candidates):
+    """One-token candidates (one forward per prompt) and longer ones (one per pair), prompts of mixed
+    lengths batched by length: each score is the pair's mean log-likelihood, in the prompts' order."""
+    import torch
+
+    from fedtune.tasks.causal_lm import EncodedLM, score_candidate_ids, token_logprobs
+
+    model, tok = lm
+    prompts = [[1, 50, 60, 70, 80, 90], [1, 33], [1, 44, 55, 66], [1, 20, 21, 22, 23, 24, 25, 26, 27]]
+    scores = score_candidate_ids(model, prompts, candidates, pad_id=0, batch_size=3)
+    for i, p in enumerate(prompts):
+        for j, c in enumerate(candidates):
+            enc = EncodedLM([p + c], [[IGNORE_INDEX] * len(p) + c])
+            lp, n = token_logprobs(model, collate_lm(enc, [0], pad_id=0))
+            assert float(scores[i, j]) == pytest.approx(float(lp / n), abs=1e-5), (i, j)
+    assert scores.shape == (4, 3) and torch.isfinite(scores).all()

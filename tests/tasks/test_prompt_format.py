@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from builders import CHATML
+from builders import stories_tokenizers
 from conftest import REPO
 from fedtune.tasks.causal_lm import IGNORE_INDEX, Instruction, encode_instructions, load_instructions
 from fedtune.tasks.prompt_format import PromptFormat, PromptFormatError
@@ -18,12 +18,7 @@ STORIES = REPO.parent / "shared" / "models" / "stories260K"
 def tokenizers():
     if not (STORIES / "tokenizer.json").is_file():
         pytest.skip("stories260K not present")
-    from transformers import AutoTokenizer
-
-    base = AutoTokenizer.from_pretrained(STORIES)
-    chat = AutoTokenizer.from_pretrained(STORIES)
-    chat.chat_template = CHATML
-    return base, chat
+    return stories_tokenizers(STORIES)
 
 
 def _answer_text(tok, ids, labels) -> str:

@@ -19,6 +19,7 @@ from fedtune.compiled import training_forward
 from fedtune.memory import activation_checkpointing
 from fedtune.models import get_trainable, set_trainable
 from fedtune.resident import sync_base
+from fedtune.sparse_logits import causal_lm_loss
 from fedtune.personalization import PERSONAL_STATE_KEY
 from fedtune.precision import autocast, grad_scaler
 from fedtune.types import ClientState, ClientUpdate, RoundPlan, TensorDict
@@ -121,8 +122,10 @@ def _train(model, data, plan: RoundPlan, client_id, *, pad_id, seed, device, sta
         while step < total:
             for batch in iterate_batches(data, cfg.batch_size, pad_id, generator, cfg.pad_to, cfg.length_bucketing):
                 batch = {k: v.to(device) for k, v in batch.items()}
-                with autocast(cfg.precision, device):
-                    loss = forward(**batch).loss
+                with autocast(cfg.precision, device):  # causal LMs: logits only where the loss is taken
+                    loss = causal_lm_loss(model, batch) if forward is model else None
+                    if loss is None:
+                        loss = forward(**batch).loss
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"client {client_id}: loss is {float(loss)} at local step {step}")
                 optimizer.zero_grad(set_to_none=True)

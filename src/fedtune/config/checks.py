@@ -46,6 +46,10 @@ CHECKS: tuple[Check, ...] = (
           lambda e: e.attack.kind == "label_flip" and _kind(e) != "classification",
           lambda e: f"attack.kind = 'label_flip' flips class labels: single-label classification only, "
                     f"not data.task = {_kind(e)!r}"),
+    Check("generated-labels-need-label-answers",
+          lambda e: e.eval.generative and _kind(e) != "generative_classification",
+          lambda e: "eval.generative parses generated answers to label names: data.task = "
+                    f"'generative_classification' only, not {_kind(e)!r}"),
     Check("compile-one-client-at-a-time",
           lambda e: e.train.compile and e.simulation.parallel_clients > 1,
           lambda e: "train.compile = true needs simulation.parallel_clients = 1: the batched trainer routes rows "

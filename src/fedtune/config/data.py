@@ -49,14 +49,16 @@ class DataConfig:
     doc_stride: int = field(default=128, metadata=_help("qa: tokens of overlap between windows of a long context."))
     prompt_format: Literal["auto", "chat", "alpaca"] = field(
         default="auto",
-        metadata=_help("causal_lm: how instructions are rendered: 'chat' (the tokenizer's chat template, loss on "
-                       "the assistant's tokens), 'alpaca' (the Alpaca template, for base models), 'auto' (chat when "
-                       "the tokenizer has a chat template)."),
+        metadata=_help("causal_lm and generative_classification: how prompts are rendered: 'chat' (the tokenizer's "
+                       "chat template, loss on the assistant's tokens), 'alpaca' (base models: the Alpaca template "
+                       "for instructions, the plain prompt_template for classification), 'auto' (chat when the "
+                       "tokenizer has a chat template)."),
     )
     prompt_template: str = field(
-        default="{text}\nLabel:",
-        metadata=_help("generative_classification: the prompt; {text} (and {text_pair}) are filled in; "
-                       "the target is ' ' + the label's name."),
+        default="",
+        metadata=_help("generative_classification: the prompt (chat: the user's turn); {text}, {text_pair} and "
+                       "{labels} (the label names, comma-separated) are filled in; the answer is the label's name. "
+                       "Empty = '{text}\\nLabel:' (plain) or '{text}\\n\\nAnswer with one of: {labels}.' (chat)."),
     )
 
     def __post_init__(self) -> None:
@@ -64,7 +66,7 @@ class DataConfig:
             raise ConfigError(f"data.max_length must be >= 8, got {self.max_length}")
         if self.doc_stride < 0:
             raise ConfigError(f"data.doc_stride must be >= 0, got {self.doc_stride}")
-        if "{text}" not in self.prompt_template:
+        if self.prompt_template and "{text}" not in self.prompt_template:
             raise ConfigError(f"data.prompt_template must contain '{{text}}', got {self.prompt_template!r}")
         if self.train_size < 0 or self.eval_size < 0:
             raise ConfigError("data.train_size and data.eval_size must be >= 0")

@@ -79,8 +79,15 @@ class EvalConfig:
     )
     n_best: int = field(default=20, metadata=_help("qa: start and end candidates searched per window."))
     max_answer_length: int = field(default=30, metadata=_help("qa: longest answer span in tokens."))
-    samples: int = field(default=3, metadata=_help("causal_lm: prompts whose generations are written each eval."))
-    max_new_tokens: int = field(default=48, metadata=_help("causal_lm: tokens generated per sample (greedy)."))
+    samples: int = field(default=3, metadata=_help(
+        "causal_lm (and generative_classification with eval.generative): prompts whose generations are written "
+        "to samples.jsonl each eval."))
+    max_new_tokens: int = field(default=48, metadata=_help(
+        "causal_lm: tokens generated per sample; generative_classification: per answer (greedy)."))
+    generative: bool = field(default=False, metadata=_help(
+        "generative_classification: also answer every eval prompt greedily (up to max_new_tokens) and parse the "
+        "answer to a label name: gen_<metric> and gen_unparsed (answers naming no label, counted wrong) beside "
+        "the constrained metrics; the first eval.samples answers go to samples.jsonl."))
 
     def __post_init__(self) -> None:
         if self.every < 1:

@@ -44,6 +44,7 @@ from fedtune.resident import sync_base
 from fedtune.payload import CommStats
 from fedtune.precision import autocast
 from fedtune.runtime.simulation import SimulationTransport, client_seed
+from fedtune.sparse_logits import labelled_logits
 from fedtune.types import ClientState, ClientUpdate, RoundPlan
 
 log = logging.getLogger(__name__)
@@ -362,10 +363,14 @@ def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, 
             batch = {n: t.to(device) for n, t in batch.items()}
             labels = batch.pop("labels")
             with autocast(cfg.precision, device):
-                logits = model(**batch).logits
+                sparse = labelled_logits(model, batch["input_ids"], batch["attention_mask"], labels) if causal else None
+                logits = model(**batch).logits if sparse is None else None
                 losses = []
                 for _, a, b in segments:
-                    if causal:  # next-token loss, mean over the client's own (non-ignored) tokens
+                    if sparse is not None:  # logits only where the loss is taken; the mean over the client's tokens
+                        mine = (sparse[2] >= a) & (sparse[2] < b)
+                        losses.append(F.cross_entropy(sparse[0][mine].float(), sparse[1][mine]))
+                    elif causal:  # next-token loss, mean over the client's own (non-ignored) tokens
                         losses.append(F.cross_entropy(logits[a:b, :-1].reshape(-1, logits.shape[-1]).float(),
                                                       labels[a:b, 1:].reshape(-1), ignore_index=IGNORE_INDEX))
                     elif problem == "regression":

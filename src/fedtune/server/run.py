@@ -123,13 +123,13 @@ class Federation:
 def model_meta(exp: Experiment, task: Task, model) -> ModelMeta:
     """What the saved model is, for `fedtune export` and `fedtune predict`."""
     config = model.config
-    return ModelMeta(
+    fields = dict(
         task=task.kind, base_model=exp.model.name, base_gguf_file=exp.model.gguf_file, num_labels=int(getattr(config, "num_labels", 0) or 0),
         problem_type=getattr(config, "problem_type", None) or "", label_names=task.units.label_names,
         max_length=exp.data.max_length, doc_stride=exp.data.doc_stride, prompt_template=exp.data.prompt_template,
-        prompt_format=exp.data.prompt_format,
-        threshold=float(task.details().get("threshold", exp.eval.threshold)),
+        prompt_format=exp.data.prompt_format, threshold=float(task.details().get("threshold", exp.eval.threshold)),
     )
+    return ModelMeta(**{**fields, **task.meta_fields()})
 
 
 def save_base_offset(state: ServerState, directory: Path) -> Path | None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fedtune.batching import bounded_text
+from fedtune.sparse_logits import labelled_logits
 from fedtune.tasks.json_files import read_json
 
 IGNORE_INDEX = -100
@@ -171,7 +172,19 @@ def collate_lm(data: EncodedLM, indices: Sequence[int], pad_id: int) -> dict[str
 
 @torch.no_grad()
 def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sum of log p(label token | prefix) over non-ignored labels, and their counts."""
+    """Per-row sum of log p(label token | prefix) over non-ignored labels, and their counts.
+
+    Plain-head causal LMs project only the labelled positions onto the vocabulary
+    (:mod:`fedtune.sparse_logits`); other models (e.g. an ONNX export) give their full logits.
+    """
+    rows = batch["input_ids"].shape[0]
+    sparse = labelled_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    if sparse is not None:
+        logits, targets, row = sparse
+        picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        sums = torch.zeros(rows, dtype=picked.dtype, device=picked.device).index_add_(0, row, picked)
+        counts = torch.zeros(rows, dtype=torch.long, device=picked.device).index_add_(0, row, torch.ones_like(row))
+        return sums, counts
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     shift_logits = logits[:, :-1]
     shift_labels = batch["labels"][:, 1:]
@@ -221,18 +234,51 @@ def candidate_ids(tokenizer, candidates: Sequence[str]) -> list[list[int]]:
 
 @torch.no_grad()
 def score_candidate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]], *,
-                        pad_id: int, normalize: bool = True, device: torch.device = torch.device("cpu")) -> torch.Tensor:
-    """:func:`score_candidates` on token ids: prompts already tokenized (with BOS), candidates too."""
+                        pad_id: int, normalize: bool = True, device: torch.device = torch.device("cpu"),
+                        batch_size: int = 32) -> torch.Tensor:
+    """:func:`score_candidates` on token ids: prompts already tokenized (with BOS), candidates too.
+
+    When every candidate is one token (e.g. SmolLM2's "negative" / "positive"), one forward of each
+    prompt scores them all (its next-token distribution); otherwise each (prompt, candidate) pair
+    is scored. Rows are batched by length (less padding); the result is in the prompts' order.
+    """
+    model.eval()
+    if all(len(c) == 1 for c in candidates):
+        first = [c[0] for c in candidates]
+        data = EncodedLM([list(p) + first[:1] for p in prompts], [[IGNORE_INDEX] * len(p) + first[:1] for p in prompts])
+        return _by_length(data, batch_size, pad_id, device,
+                          lambda batch: _next_token_logprobs(model, batch)[:, first]).view(len(prompts), len(candidates))
     rows, labels = [], []
     for pids in prompts:
         for cids in candidates:
             rows.append(list(pids) + list(cids))
             labels.append([IGNORE_INDEX] * len(pids) + list(cids))
-    data = EncodedLM(rows, labels)
-    model.eval()
-    scores = []
-    for start in range(0, len(data), 32):
-        batch = collate_lm(data, range(start, min(start + 32, len(data))), pad_id)
-        lp, n = token_logprobs(model, {k: v.to(device) for k, v in batch.items()})
-        scores.append((lp / n if normalize else lp).cpu())
-    return torch.cat(scores).view(len(prompts), len(candidates))
+
+    def score(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        lp, n = token_logprobs(model, batch)
+        return lp / n if normalize else lp
+
+    return _by_length(EncodedLM(rows, labels), batch_size, pad_id, device, score).view(len(prompts), len(candidates))
+
+
+def _by_length(data: EncodedLM, batch_size: int, pad_id: int, device: torch.device, score) -> torch.Tensor:
+    """``score`` of every row (one value or one vector per row), batched in order of length, in the data's order."""
+    order = sorted(range(len(data)), key=lambda i: len(data.input_ids[i]))
+    parts = []
+    for start in range(0, len(order), batch_size):
+        batch = collate_lm(data, order[start:start + batch_size], pad_id)
+        parts.append(score({k: v.to(device) for k, v in batch.items()}).float().cpu())
+    scored = torch.cat(parts)
+    out = torch.empty_like(scored)
+    out[torch.as_tensor(order)] = scored
+    return out
+
+
+def _next_token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Log-probabilities over the vocabulary at each row's one labelled position: a (rows, vocab) tensor."""
+    sparse = labelled_logits(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    if sparse is not None:
+        return torch.log_softmax(sparse[0].float(), dim=-1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    at = (batch["labels"] != IGNORE_INDEX).float().argmax(-1) - 1  # the position that predicts the label
+    return torch.log_softmax(logits[torch.arange(len(at)), at].float(), dim=-1)

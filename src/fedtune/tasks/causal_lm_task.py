@@ -8,9 +8,10 @@ the response tokens only; scored by response perplexity; greedy generations for 
 eval file, a seeded ``data.eval_size`` rows (200 when 0) are held out of the training rows.
 
 Generative classification (``data.task = "generative_classification"``): a classification
-dataset's text is put in ``data.prompt_template``; the model learns to continue it with
-``" " + label name``; a prediction is the label whose text has the highest length-normalized
-log-likelihood, scored with the dataset's official metric.
+dataset's rows become instructions (:mod:`fedtune.tasks.label_prompts`: the model's chat template,
+or a plain prompt for base models) answered by the label's name; scored with the dataset's official
+metric by the constrained prediction (the label with the highest length-normalized log-likelihood)
+and, with ``eval.generative``, by greedy answers parsed to label names, side by side.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from fedtune.batching import EncodedDataset
 from fedtune.config import DataConfig, EvalConfig, ModelConfig
 from fedtune.generation import generate_batches
 from fedtune.models import load_model
-from fedtune.tasks.causal_lm import IGNORE_INDEX, EncodedLM, Instruction, _ids, candidate_ids, instruction_from_row, \
-    load_instructions, perplexity, score_candidate_ids, score_candidates
+from fedtune.precision import autocast
+from fedtune.tasks.causal_lm import IGNORE_INDEX, EncodedLM, Instruction, instruction_from_row, load_instructions, \
+    perplexity, score_candidate_ids
+from fedtune.tasks.label_prompts import LabelPrompts
 from fedtune.tasks.prompt_format import PromptFormat, PromptFormatError
 from fedtune.tasks.data import DataError, TaskData, seeded_rng, data_dir
 from fedtune.tasks.metrics import compute_metrics, primary_metric
@@ -164,36 +167,46 @@ class CausalLMTask(Task):
 
 
 class GenerativeClassificationTask(Task):
-    """Classification by a causal LM: the label's name is the target text; prediction by log-likelihood."""
+    """Classification by a causal LM: the label's name is the answer (:mod:`fedtune.tasks.label_prompts`).
+
+    Scored by the constrained prediction (the label with the highest likelihood; the dataset's
+    metric under its usual keys) and, with ``eval.generative``, by greedy answers parsed to labels
+    (``gen_<metric>`` and ``gen_unparsed``, the fraction of answers that name no label, counted wrong).
+    """
 
     kind = "generative_classification"
 
-    def __init__(self, data: TaskData, data_cfg: DataConfig, tokenizer) -> None:
+    def __init__(self, data: TaskData, data_cfg: DataConfig, eval_cfg: EvalConfig, tokenizer) -> None:
         if data.is_regression:
             raise DataError(f"{data.name}: generative classification needs class labels, not a regression target")
         self.data, self.name = data, data.name
-        self.tokenizer, self.template = tokenizer, data_cfg.prompt_template
+        self.tokenizer = tokenizer
+        try:
+            self.prompts = LabelPrompts(tokenizer, data.label_names, template=data_cfg.prompt_template,
+                                        prompt_format=data_cfg.prompt_format, max_length=data_cfg.max_length)
+        except PromptFormatError as exc:
+            raise DataError(f"{data.name}: {exc}") from None
         self.metric = data.metric
-        self.candidates = [" " + n for n in data.label_names]
         self.primary = primary_metric(data.metric)
-        self.train = _lm_rows(self._encode(data.train, data_cfg.max_length), data.train.labels)
+        self.generative, self.max_new_tokens, self.samples = eval_cfg.generative, eval_cfg.max_new_tokens, eval_cfg.samples
+        self.train = _lm_rows(self._encode(data.train), data.train.labels)
+        self._eval_prompts = {split: [self.prompts.prompt_ids(t, p) for t, p in self._texts(ds)]
+                              for split, ds in data.evals.items()}
+        self._answers: list[dict] = []
         first = next(iter(data.evals))
         self.headline = f"{first}_{self.primary}" if len(data.evals) > 1 else self.primary
 
-    def prompts(self, ds) -> list[str]:
-        """The filled-in prompt of every row."""
-        pairs = ds.text_pairs or [""] * len(ds.texts)
-        return [self.template.format(text=t, text_pair=p) for t, p in zip(ds.texts, pairs)]
+    def meta_fields(self) -> dict:
+        """The template and format in use (an empty ``data.prompt_template`` and ``auto`` resolved)."""
+        return {"prompt_template": self.prompts.template, "prompt_format": self.prompts.format_name}
 
-    def _encode(self, ds, max_length: int) -> EncodedLM:
-        tok = self.tokenizer
-        ids_all, labels_all = [], []
-        for prompt, label in zip(self.prompts(ds), ds.labels):
-            target = _ids(tok, self.candidates[label], bos=False) + [tok.eos_token_id]
-            p = _ids(tok, prompt, bos=True)[: max(1, max_length - len(target))]  # keep the whole label
-            ids_all.append(p + target)
-            labels_all.append([-100] * len(p) + target)
-        return EncodedLM(ids_all, labels_all)
+    @staticmethod
+    def _texts(ds) -> list[tuple[str, str]]:
+        return list(zip(ds.texts, ds.text_pairs or [""] * len(ds.texts)))
+
+    def _encode(self, ds) -> EncodedLM:
+        rows = [self.prompts.row(t, p, label) for (t, p), label in zip(self._texts(ds), ds.labels)]
+        return EncodedLM([r[0] for r in rows], [r[1] for r in rows])
 
     @property
     def units(self) -> PartitionUnits:
@@ -202,25 +215,60 @@ class GenerativeClassificationTask(Task):
     def build_model(self, cfg: ModelConfig, seed: int) -> nn.Module:
         return load_model(cfg, "causal_lm", seed)
 
+    def _constrained(self, model: nn.Module, prompts: list[list[int]], ctx: EvalContext) -> list[int]:
+        with autocast(ctx.precision, ctx.device):
+            scores = score_candidate_ids(model, prompts, self.prompts.candidates, pad_id=ctx.pad_id, device=ctx.device)
+        return scores.argmax(-1).tolist()
+
     def score_rows(self, model: nn.Module, rows: EncodedDataset, ctx: EvalContext) -> float:
         """The dataset's metric on some training rows (a client's own), predicting as :meth:`evaluate` does.
 
-        Each row is its prompt's tokens (truncated as trained) followed by the label's; the prompt part
-        (tokens without a loss) is scored against every label text, and the best normalized log-likelihood is the guess.
+        Each row is its prompt's tokens (fitted as trained) followed by the label's answer; the prompt
+        (the tokens before the first one with a loss) is scored against every label's answer.
         """
-        prompts = [ids[: sum(1 for t in labels if t == IGNORE_INDEX)] for ids, labels in
-                   zip(rows.input_ids, rows.token_labels)]
-        scores = score_candidate_ids(model, prompts, candidate_ids(self.tokenizer, self.candidates),
-                                     pad_id=ctx.pad_id, device=ctx.device)
-        return compute_metrics(self.metric, scores.argmax(-1).tolist(), rows.labels.tolist())[self.primary]
+        prompts = [ids[: next(k for k, t in enumerate(labels) if t != IGNORE_INDEX)]
+                   for ids, labels in zip(rows.input_ids, rows.token_labels)]
+        preds = self._constrained(model, prompts, ctx)
+        return compute_metrics(self.metric, preds, rows.labels.tolist())[self.primary]
+
+    def answer(self, model: nn.Module, prompts: list[list[int]], ctx: EvalContext) -> list[str]:
+        """Greedy answers to prompt ids (batched, with the KV cache), as text."""
+        with autocast(ctx.precision, ctx.device):
+            new = generate_batches(model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
+                                   batch_size=min(ctx.batch_size, 32), device=ctx.device)
+        return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+
+    def _generated(self, model: nn.Module, split: str, gold: list[int], ctx: EvalContext) -> dict[str, float]:
+        answers = self.answer(model, self._eval_prompts[split], ctx)
+        parsed = [self.prompts.parse(a) for a in answers]
+        n = len(self.data.label_names)
+        preds = [p if p is not None else (g + 1) % n for p, g in zip(parsed, gold)]  # unparsed: wrong
+        if not self._answers:
+            self._answers = [{"split": split, "answer": a, "parsed": None if p is None else self.data.label_names[p],
+                              "reference": self.data.label_names[g]} for a, p, g in zip(answers, parsed, gold)]
+        m = {f"gen_{k}": v for k, v in compute_metrics(self.metric, preds, gold).items()}
+        m["gen_unparsed"] = sum(p is None for p in parsed) / len(parsed)
+        return m
 
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
         multi = len(self.data.evals) > 1
         result: dict[str, float] = {}
+        self._answers = []
         for split, ds in self.data.evals.items():
-            scores = score_candidates(model, self.tokenizer, self.prompts(ds), self.candidates, device=ctx.device)
-            preds = scores.argmax(-1).tolist()
-            m = compute_metrics(self.metric, preds, list(ds.labels))
+            gold = list(ds.labels)
+            m = compute_metrics(self.metric, self._constrained(model, self._eval_prompts[split], ctx), gold)
+            if self.generative:
+                m.update(self._generated(model, split, gold, ctx))
             result.update({(f"{split}_{k}" if multi else k): v for k, v in m.items()})
         return result
 
+    def write_samples(self, model: nn.Module, ctx: EvalContext, path: Path, rnd: int) -> None:
+        """The first ``eval.samples`` generated answers of the latest evaluation (``eval.generative``)."""
+        answers = self._answers[: self.samples]
+        if not answers:
+            return
+        texts = self._texts(next(iter(self.data.evals.values())))
+        with path.open("a") as f:
+            for (text, pair), a in zip(texts, answers):
+                f.write(json.dumps({"round": rnd, "prompt": self.prompts.prompt_text(text, pair), **a},
+                                   ensure_ascii=False) + "\n")

@@ -53,5 +53,5 @@ def build_task(exp: Experiment, tokenizer) -> Task:
         from fedtune.tasks.causal_lm_task import GenerativeClassificationTask
         from fedtune.tasks.data import load_task_data
 
-        return GenerativeClassificationTask(load_task_data(d, seed=exp.seed), d, tokenizer)
+        return GenerativeClassificationTask(load_task_data(d, seed=exp.seed), d, e, tokenizer)
     raise ConfigError(f"data.task = {kind!r} is not one of {', '.join(KINDS)}")

@@ -80,6 +80,10 @@ class Task(ABC):
         """Non-scalar results of the latest evaluation (e.g. per-label F1) for the run summary."""
         return {}
 
+    def meta_fields(self) -> dict:
+        """:class:`~fedtune.artifacts.ModelMeta` fields this task resolves itself (e.g. its prompt's template)."""
+        return {}
+
     def write_samples(self, model: nn.Module, ctx: EvalContext, path: Path, rnd: int) -> None:
         """Append example outputs of ``model`` after round ``rnd`` to ``path`` (tasks that generate text)."""
 

@@ -12,7 +12,7 @@ LoRA base corrections) must agree within 1e-6.
 | qa | extractive QA (stride windows on the nodes) | full fine-tuning | int16+gzip both ways, federated EM/F1 scored on the nodes |
 | multilabel | multi-label | LoRA, fedit | per-client micro F1 scored on the nodes |
 | causal_lm | causal LM (tiny Llama with a chat template; Alpaca and `messages` rows) | LoRA, svd with client ranks 2 and 4 | FedProx term, cosine learning rate across rounds |
-| generative | generative classification (tiny Llama) | LoRA, ffa | |
+| generative | generative classification as chat instructions (tiny Llama + ChatML), generated answers parsed | LoRA, ffa | federated eval |
 | fedsa | classification | LoRA, fedsa (B kept on the nodes) | |
 | fedper | classification | LoRA, FedPer (heads kept on the nodes) | federated evaluation, per-client evaluation, personalization report scored on the nodes |
 | fedex | classification | LoRA, fedex (base corrections) | |
@@ -31,7 +31,7 @@ pytest.importorskip("flwr")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from builders import CHATML  # noqa: E402
+from builders import stories_chat_model  # noqa: E402
 from conftest import REPO, shared_data_or_skip  # noqa: E402
 from fedtune.config import Experiment  # noqa: E402
 from fedtune.experiment import run_experiment  # noqa: E402
@@ -101,14 +101,7 @@ def _stories() -> Path:
 
 def _chat_model(tmp_path) -> Path:
     """stories260K with a ChatML chat template, as a model folder of its own."""
-    from transformers import AutoTokenizer
-
-    folder = tmp_path / "stories-chat"
-    shutil.copytree(_stories(), folder)
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.chat_template = CHATML
-    tok.save_pretrained(folder)
-    return folder
+    return stories_chat_model(_stories(), tmp_path / "stories-chat")
 
 
 def _causal_lm(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
@@ -130,10 +123,11 @@ def _causal_lm(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
 
 
 def _generative(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
-    train, evalf = tiny_csv
-    return [f'model.name="{_stories()}"', 'data.task="generative_classification"', 'data.dataset="files"',
+    train, evalf = tiny_csv  # as chat instructions, answers generated and parsed beside the constrained scores
+    return [f'model.name="{_chat_model(tmp_path)}"', 'data.task="generative_classification"', 'data.dataset="files"',
             f'data.train_file="{train}"', f'data.eval_file="{evalf}"', 'data.text_column="text"',
-            'data.label_column="label"', "data.max_length=32", "data.train_size=48", "data.eval_size=16",
+            'data.label_column="label"', "data.max_length=128", "data.train_size=48", "data.eval_size=16",
+            "eval.generative=true", "eval.max_new_tokens=6", "eval.federated=true",
             "train.lr=0.003", 'model.lora.aggregation="ffa"', f"data.label_names={LABELS}"]
 
 
@@ -190,9 +184,9 @@ def test_task_and_lora_rule_parity_on_real_processes(case, shared_federation, tm
     headline = sim.summary["headline_metric"]
     assert result.final_metrics[headline] == pytest.approx(sim.final_metrics[headline], rel=1e-6, abs=1e-6)
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in result.history)
-    # Client-side scores (computed on the nodes on Flower) agree too.
-    scored = [k for k in sim.history[-1] if k.startswith(("eval_fed_", "eval_client_"))]
-    assert scored == [k for k in result.history[-1] if k.startswith(("eval_fed_", "eval_client_"))]
+    # Client-side scores (computed on the nodes on Flower) and generated answers' scores agree too.
+    scored = [k for k in sim.history[-1] if k.startswith(("eval_fed_", "eval_client_", "eval_gen_"))]
+    assert scored == [k for k in result.history[-1] if k.startswith(("eval_fed_", "eval_client_", "eval_gen_"))]
     for k in scored:
         assert result.history[-1][k] == pytest.approx(sim.history[-1][k], rel=1e-6, abs=1e-6), k
     if "personalization" in sim.summary:

@@ -9,6 +9,7 @@ template, per the run's ``data.prompt_format``). ONNX exports run through onnxru
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -105,11 +106,16 @@ class Predictor:
         answers = postprocess(examples, feats, starts, ends)
         return [{**r, "answer": answers[str(i)]} for i, r in enumerate(chunk)]
 
+    @functools.cached_property
+    def _label_prompts(self) -> LabelPrompts:
+        """How the model's run rendered its rows (chat or plain, its resolved template)."""
+        return LabelPrompts(self.tokenizer, self.meta.label_names or [], template=self.meta.prompt_template,
+                            max_length=self.meta.max_length,
+                            prompt_format="chat" if self.meta.prompt_format == "chat" else "alpaca")
+
     @torch.no_grad()
     def _generative_classification(self, chunk):
-        names = self.meta.label_names or []
-        lp = LabelPrompts(self.tokenizer, names, template=self.meta.prompt_template, max_length=self.meta.max_length,
-                          prompt_format="chat" if self.meta.prompt_format == "chat" else "alpaca")
+        names, lp = self.meta.label_names or [], self._label_prompts
         prompts = [lp.prompt_ids(r["text"], r.get("text_pair", "")) for r in chunk]
         scores = score_candidate_ids(self.model, prompts, lp.candidates, pad_id=self.pad_id)
         return [{**r, "label": names[int(s.argmax())], "log_likelihoods": dict(zip(names, map(float, s)))}

@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
-"""Label value without a loss (as in :mod:`fedtune.tasks.causal_lm`)."""
+from fedtune.batching import IGNORE_INDEX
 
 PLAIN_HEADS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "olmo", "olmo2", "gpt2",
                          "starcoder2", "stablelm", "smollm3"})

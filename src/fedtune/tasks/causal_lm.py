@@ -18,12 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedtune.batching import bounded_text
+from fedtune.batching import IGNORE_INDEX, bounded_text
 from fedtune.sparse_logits import labelled_logits
 from fedtune.tasks.json_files import read_json
-
-IGNORE_INDEX = -100
-"""Label value that the loss skips (prompt tokens, padding)."""
 
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"

@@ -16,6 +16,7 @@ and, with ``eval.generative``, by greedy answers parsed to label names, side by 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -190,11 +191,14 @@ class GenerativeClassificationTask(Task):
         self.primary = primary_metric(data.metric)
         self.generative, self.max_new_tokens, self.samples = eval_cfg.generative, eval_cfg.max_new_tokens, eval_cfg.samples
         self.train = _lm_rows(self._encode(data.train), data.train.labels)
-        self._eval_prompts = {split: [self.prompts.prompt_ids(t, p) for t, p in self._texts(ds)]
-                              for split, ds in data.evals.items()}
         self._answers: list[dict] = []
         first = next(iter(data.evals))
         self.headline = f"{first}_{self.primary}" if len(data.evals) > 1 else self.primary
+
+    @functools.cached_property
+    def _eval_prompts(self) -> dict[str, list[list[int]]]:
+        """Every eval split's prompt ids, rendered at the first evaluation (a client that only trains never does)."""
+        return {split: [self.prompts.prompt_ids(t, p) for t, p in self._texts(ds)] for split, ds in self.data.evals.items()}
 
     def meta_fields(self) -> dict:
         """The template and format in use (an empty ``data.prompt_template`` and ``auto`` resolved)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from fedtune.checkpoint import CheckpointError
 from fedtune.config import ConfigError, Experiment, default_experiment
+from fedtune.errors import FlowerRunError
 from fedtune.humaneval import HumanEvalError
 from fedtune.lora_merge import MergeError
 from fedtune.memory import configure_allocator
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedtune: config error: {exc}", file=sys.stderr)
         return 2
     except (DataError, PartitionError, ModelLoadError, PredictError, CheckpointError, MergeError, HumanEvalError,
-            ConnectionError, TimeoutError, OSError) as exc:
+            FlowerRunError, ConnectionError, TimeoutError, OSError) as exc:
         # These carry messages that name the file, field, value or address; a traceback would add nothing.
         if args.debug:
             raise

@@ -1,5 +1,13 @@
-"""The configuration error every layer raises (a module of its own, so nothing needs fedtune.config for it)."""
+"""The errors every layer raises (a module of its own, so nothing needs fedtune.config for them)."""
 
 
 class ConfigError(ValueError):
     """A configuration is malformed: unknown key, wrong type or invalid value."""
+
+
+class FlowerRunError(RuntimeError):
+    """A run on Flower ended without its outputs; the message names the ServerApp's error on one line."""
+
+
+SERVER_FAILED = "fedtune ServerApp failed: "
+"""The marker of the ServerApp's last log line when it raises (``fedtune run`` reads the reason after it)."""

@@ -53,3 +53,16 @@ def test_the_supported_combinations_pass(tiny_experiment):
                       [*FLOWER, "runtime.secagg=true", 'strategy.name="fedprox"'],
                       [*FLOWER, 'attack.kind="sign_flip"', "attack.fraction=0.5", 'strategy.name="median"']):
         check_experiment(tiny_experiment(*overrides))
+
+
+def test_refusals_name_the_experiment_file(tmp_path):
+    """A refused combination read from a TOML file starts with the file, like every other config error."""
+    from fedtune.config import Experiment
+
+    path = tmp_path / "exp.toml"
+    path.write_text('[runtime]\nmode = "flower"\nsecagg = true\n[strategy]\nname = "median"\n')
+    with pytest.raises(ConfigError, match=rf"^{path}: runtime.secagg = true .*strategy.name = 'median'"):
+        check_experiment(Experiment.from_toml(path))
+    with pytest.raises(ConfigError, match=r"^runtime.secagg = true"):  # (built in code: no file to name)
+        check_experiment(Experiment.from_overrides(['runtime.mode="flower"', "runtime.secagg=true",
+                                                    'strategy.name="median"']))

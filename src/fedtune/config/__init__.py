@@ -14,7 +14,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import tomli_w
 
@@ -57,6 +57,9 @@ class Experiment:
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    source_file: ClassVar[str] = ""
+    """The TOML file this experiment was read from (set by :meth:`from_toml`; not a setting): the
+    ``<file>:`` that prefixes errors found later, e.g. by :func:`fedtune.config.checks.check_experiment`."""
 
     @property
     def resolved_output_dir(self) -> Path:
@@ -72,7 +75,9 @@ class Experiment:
             raise ConfigError(f"{path} is empty (no keys): `fedtune run` without a file runs the default experiment "
                               "(experiments/default.toml); an experiment file needs its settings")
         apply_overrides(raw, overrides)
-        return from_dict(cls, raw, source=str(path))
+        exp = from_dict(cls, raw, source=str(path))
+        exp.source_file = str(path)
+        return exp
 
     @classmethod
     def from_overrides(cls, overrides: typing.Sequence[str] = (), base: "Experiment | None" = None) -> "Experiment":

@@ -98,7 +98,9 @@ def _secagg_problems(exp: Experiment) -> list[str]:
     if exp.privacy.enabled:
         why.append("privacy.enabled = true (central DP clips each client's update on the server)")
     if exp.federation.codec_up.strip() not in ("", "none"):
-        why.append(f"federation.codec_up = {exp.federation.codec_up!r} (SecAgg+ quantizes and masks itself)")
+        why.append(f"federation.codec_up = {exp.federation.codec_up!r} (SecAgg+ quantizes and masks the update "
+                   "itself; the masked vector is uniformly random integers, which no codec, lossless gzip included, "
+                   "makes smaller; federation.codec_down still applies)")
     f = exp.federation
     if clients_per_round(exp.partition.num_clients, f.clients_per_round, f.fraction) < 2:
         why.append(f"fewer than 2 clients per round (partition.num_clients = {exp.partition.num_clients}, "
@@ -111,7 +113,11 @@ def _secagg_problems(exp: Experiment) -> list[str]:
 
 
 def check_experiment(exp: Experiment, checks: tuple[Check, ...] = CHECKS) -> None:
-    """Raise ConfigError with the first applicable check's message (nothing is loaded or written before)."""
+    """Raise ConfigError with the first applicable check's message (nothing is loaded or written before).
+
+    The message starts with ``<file>:`` when ``exp`` was read from a TOML file, like every other config error.
+    """
     for check in checks:
         if check.applies(exp):
-            raise ConfigError(check.message(exp))
+            where = f"{exp.source_file}: " if exp.source_file else ""
+            raise ConfigError(where + check.message(exp))

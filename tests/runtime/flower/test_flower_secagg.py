@@ -9,6 +9,7 @@ gets one (masked, summed) update. A node killed after sending its masked vector'
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -101,11 +102,14 @@ def test_secagg_aggregate_equals_plain_mean(tiny_experiment, tmp_path, capfd):
                      f"runtime.secagg_max_weight={MAX_WEIGHT}")
         try:
             result = run_experiment(secure, quiet=True)
+            # The same run again: the stochastic rounding is seeded from the experiment's seed, so it reproduces.
+            again = run_experiment(dataclasses.replace(secure, output_dir=str(tmp_path / "secagg-again")), quiet=True)
         except Exception as exc:
             raise AssertionError(f"SecAgg+ run failed: {exc}\n{fed.tail()}") from exc
     log = capfd.readouterr().out
     assert "Secure aggregation completed" in log, log[-3000:]
     assert "SecAgg+ aggregated 3 clients (client_000, client_001, client_002)" in log, log[-3000:]
+    assert "strategy sampled 3 clients (out of 3)" in log, log[-3000:]
     (record,) = result.history
     assert record["clients"] == 3 and record["clients_aggregated"] == 1  # one masked sum, never 3 updates
     assert record["bytes_up"] > 0 and record["train_loss"] == pytest.approx(sim.history[0]["train_loss"], rel=1e-5)
@@ -116,6 +120,8 @@ def test_secagg_aggregate_equals_plain_mean(tiny_experiment, tmp_path, capfd):
     assert a.keys() == b.keys()
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert diff <= bound, f"max |secagg - plain| = {diff:.3e} > bound {bound:.3e}"
+    c = load_file(again.output_dir / "model" / "adapter_model.safetensors")
+    assert all(torch.equal(b[k], c[k]) for k in b), "two identical SecAgg+ runs gave different models"
 
 
 @pytest.mark.slow

@@ -65,3 +65,37 @@ def test_secagg_refuses_clients_above_max_weight_and_single_clients():
         list(t.run_round(PLAN, ["a", "b", "c"], CommStats()))
     with pytest.raises(FederationError, match="at least 2 clients"):
         list(_transport({1, 2, 3}, "runtime.secagg=true").run_round(PLAN, ["a"], CommStats()))
+
+
+def test_client_errors_are_one_line_type_and_message():
+    """Flower's ``<class 'X'>:<'message'>`` reasons become ``X: message`` (what failures and quorum errors print)."""
+    from types import SimpleNamespace
+
+    from flwr.app import Error
+
+    from fedtune.runtime.flower.transport import error_text
+
+    def reply(reason: str):  # (a reply Message needs a running ClientApp's identity; only .error is read)
+        return SimpleNamespace(error=Error(code=0, reason=reason))
+
+    assert error_text(reply("<class 'PermissionError'>:<'client a trains only\n in SecAgg+ rounds'>")) == \
+        "PermissionError: client a trains only in SecAgg+ rounds"
+    assert error_text(reply("<class 'fedtune.tasks.data.DataError'>:<'x.csv: no such file'>")) == \
+        "DataError: x.csv: no such file"
+    assert error_text(reply("Node Unavailable")) == "Node Unavailable"
+
+
+def test_secagg_rounding_is_seeded():
+    """Flower's stochastic rounding reproduces after seed_rounding with the same seed (and differs with another)."""
+    import numpy as np
+    from flwr.common.secure_aggregation.quantization import quantize
+
+    from fedtune.runtime.flower.secagg import seed_rounding
+
+    arr = [np.random.default_rng(0).normal(size=1000).astype(np.float32)]
+
+    def q(seed: int) -> np.ndarray:
+        seed_rounding(seed)
+        return quantize(arr, 8.0, 2**10)[0]
+
+    assert np.array_equal(q(3), q(3)) and not np.array_equal(q(3), q(4))

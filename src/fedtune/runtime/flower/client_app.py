@@ -126,6 +126,7 @@ def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | Non
         update = byzantine_update(update, resident.attack, exp.seed, request.plan.round)
         if secagg.is_secagg(msg.content):  # secaggplus_mod masks the delta and drops the plain arrays
             messages.save_client_state(state, context.state)
+            secagg.seed_rounding(client_seed(exp.seed, request.plan.round, f"{node.client_id}/secagg"))
             return Message(secagg.encode_reply(update, secagg.delta_names(request.plan.params)), reply_to=msg)
         encoded = request.channel.encode_update(update, state, request.plan)  # codec_up; feedback in state
         messages.save_client_state(state, context.state)

@@ -14,9 +14,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from fedtune.config import Experiment
+from fedtune.errors import SERVER_FAILED, FlowerRunError
 
 APP_MODULE = "fedtune_app"
 """Module (inside the app folder) binding the ServerApp and ClientApp to the app's experiment."""
@@ -180,10 +182,12 @@ def flwr_home(directory: str | Path, exp: Experiment, connection: str = "fedtune
     return home
 
 
-def submit(exp: Experiment, *, timeout: float | None = None, resume: bool = False) -> int:
-    """Submit ``exp`` to the SuperLink at ``runtime.superlink`` and stream its logs; return flwr's exit code.
+def submit(exp: Experiment, *, timeout: float | None = None, resume: bool = False) -> tuple[int, str]:
+    """Submit ``exp`` to the SuperLink at ``runtime.superlink`` and stream its logs.
 
-    ``resume`` sets the run config's ``resume = true``: the ServerApp continues from its checkpoint.
+    Returns flwr's exit code and the ServerApp's error (the text after :data:`SERVER_FAILED` in the
+    streamed log; empty when it did not fail). ``resume`` sets the run config's ``resume = true``:
+    the ServerApp continues from its checkpoint.
     """
     check_reachable(exp.runtime.superlink)
     if exp.runtime.insecure:
@@ -196,12 +200,38 @@ def submit(exp: Experiment, *, timeout: float | None = None, resume: bool = Fals
         cmd = [_flwr(), "run", str(app), "fedtune", "--stream"]
         if resume:
             cmd += ["--run-config", "resume=true"]
-        return subprocess.run(cmd, env=env, timeout=timeout, check=False).returncode
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, errors="replace")
+        failure: list[str] = []
+
+        def pump() -> None:  # echo the streamed log; remember the ServerApp's error
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                if SERVER_FAILED in line:
+                    failure.append(_strip_ansi(line.split(SERVER_FAILED, 1)[1]).strip())
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            reader.join(10)
+        return code, failure[-1] if failure else ""
 
 
 def _flwr() -> str:
     exe = Path(sys.executable).parent / "flwr"
     return str(exe) if exe.exists() else "flwr"
+
+
+def _strip_ansi(text: str) -> str:
+    import re
+
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def run_on_flower(exp: Experiment, *, quiet: bool = False, resume: bool = False, overwrite: bool = False):
@@ -231,15 +261,23 @@ def run_on_flower(exp: Experiment, *, quiet: bool = False, resume: bool = False,
     summary = out / "summary.json"
     before = summary.stat().st_mtime_ns if summary.exists() else None
     try:
-        code = submit(shipped, timeout=limit, resume=resume)
+        code, failure = submit(shipped, timeout=limit, resume=resume)
     except subprocess.TimeoutExpired:
         raise TimeoutError(f"the Flower run on {r.superlink} did not finish within {limit:g}s") from None
+    if failure:  # (flwr run exits 0 when the ServerApp raised)
+        hint = ("; the ServerApp runs in flower-superlink's process, with its environment (FEDTUNE_DATA_DIR, "
+                "HF_HOME) and working folder" if failure.startswith(_SERVER_SIDE_ERRORS) else "")
+        raise FlowerRunError(f"the Flower run on {r.superlink} failed on the server: {failure}{hint}")
     if code != 0:
-        raise RuntimeError(f"flwr run exited with code {code} (SuperLink {exp.runtime.superlink})")
-    if not summary.exists() or summary.stat().st_mtime_ns == before:  # flwr run exits 0 when the ServerApp raised
-        raise RuntimeError(f"the Flower run on {r.superlink} ended without writing {summary}; "
-                           "the ServerApp failed (its log is above)")
+        raise FlowerRunError(f"flwr run exited with code {code} (SuperLink {r.superlink}); its log is above")
+    if not summary.exists() or summary.stat().st_mtime_ns == before:
+        raise FlowerRunError(f"the Flower run on {r.superlink} ended without writing {summary}; "
+                             "the ServerApp's log is above")
     return _read_result(out)
+
+
+_SERVER_SIDE_ERRORS = ("DataError", "ModelLoadError", "FileNotFoundError", "PartitionError")
+"""ServerApp errors that usually mean the SuperLink was started without the data or model settings."""
 
 
 def _absolute_paths(exp: Experiment, out: Path) -> Experiment:

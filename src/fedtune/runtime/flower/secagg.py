@@ -35,6 +35,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
+from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy as LegacyStrategy
@@ -137,14 +138,18 @@ def aggregate_round(grid: Any, runtime: RuntimeConfig, rnd: int, names: Sequence
     state = RecordDict()
     state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd})
     state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
+    nodes = SimpleClientManager()  # the round's nodes (the workflow logs "sampled K clients (out of N)")
+    for node_id in requests:
+        nodes.register(_Proxy(node_id))
     context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=state, run_config={}),
-                            strategy=adapter)
+                            strategy=adapter, client_manager=nodes)
     workflow_for(runtime, requests)(grid, context)
     if adapter.mean is None:
+        failed = ", ".join(_failure(f, client_of) for f in adapter.failures) or "no client replied"
         raise SecAggError(
-            f"round {rnd}: SecAgg+ halted before unmasking (see the log above): fewer clients completed it than "
+            f"round {rnd}: SecAgg+ halted before unmasking: fewer clients completed it than "
             f"runtime.secagg_reconstruction_threshold = {runtime.secagg_reconstruction_threshold:g} needs, "
-            f"or a client failed ({[str(f) for f in adapter.failures] or 'no reply'})"
+            f"or a client failed ({failed})"
         )
     if len(adapter.mean) != len(names):
         raise SecAggError(f"round {rnd}: the SecAgg+ aggregate has {len(adapter.mean)} tensors, expected {len(names)}")
@@ -160,7 +165,27 @@ def aggregate_round(grid: Any, runtime: RuntimeConfig, rnd: int, names: Sequence
     return ClientUpdate(f"secagg+[{','.join(clients)}]", delta, total, metrics), clients
 
 
+def _failure(failure: Any, client_of: dict[int, str]) -> str:
+    """A legacy workflow failure (a ``(proxy, FitRes)`` pair or an exception) as "client: reason"."""
+    if isinstance(failure, tuple) and len(failure) == 2:
+        proxy, res = failure
+        name = client_of.get(getattr(proxy, "node_id", -1), str(getattr(proxy, "cid", "?")))
+        return f"{name}: {getattr(getattr(res, 'status', None), 'message', '') or res}"
+    return f"{type(failure).__name__}: {failure}"
+
+
 # ----------------------------------------------------------------------------- client side
+
+
+def seed_rounding(seed: int) -> None:
+    """Seed the stochastic rounding of this client's SecAgg+ vector, so that SecAgg+ runs reproduce exactly.
+
+    Flower's ``quantize`` draws its rounding noise from NumPy's global generator; ``secaggplus_mod``
+    quantizes the reply right after the train handler returns, in the same process, so seeding it
+    here (from the experiment's seed, the round and the client id) fixes every rounding. The masks
+    stay cryptographically random: they cancel exactly in the sum, so they never change the result.
+    """
+    np.random.seed(seed % 2**32)
 
 
 def is_secagg(content: RecordDict) -> bool:

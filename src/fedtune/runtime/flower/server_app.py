@@ -17,6 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.channel import Channel
+from fedtune.errors import SERVER_FAILED
 from fedtune.memory import configure_allocator
 from fedtune.runtime.flower.experiment_source import RESUME_KEY, ExperimentSource
 from fedtune.runtime.flower.transport import FlowerTransport
@@ -46,7 +47,11 @@ def make_server_app(
         again = resume or bool(context.run_config.get(RESUME_KEY, False))
         if again:
             log.info("resuming from the checkpoint in %s", exp.resolved_output_dir.resolve())
-        result = run_on_grid(exp, transport, quiet=quiet, resume=again)
+        try:
+            result = run_on_grid(exp, transport, quiet=quiet, resume=again)
+        except Exception as exc:  # one line for `fedtune run` (it reads what follows SERVER_FAILED), then Flower's log
+            log.error("%s%s: %s", SERVER_FAILED, type(exc).__name__, " ".join(str(exc).split()))
+            raise
         if transport.failures:
             log.warning("client failures: %s", transport.failures)
         log.info("outputs in %s", result.output_dir.resolve())

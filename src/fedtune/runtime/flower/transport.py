@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -118,7 +119,7 @@ class FlowerTransport:
         sizes: dict[str, int] = {}
         for node_id, reply in self._exchange(out, deadline, nodes, "identify"):
             if reply.has_error():
-                raise FederationError(f"SuperNode {node_id} could not identify: {reply.error.reason}")
+                raise FederationError(f"SuperNode {node_id} could not identify: {error_text(reply)}")
             ident = messages.decode_identity(reply.content)
             if ident.client_id in self.nodes:
                 raise FederationError(f"SuperNodes {self.nodes[ident.client_id]} and {node_id} both claim "
@@ -222,8 +223,8 @@ class FlowerTransport:
         got: dict[int, ClientScore] = {}
         for i, reply in self._exchange(out, deadline, list(range(len(clients))), f"scoring before round {plan.round}"):
             if reply.has_error():
-                log.error("client %s could not score: %s", clients[i], reply.error.reason)
-                self._fail(plan.round, clients[i], f"scoring: {reply.error.reason}", stats)
+                log.error("client %s could not score: %s", clients[i], error_text(reply))
+                self._fail(plan.round, clients[i], f"scoring: {error_text(reply)}", stats)
                 continue
             stats.bytes_up += messages.encoded_size(reply.content)
             got[i] = messages.decode_score(reply.content)
@@ -263,7 +264,7 @@ class FlowerTransport:
             if node_id is None:
                 continue
             if reply.has_error():
-                log.error("SuperNode %d joined but could not identify: %s", node_id, reply.error.reason)
+                log.error("SuperNode %d joined but could not identify: %s", node_id, error_text(reply))
                 continue
             ident = messages.decode_identity(reply.content)
             old = self.nodes.get(ident.client_id)
@@ -326,8 +327,8 @@ class FlowerTransport:
     def _decode(self, plan: RoundPlan, cid: str, reply: Message, stats: CommStats) -> ClientUpdate | None:
         rnd = plan.round
         if reply.has_error():
-            log.error("round %d: client %s failed: %s", rnd, cid, reply.error.reason)
-            self._fail(rnd, cid, reply.error.reason, stats)
+            log.error("round %d: client %s failed: %s", rnd, cid, error_text(reply))
+            self._fail(rnd, cid, error_text(reply), stats)
             return None
         stats.bytes_up += messages.encoded_size(reply.content)
         try:
@@ -372,6 +373,17 @@ class FlowerTransport:
                 log.error("%s: no reply from %s before the timeout", what, ", ".join(map(str, self.missing)))
                 return
             time.sleep(self.poll)
+
+
+_FLOWER_REASON = re.compile(r"^<class '(?:[\w.]*\.)?(\w+)'>:<'(.*)'>$", re.DOTALL)
+
+
+def error_text(reply: Message) -> str:
+    """A failed reply's reason as ``Type: message`` on one line (Flower sends ``<class 'Type'>:<'message'>``)."""
+    reason = str(reply.error.reason)
+    m = _FLOWER_REASON.match(reason.strip())
+    text = f"{m.group(1)}: {m.group(2)}" if m else reason
+    return " ".join(text.split())
 
 
 class _CountingGrid:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fedtune.checkpoint import CheckpointError
 from fedtune.config import ConfigError, Experiment, default_experiment
-from fedtune.errors import FlowerRunError
+from fedtune.errors import FlowerRunError, one_line
 from fedtune.humaneval import HumanEvalError
 from fedtune.lora_merge import MergeError
 from fedtune.memory import configure_allocator
@@ -364,7 +364,7 @@ def _one_line(exc: BaseException) -> str:
     text = str(exc)
     if isinstance(exc, OSError) and exc.strerror and exc.filename and exc.strerror not in text:
         text = f"{exc.filename}: {exc.strerror}"
-    return " ".join(text.split()) or type(exc).__name__
+    return one_line(text) or type(exc).__name__
 
 
 if __name__ == "__main__":  # pragma: no cover

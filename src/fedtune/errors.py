@@ -11,3 +11,8 @@ class FlowerRunError(RuntimeError):
 
 SERVER_FAILED = "fedtune ServerApp failed: "
 """The marker of the ServerApp's last log line when it raises (``fedtune run`` reads the reason after it)."""
+
+
+def one_line(text: str) -> str:
+    """``text`` with every run of whitespace (newlines included) collapsed to one space: an error for one log line."""
+    return " ".join(str(text).split())

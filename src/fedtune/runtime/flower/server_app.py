@@ -17,7 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.channel import Channel
-from fedtune.errors import SERVER_FAILED
+from fedtune.errors import SERVER_FAILED, one_line
 from fedtune.memory import configure_allocator
 from fedtune.runtime.flower.experiment_source import RESUME_KEY, ExperimentSource
 from fedtune.runtime.flower.transport import FlowerTransport
@@ -50,7 +50,7 @@ def make_server_app(
         try:
             result = run_on_grid(exp, transport, quiet=quiet, resume=again)
         except Exception as exc:  # one line for `fedtune run` (it reads what follows SERVER_FAILED), then Flower's log
-            log.error("%s%s: %s", SERVER_FAILED, type(exc).__name__, " ".join(str(exc).split()))
+            log.error("%s%s: %s", SERVER_FAILED, type(exc).__name__, one_line(exc))
             raise
         if transport.failures:
             log.warning("client failures: %s", transport.failures)

@@ -34,6 +34,7 @@ from fedtune.channel import Channel, client_view
 from fedtune.client.evaluate import ScoreRequest
 from fedtune.codecs import CodecError
 from fedtune.config import Experiment, RuntimeConfig
+from fedtune.errors import one_line
 from fedtune.payload import CommStats
 from fedtune.runtime.flower import messages
 from fedtune.tasks.data import load_task_data
@@ -382,8 +383,7 @@ def error_text(reply: Message) -> str:
     """A failed reply's reason as ``Type: message`` on one line (Flower sends ``<class 'Type'>:<'message'>``)."""
     reason = str(reply.error.reason)
     m = _FLOWER_REASON.match(reason.strip())
-    text = f"{m.group(1)}: {m.group(2)}" if m else reason
-    return " ".join(text.split())
+    return one_line(f"{m.group(1)}: {m.group(2)}" if m else reason)
 
 
 class _CountingGrid:

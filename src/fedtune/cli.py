@@ -9,13 +9,14 @@ from pathlib import Path
 
 from fedtune.checkpoint import CheckpointError
 from fedtune.config import ConfigError, Experiment, default_experiment
-from fedtune.errors import FlowerRunError, one_line
+from fedtune.errors import CredentialsError, FlowerRunError, OperatorError, one_line
 from fedtune.humaneval import HumanEvalError
 from fedtune.lora_merge import MergeError
 from fedtune.memory import configure_allocator
 from fedtune.models import ModelLoadError
 from fedtune.partition import PartitionError
 from fedtune.predict import PredictError
+from fedtune.runtime.flower.node import NodeConfigError
 from fedtune.tasks.data import DataError
 
 
@@ -225,6 +226,82 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_node(args: argparse.Namespace) -> int:
+    """Check this site's data against the experiment, then join the federation as a Flower SuperNode."""
+    import subprocess
+
+    from fedtune.runtime.flower import site
+
+    if not args.superlink and not args.check:
+        raise ConfigError("fedtune node needs --superlink HOST:PORT (or --check to only check the data)")
+    exp = Experiment.from_toml(args.config, list(args.set or []))
+    node, raw = site.site_node(args.client_id or "", args.train_file or "", args.manifest or "", args.data_dir or "",
+                               args.threads, args.require_secagg)
+    cmd = site.supernode_command(raw, args.superlink, insecure=args.insecure, root_certificates=args.root_certificates,
+                                 auth_key=args.auth_key, port=args.port) if args.superlink else []
+    report = site.check_node_data(exp, node)
+    print("\n".join(report.lines()))
+    if not exp.data.label_names and site.kind_has_label_names(exp):
+        print("  (the experiment sets no data.label_names: the server's label names are compared with these "
+              "when the federation starts)")
+    if args.check:
+        print("data check passed; not joining (--check)")
+        return 0
+    print("data check passed; joining: " + " ".join(cmd), flush=True)
+    return subprocess.run(cmd, env=site.node_env(), check=False).returncode
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """Start a SuperLink with TLS and node authentication from a credentials folder; print what the sites run."""
+    import subprocess
+
+    from fedtune.runtime.flower import operator
+
+    creds, made = operator.prepare_credentials(args.credentials, args.host or [], args.site or [])
+    for line in made:
+        print(line)
+    auth = not args.no_auth
+    if auth and not creds.public_keys():
+        raise ConfigError(f"no site keys in {creds.nodes}: name each site with --site NAME (or run with --no-auth)")
+    proc = subprocess.Popen(operator.superlink_command(creds, args.port, args.bind, auth))
+    try:
+        operator.wait_listening(args.port, proc)
+        local = f"127.0.0.1:{args.port}"
+        for line in operator.register_sites(creds, local) if auth else []:
+            print(line)
+        address = f"{(args.host or ['127.0.0.1'])[0]}:{args.port}"
+        print(f"SuperLink ready at {address} (TLS{', node authentication' if auth else ''}).")
+        print(f"Give every site {creds.tls.ca_cert}" + (f" and its own private key from {creds.nodes}/" if auth else "")
+              + "; each runs:")
+        for line in operator.site_commands(creds, address, args.experiment, auth):
+            print(f"  {line}")
+        print(f"Start the run:  fedtune run {args.experiment or 'experiment.toml'} --set 'runtime.superlink=\"{address}\"' "
+              f"--set runtime.insecure=false --set 'runtime.root_certificates=\"{creds.tls.ca_cert}\"'")
+        print(f"Watch it:       fedtune status {args.credentials} --superlink {local} [--run RUN_DIR]", flush=True)
+        return proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The SuperLink's connected nodes and runs (Flower's Control API), and a run's last round."""
+    from fedtune.runtime.flower import operator
+
+    creds = operator.Credentials(Path(args.credentials).expanduser().resolve())
+    if not creds.tls.ca_cert.is_file():
+        raise ConfigError(f"{creds.tls.ca_cert}: no such file (the credentials folder of `fedtune server`)")
+    nodes = operator.list_json(operator.flwr_cli(creds, args.superlink, "supernode", "ls", "--format", "json"),
+                               "nodes")
+    runs = operator.list_json(operator.flwr_cli(creds, args.superlink, "ls", "--format", "json"), "runs")
+    print(operator.status_text(nodes, runs, operator.site_names(creds), args.run))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``fedtune`` argument parser."""
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
@@ -250,6 +327,43 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_args(p)
     p.add_argument("--out", help="folder for partition/ (default the experiment's output folder)")
     p.set_defaults(fn=cmd_partition)
+
+    p = sub.add_parser("node", help="check this site's data, then join a federation as a Flower SuperNode")
+    p.add_argument("config", help="the federation's experiment TOML file (the one the server runs)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, as the server's run does")
+    p.add_argument("--superlink", default="", help="the SuperLink's address HOST:PORT (from `fedtune server`)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--train-file", help="this site's training rows, in the experiment's [data] format")
+    src.add_argument("--manifest", help="a client_NNN.json from `fedtune partition` (rows of the experiment's data)")
+    p.add_argument("--client-id", help="this site's client id (required with --train-file; default the manifest's)")
+    p.add_argument("--data-dir", help="FEDTUNE_DATA_DIR for this node (GLUE / AG News layouts)")
+    p.add_argument("--root-certificates", default="", help="the federation's CA certificate (TLS)")
+    p.add_argument("--auth-key", default="", help="this node's private key (SuperNode authentication)")
+    p.add_argument("--insecure", action="store_true", help="no TLS (a local test only)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: every core; split cores between "
+                                                          "nodes sharing a machine)")
+    p.add_argument("--require-secagg", action="store_true", help="train only in SecAgg+ rounds")
+    p.add_argument("--port", type=int, default=0, help="the node's local Runtime API port (default: a free one)")
+    p.add_argument("--check", action="store_true", help="check the data and stop; do not join")
+    p.set_defaults(fn=cmd_node)
+
+    p = sub.add_parser("server", help="start a Flower SuperLink with TLS and node authentication; print the "
+                                      "command each site runs")
+    p.add_argument("credentials", help="credentials folder (made on first use: CA, server certificate, site keys)")
+    p.add_argument("--host", action="append", help="a name or IP the sites reach this server at (in the certificate; "
+                                                    "repeatable; the first is printed)")
+    p.add_argument("--site", action="append", help="a site's name: makes its key pair if missing (repeatable)")
+    p.add_argument("--port", type=int, default=9092, help="the SuperLink's port (SuperNodes and runs)")
+    p.add_argument("--bind", default="", help="address to listen on (0.0.0.0 for other machines; default Flower's)")
+    p.add_argument("--experiment", default="", help="the experiment file, for the printed commands")
+    p.add_argument("--no-auth", action="store_true", help="TLS only: admit any node that trusts the CA")
+    p.set_defaults(fn=cmd_server)
+
+    p = sub.add_parser("status", help="the federation's nodes, runs and a run's last round")
+    p.add_argument("credentials", help="the credentials folder of `fedtune server`")
+    p.add_argument("--superlink", default="127.0.0.1:9092", help="the SuperLink's address")
+    p.add_argument("--run", help="a run folder: print its last round from metrics.jsonl")
+    p.set_defaults(fn=cmd_status)
 
     p = sub.add_parser("config", help="print the resolved configuration")
     add_config_args(p)
@@ -351,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedtune: config error: {exc}", file=sys.stderr)
         return 2
     except (DataError, PartitionError, ModelLoadError, PredictError, CheckpointError, MergeError, HumanEvalError,
-            FlowerRunError, ConnectionError, TimeoutError, OSError) as exc:
+            FlowerRunError, NodeConfigError, CredentialsError, OperatorError, ConnectionError, TimeoutError,
+            OSError) as exc:
         # These carry messages that name the file, field, value or address; a traceback would add nothing.
         if args.debug:
             raise

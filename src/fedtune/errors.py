@@ -9,6 +9,14 @@ class FlowerRunError(RuntimeError):
     """A run on Flower ended without its outputs; the message names the ServerApp's error on one line."""
 
 
+class CredentialsError(ValueError):
+    """Federation credentials cannot be made or used where asked (a file exists already, a bad host name, ...)."""
+
+
+class OperatorError(RuntimeError):
+    """The SuperLink cannot be started or asked (port taken, Flower CLI failure); the message says which."""
+
+
 SERVER_FAILED = "fedtune ServerApp failed: "
 """The marker of the ServerApp's last log line when it raises (``fedtune run`` reads the reason after it)."""
 

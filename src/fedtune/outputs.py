@@ -23,7 +23,7 @@ def _jsonable(value: Any) -> Any:
 
 
 RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "checkpoint", "model", "samples.jsonl",
-             "predictions.json", "export")
+             "predictions.json", "export", "node_timing.jsonl")
 """What a run writes into its output folder (``partition/`` aside: ``fedtune partition`` writes it first)."""
 
 

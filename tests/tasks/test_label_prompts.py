@@ -92,9 +92,11 @@ def test_generated_answers_are_scored_beside_the_constrained_prediction(tmp_path
         f'model.name="{folder}"', 'data.task="generative_classification"', 'data.dataset="files"',
         f'data.train_file="{train}"', f'data.eval_file="{evalf}"', 'data.text_column="text"',
         'data.label_column="label"', "data.max_length=160", "partition.num_clients=2", "federation.rounds=3",
-        "train.epochs=4", "train.lr=0.005", "train.batch_size=16", 'model.mode="full"', "eval.initial=true",
+        "train.epochs=4", "train.lr=0.003", "train.batch_size=16", 'model.mode="full"', "eval.initial=true",
         "eval.generative=true", "eval.samples=60", "eval.max_new_tokens=8", f'output_dir="{tmp_path / "run"}"',
     ])
+    # (lr 0.003: at 0.005, full fine-tuning of the tiny Llama fits the training rows but, with this
+    # machine's kernels, ends at 0.67 on the 60 eval rows; 0.003 reaches 0.92 by round 2, 0.97 at round 3)
     result = run_experiment(exp, quiet=True)
     first, last = result.history[0], result.history[-1]
     # untrained, the tiny Llama answers with no label at all (all unparsed, counted wrong); trained, it names one

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fedtune import encode_cache
 from fedtune.batching import EncodedDataset
 from fedtune.config import DataConfig, EvalConfig, ModelConfig
 from fedtune.generation import generate_batches
@@ -123,12 +124,26 @@ class CausalLMTask(Task):
             self.format = PromptFormat(tokenizer, data_cfg.prompt_format)
             self.eval_examples = evals
             self.samples, self.max_new_tokens = eval_cfg.samples, eval_cfg.max_new_tokens
-            self.train = _lm_rows(_with_answers(self.format.encode(train, data_cfg.max_length), "training",
+            self.train = _lm_rows(_with_answers(self._encode_instructions(train, data_cfg.max_length), "training",
                                                 data_cfg.max_length))
             self._eval = _with_answers(self.format.encode(evals, data_cfg.max_length), "evaluation",
                                        data_cfg.max_length)
         except PromptFormatError as exc:
             raise DataError(str(exc)) from None
+
+    def _encode_instructions(self, examples: Sequence[Instruction], max_length: int) -> EncodedLM:
+        """The prompt format's encoding of ``examples`` (through :mod:`fedtune.encode_cache` on a Flower node)."""
+        if not encode_cache.is_enabled():
+            return self.format.encode(examples, max_length)
+
+        def compute() -> dict:
+            enc = self.format.encode(examples, max_length)
+            return {"input_ids": enc.input_ids, "labels": enc.labels}
+
+        lists = encode_cache.cached_token_lists(
+            "causal_lm", self.tokenizer, {"format": self.format.name, "max_length": max_length},
+            encode_cache.inputs_digest([ex.messages() for ex in examples]), compute)
+        return EncodedLM(lists["input_ids"], lists["labels"])
 
     @property
     def units(self) -> PartitionUnits:
@@ -209,8 +224,15 @@ class GenerativeClassificationTask(Task):
         return list(zip(ds.texts, ds.text_pairs or [""] * len(ds.texts)))
 
     def _encode(self, ds) -> EncodedLM:
-        rows = [self.prompts.row(t, p, label) for (t, p), label in zip(self._texts(ds), ds.labels)]
-        return EncodedLM([r[0] for r in rows], [r[1] for r in rows])
+        def compute() -> dict:
+            rows = [self.prompts.row(t, p, label) for (t, p), label in zip(self._texts(ds), ds.labels)]
+            return {"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]}
+
+        options = {"template": self.prompts.template, "format": self.prompts.format_name,
+                   "max_length": self.prompts.max_length, "label_names": self.prompts.label_names}
+        lists = encode_cache.cached_token_lists("generative_classification", self.tokenizer, options,
+                                                encode_cache.inputs_digest(ds.texts, ds.text_pairs, ds.labels), compute)
+        return EncodedLM(lists["input_ids"], lists["labels"])
 
     @property
     def units(self) -> PartitionUnits:

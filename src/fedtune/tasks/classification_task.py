@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from fedtune import encode_cache
 from fedtune.batching import EncodedDataset, encode_texts
 from fedtune.config import ModelConfig
 from fedtune.evaluation import evaluate_classifier
@@ -37,9 +39,20 @@ class ClassificationTask(Task):
         self.headline = f"{first}_{self.primary}" if len(self.evals) > 1 else self.primary
 
     def encode(self, ds) -> EncodedDataset:
-        """Tokenize a TextDataset of this task."""
-        return encode_texts(self.tokenizer, ds.texts, ds.text_pairs, ds.labels, self.max_length,
-                            self.data.is_regression)
+        """Tokenize a TextDataset of this task (through :mod:`fedtune.encode_cache` on a Flower node)."""
+        if not encode_cache.is_enabled():
+            return encode_texts(self.tokenizer, ds.texts, ds.text_pairs, ds.labels, self.max_length,
+                                self.data.is_regression)
+
+        def compute() -> dict:
+            enc = encode_texts(self.tokenizer, ds.texts, ds.text_pairs, ds.labels, self.max_length,
+                               self.data.is_regression)
+            return {"input_ids": enc.input_ids, "token_type_ids": enc.token_type_ids}
+
+        lists = encode_cache.cached_token_lists("classification", self.tokenizer, {"max_length": self.max_length},
+                                                encode_cache.inputs_digest(ds.texts, ds.text_pairs), compute)
+        dtype = torch.float32 if self.data.is_regression else torch.long
+        return EncodedDataset(lists["input_ids"], lists["token_type_ids"], torch.as_tensor(list(ds.labels), dtype=dtype))
 
     @property
     def units(self) -> PartitionUnits:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.metrics import f1_score
 
 
 def _check(probs: np.ndarray, targets: np.ndarray) -> None:
@@ -25,6 +24,8 @@ def multilabel_scores(probs, targets, threshold: float = 0.5) -> dict[str, float
     """micro_f1, macro_f1, subset_accuracy (all labels right) and per_label_f1 at ``threshold``."""
     probs, targets = np.asarray(probs, dtype=float), np.asarray(targets).astype(int)
     _check(probs, targets)
+    from sklearn.metrics import f1_score  # (imported here: a node that only trains never pays for scikit-learn)
+
     preds = (probs >= threshold).astype(int)
     return {
         "micro_f1": float(f1_score(targets, preds, average="micro", zero_division=0)),
@@ -38,5 +39,7 @@ def tune_threshold(probs, targets, grid: Sequence[float] = tuple(np.round(np.ara
     """The threshold in ``grid`` with the best micro F1 (the first such on ties)."""
     probs, targets = np.asarray(probs, dtype=float), np.asarray(targets).astype(int)
     _check(probs, targets)
+    from sklearn.metrics import f1_score
+
     scores = [f1_score(targets, (probs >= t).astype(int), average="micro", zero_division=0) for t in grid]
     return float(grid[int(np.argmax(scores))])

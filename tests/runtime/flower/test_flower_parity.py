@@ -9,6 +9,7 @@ result equals two uninterrupted rounds of the simulation.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -48,6 +49,19 @@ def common(tiny_experiment):
     return make
 
 
+def _check_node_timing(path) -> None:
+    """Every reply's phases were written: the nodes' identification and each round's training, each message
+    in a fresh ClientApp process (its own imports), all of it inside the server's round trip."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted((r["kind"], r["round"]) for r in records) == [("identify", 0)] * 2 + [("train", 1)] * 2 + \
+        [("train", 2)] * 2, records
+    for r in records:
+        assert r["phases"]["imports"] > 0 and r["phases"]["model"] > 0, r
+        assert sum(r["phases"].values()) <= r["round_trip"] + 0.5, r
+        if r["kind"] == "train":
+            assert r["phases"]["train"] > 0, r
+
+
 def test_flower_deployment_matches_simulation(common, tmp_path):
     """FedAvg, FedProx and resumed FedAdam: real SuperLink + 2 SuperNodes give the simulation's model (1e-6)."""
     sims = {name: run_experiment(common(tmp_path / f"sim-{name}", *opts), quiet=True)
@@ -73,6 +87,7 @@ def test_flower_deployment_matches_simulation(common, tmp_path):
             assert diff <= 1e-6, f"{name}: max |flower - simulation| = {diff:.3e}"
             sim_acc = sims[name].final_metrics["accuracy"]
             assert result.final_metrics["accuracy"] == pytest.approx(sim_acc, abs=1e-9)
+            _check_node_timing(result.output_dir / "node_timing.jsonl")
 
         # FedAdam, interrupted after round 1 and resumed by a new Flower run from the checkpoint.
         out = tmp_path / "flower-fedadam"

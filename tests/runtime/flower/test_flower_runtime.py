@@ -86,6 +86,11 @@ def test_node_config(tmp_path):
     assert NodeData.from_node_config({"manifest": str(manifest), "require-secagg": True}).require_secagg
     with pytest.raises(NodeConfigError, match="require-secagg: expected true or false"):
         NodeData.from_node_config({"manifest": str(manifest), "require-secagg": "yes"})
+    assert NodeData.from_node_config({"manifest": str(manifest), "threads": 1}).threads == 1
+    assert NodeData.from_node_config({"manifest": str(manifest)}).threads == 0  # torch's default
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(NodeConfigError, match="node-config threads: expected a whole number >= 0"):
+            NodeData.from_node_config({"manifest": str(manifest), "threads": bad})
 
 
 def test_unreachable_superlink_names_the_address():

@@ -8,4 +8,6 @@
 - :mod:`.secagg`: SecAgg+ secure aggregation (Flower's workflow and client mod) for ``runtime.secagg``.
 - :mod:`.launch`: ``fedtune run`` with ``runtime.mode = "flower"`` or ``"flower-simulation"``.
 - :mod:`.credentials`: TLS certificates and SuperNode authentication keys (``python -m ...credentials``).
+- :mod:`.site`: ``fedtune node`` (a site checks its data, then runs its SuperNode).
+- :mod:`.node_timing`: where each message's time goes on a node (``node_timing.jsonl``).
 """

@@ -18,12 +18,17 @@ Two message handlers:
   as ArrayRecords, so it survives between rounds on this node and never leaves it.
 
 Loaded models and encoded rows are cached per process (Flower's simulation engine reuses its
-workers; a deployed SuperNode starts a fresh ClientApp process per message).
+workers); a deployed SuperNode starts a fresh ClientApp process per message (in both of Flower's
+isolation modes), so the node's tokenized rows are also cached on disk (:mod:`fedtune.encode_cache`)
+and every message reports where its time went (:mod:`fedtune.runtime.flower.node_timing`).
 """
 
 from __future__ import annotations
 
+from fedtune.runtime.flower.node_timing import PhaseClock  # first: its import time starts the "imports" phase
+
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +37,7 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from fedtune import encode_cache
 from fedtune.attacks import byzantine_update, poison_rows
 from fedtune.client import local_train
 from fedtune.config import Experiment
@@ -48,6 +54,17 @@ from fedtune.tasks.task import EvalContext
 from fedtune.types import ClientScore
 
 log = logging.getLogger(__name__)
+_IMPORTS_DONE = time.time()
+_FIRST_MESSAGE = [True]
+
+
+def _clock() -> PhaseClock:
+    """A PhaseClock for this message; the process's start-up phases go to its first message only."""
+    clock = PhaseClock()
+    if _FIRST_MESSAGE[0]:
+        _FIRST_MESSAGE[0] = False
+        clock.start_of_process(_IMPORTS_DONE, time.time())
+    return clock
 
 
 @dataclass
@@ -66,19 +83,24 @@ class _Resident:
 _RESIDENT: dict[tuple, _Resident] = {}
 
 
-def _resident(exp: Experiment, node: NodeData, task_info: messages.TaskInfo, device: torch.device) -> _Resident:
+def _resident(exp: Experiment, node: NodeData, task_info: messages.TaskInfo, device: torch.device,
+              clock: PhaseClock | None = None) -> _Resident:
     """Build (once per process) the task on this node's data and the model with the task's head."""
+    clock = clock if clock is not None else PhaseClock()
     key = (exp.to_toml(), node, task_info, str(device))
     if key not in _RESIDENT:
         _RESIDENT.clear()  # one resident model per process
-        tokenizer = load_tokenizer(exp.model.name, exp.model.gguf_file)
-        task, rows, held_out = node.load_task(exp, task_info.label_names, tokenizer,
-                                              holdout=exp.personalization.holdout if needs_holdout(exp) else 0.0)
+        with clock.phase("tokenizer"):
+            tokenizer = load_tokenizer(exp.model.name, exp.model.gguf_file)
+        with clock.phase("data"), encode_cache.enabled():  # later messages read the rows back (encode_cache)
+            task, rows, held_out = node.load_task(exp, task_info.label_names, tokenizer,
+                                                  holdout=exp.personalization.holdout if needs_holdout(exp) else 0.0)
         attack = node.attack_in(exp)
         if attack is not None:
             log.warning("client %s is byzantine: %s", node.client_id, attack)
             rows = poison_rows(rows, attack, len(task_info.label_names or ()))
-        model = build_model(task, exp, device)
+        with clock.phase("model"):
+            model = build_model(task, exp, device)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         _RESIDENT[key] = _Resident(model, task, rows, held_out, pad_id, attack)
     return _RESIDENT[key]
@@ -93,19 +115,25 @@ def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | Non
     app = ClientApp()
 
     def node_of(context: Context) -> NodeData:
-        return NodeData.from_node_config(context.node_config, manifest_dir)
+        node = NodeData.from_node_config(context.node_config, manifest_dir)
+        if node.threads and torch.get_num_threads() != node.threads:
+            torch.set_num_threads(node.threads)
+        return node
 
     @app.query("identify")
     def identify(msg: Message, context: Context) -> Message:
+        clock = _clock()
         exp = experiment(context.run_config)
         task = messages.decode_identify_request(msg.content)
         node = node_of(context)
-        rows = _resident(exp, node, task, default_device()).rows
-        log.info("node %s is client %s with %d rows", context.node_id, node.client_id, len(rows))
-        return Message(messages.encode_identity(messages.Identity(node.client_id, len(rows))), reply_to=msg)
+        rows = _resident(exp, node, task, default_device(), clock).rows
+        log.info("node %s is client %s with %d rows (%s)", context.node_id, node.client_id, len(rows), clock.summary())
+        content = messages.encode_identity(messages.Identity(node.client_id, len(rows)))
+        return Message(messages.with_timing(content, clock.phases), reply_to=msg)
 
     @app.train(mods=[secagg.client_mod])
     def train(msg: Message, context: Context) -> Message:
+        clock = _clock()
         exp = experiment(context.run_config)
         request = messages.decode_train_request(msg.content)
         node = node_of(context)
@@ -117,23 +145,28 @@ def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | Non
                                   "require-secagg = true); the server asked for a plain update "
                                   "(runtime.secagg = false)")
         device = default_device()
-        resident = _resident(exp, node, request.task, device)
+        resident = _resident(exp, node, request.task, device, clock)
         state = messages.load_client_state(context.state)
-        update = local_train(
-            resident.model, resident.rows, request.plan, node.client_id, pad_id=resident.pad_id,
-            seed=client_seed(exp.seed, request.plan.round, node.client_id), device=device, state=state,
-        )
+        with clock.phase("train"):
+            update = local_train(
+                resident.model, resident.rows, request.plan, node.client_id, pad_id=resident.pad_id,
+                seed=client_seed(exp.seed, request.plan.round, node.client_id), device=device, state=state,
+            )
         update = byzantine_update(update, resident.attack, exp.seed, request.plan.round)
         if secagg.is_secagg(msg.content):  # secaggplus_mod masks the delta and drops the plain arrays
             messages.save_client_state(state, context.state)
             secagg.seed_rounding(client_seed(exp.seed, request.plan.round, f"{node.client_id}/secagg"))
             return Message(secagg.encode_reply(update, secagg.delta_names(request.plan.params)), reply_to=msg)
-        encoded = request.channel.encode_update(update, state, request.plan)  # codec_up; feedback in state
-        messages.save_client_state(state, context.state)
-        return Message(messages.encode_update(encoded), reply_to=msg)
+        with clock.phase("encode"):
+            encoded = request.channel.encode_update(update, state, request.plan)  # codec_up; feedback in state
+            messages.save_client_state(state, context.state)
+            content = messages.encode_update(encoded)
+        log.info("client %s round %d: %s", node.client_id, request.plan.round, clock.summary())
+        return Message(messages.with_timing(content, clock.phases), reply_to=msg)
 
     @app.evaluate()
     def score(msg: Message, context: Context) -> Message:
+        clock = _clock()
         exp = experiment(context.run_config)
         request, what = messages.decode_score_request(msg.content)
         node = node_of(context)
@@ -141,14 +174,15 @@ def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | Non
             raise ValueError(f"node {context.node_id} is client {node.client_id!r}, "
                              f"but the server addressed client {request.client_id!r}")
         device = default_device()
-        resident = _resident(exp, node, request.task, device)
+        resident = _resident(exp, node, request.task, device, clock)
         ctx = EvalContext(exp.eval.batch_size, resident.pad_id, device, exp.train.precision)
         rows = resident.held_out if what.rows == HELD_OUT else resident.rows
-        scores = client_scores(resident.model, resident.task, request.plan, node.client_id, what,
-                               train_rows=resident.rows, held_out=resident.held_out,
-                               state=messages.load_client_state(context.state), ctx=ctx,
-                               seed=client_seed(exp.seed, request.plan.round, node.client_id))
+        with clock.phase("score"):
+            scores = client_scores(resident.model, resident.task, request.plan, node.client_id, what,
+                                   train_rows=resident.rows, held_out=resident.held_out,
+                                   state=messages.load_client_state(context.state), ctx=ctx,
+                                   seed=client_seed(exp.seed, request.plan.round, node.client_id))
         reply = ClientScore(node.client_id, len(rows) if rows is not None else 0, scores)
-        return Message(messages.encode_score(reply), reply_to=msg)
+        return Message(messages.with_timing(messages.encode_score(reply), clock.phases), reply_to=msg)
 
     return app

@@ -31,12 +31,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedtune.errors import CredentialsError
+
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 """Names every server certificate is valid for (a SuperLink reached on this machine)."""
-
-
-class CredentialsError(ValueError):
-    """Credentials cannot be made where asked (a file exists already, a bad host name, ...)."""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,9 @@ an IDENTIFY request carries ``"fedtune.task"`` (schema, task.*), its reply ``"fe
     "fedtune.delta"   ArrayRecord   ClientUpdate.delta, encoded with codec.up
     "fedtune.metrics" MetricRecord  ClientUpdate.metrics
     "fedtune.extra.<name>" ArrayRecord   ClientUpdate.extras[name], encoded with codec.up
+
+and every reply may carry ``"fedtune.timing"`` (MetricRecord: phase -> seconds on the node,
+:mod:`fedtune.runtime.flower.node_timing`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ _UPDATE, _DELTA, _METRICS, _EXTRA = "fedtune.update", "fedtune.delta", "fedtune.
 _IDENTITY, _TASK = "fedtune.identity", "fedtune.task"
 _SCORE_REQUEST, _SCORE_REPLY, _SCORES = "fedtune.score", "fedtune.scored", "fedtune.scores"
 _STATE = "fedtune.state."
+_TIMING = "fedtune.timing"
 _PAYLOAD, _PAYLOAD_STYPE = "payload", "fedtune.codec"
 
 class MessageError(ValueError):
@@ -243,6 +247,22 @@ def encode_update(update: EncodedUpdate) -> RecordDict:
     for name, data in update.extras.items():
         content[_EXTRA + name] = payload_record(data)
     return content
+
+
+def with_timing(content: RecordDict, phases: dict[str, float]) -> RecordDict:
+    """``content`` with the node's phase timings (seconds) added as the ``fedtune.timing`` record."""
+    content[_TIMING] = MetricRecord({k: float(v) for k, v in phases.items()})
+    return content
+
+
+def read_timing(content: RecordDict) -> dict[str, float]:
+    """The node's phase timings of a reply (empty when it carries none, e.g. a SecAgg+ reply)."""
+    rec = content.get(_TIMING) if _TIMING in content else None
+    if rec is None:
+        return {}
+    if not isinstance(rec, MetricRecord):
+        raise MessageError(f"record {_TIMING!r}: expected a MetricRecord, got {type(rec).__name__}")
+    return {k: float(v) for k, v in rec.items()}
 
 
 def decode_update(content: RecordDict) -> EncodedUpdate:

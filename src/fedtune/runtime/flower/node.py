@@ -25,6 +25,10 @@ Keys (all optional, but the node must end up with a client id and exactly one da
     ``true``: this node trains only in SecAgg+ rounds (``runtime.secagg``); a plain train request,
     which would send its update to the server in clear, is refused with an error. The data
     holder's own guard: the server's configuration is not theirs to check.
+``threads``
+    CPU threads this node's training uses (``torch.set_num_threads``); 0 or absent: torch's default
+    (every core). Several SuperNodes sharing one machine should split its cores between them: two
+    nodes each using every core of the same CPU train several times slower than one after the other.
 ``attack`` / ``attack-scale`` / ``attack-noise-std``
     Make this node byzantine, whatever the server's experiment says: ``"sign_flip"``, ``"scale"``,
     ``"noise"`` (what it sends instead of its honest update) or ``"label_flip"`` (it trains on
@@ -54,9 +58,10 @@ from fedtune.tasks.task import Task
 
 CLIENT_ID, TRAIN_FILE, MANIFEST, DATA_DIR = "client-id", "train-file", "manifest", "data-dir"
 PARTITION_ID, NUM_PARTITIONS, REQUIRE_SECAGG = "partition-id", "num-partitions", "require-secagg"
+THREADS = "threads"
 ATTACK, ATTACK_SCALE, ATTACK_NOISE_STD = "attack", "attack-scale", "attack-noise-std"
-KNOWN_KEYS = (CLIENT_ID, TRAIN_FILE, MANIFEST, DATA_DIR, REQUIRE_SECAGG, ATTACK, ATTACK_SCALE, ATTACK_NOISE_STD,
-              PARTITION_ID, NUM_PARTITIONS)
+KNOWN_KEYS = (CLIENT_ID, TRAIN_FILE, MANIFEST, DATA_DIR, REQUIRE_SECAGG, THREADS, ATTACK, ATTACK_SCALE,
+              ATTACK_NOISE_STD, PARTITION_ID, NUM_PARTITIONS)
 
 
 class NodeConfigError(ValueError):
@@ -75,6 +80,8 @@ class NodeData:
     """Refuse train requests outside SecAgg+ rounds (node config ``require-secagg = true``)."""
     attack: Attack | None = None
     """This node's own byzantine behaviour (node config ``attack``), or None to follow the experiment."""
+    threads: int = 0
+    """CPU threads for this node's torch work (node config ``threads``); 0: torch's default."""
 
     @classmethod
     def from_node_config(cls, raw: Mapping[str, Any], manifest_dir: str | Path | None = None) -> "NodeData":
@@ -114,8 +121,11 @@ class NodeData:
         require_secagg = raw.get(REQUIRE_SECAGG, False)
         if not isinstance(require_secagg, bool):
             raise NodeConfigError(f"node-config {REQUIRE_SECAGG}: expected true or false, got {require_secagg!r}")
+        threads = raw.get(THREADS, 0)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+            raise NodeConfigError(f"node-config {THREADS}: expected a whole number >= 0, got {threads!r}")
         return cls(client_id=client_id, train_file=train_file, manifest=manifest, data_dir=data_dir,
-                   require_secagg=require_secagg, attack=_attack(raw, text(ATTACK)))
+                   require_secagg=require_secagg, attack=_attack(raw, text(ATTACK)), threads=threads)
 
     def attack_in(self, exp: Experiment) -> Attack | None:
         """What this node does as a byzantine client: its own node config's attack, else the experiment's."""

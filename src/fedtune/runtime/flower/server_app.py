@@ -77,6 +77,7 @@ def run_on_grid(exp, transport: FlowerTransport, *, quiet: bool = False, resume:
     check_experiment(exp)
     ckpt = checkpoint.checkpoint_to_resume(exp, remote=True) if resume else None
     side = prepare_server(exp, server_task, default_device(), resume=ckpt is not None)
+    transport.timing_log = side.out / "node_timing.jsonl"  # where each reply's time went (node_timing)
     sizes = transport.connect(side.task.units.label_names)  # the training data stays on the nodes
     ids = sorted(sizes)
     # The server sees only who the clients are and how many rows each holds: that is its fingerprint.

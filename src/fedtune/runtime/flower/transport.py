@@ -21,10 +21,12 @@ metrics.jsonl record).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Message
@@ -95,6 +97,11 @@ class FlowerTransport:
         self.asking: dict[str, int] = {}
         """Message id -> node id of IDENTIFY requests sent to nodes that joined after the start."""
         self._next_look = 0.0
+        self.timings: list[dict] = []
+        """One record per reply: kind, round, client, ``round_trip`` seconds and the node's ``phases``
+        (:mod:`fedtune.runtime.flower.node_timing`); appended to ``timing_log`` when it is set."""
+        self.timing_log: Path | None = None
+        self._round_trips: dict[Any, float] = {}
 
     def connect(self, label_names: Sequence[str] | None) -> dict[str, int]:
         """Wait for enough SuperNodes, ask each which client it is; return ``{client_id: num_examples}``.
@@ -127,6 +134,7 @@ class FlowerTransport:
                                       f"client id {ident.client_id!r}; give each node its own client-id")
             self.nodes[ident.client_id] = int(node_id)
             sizes[ident.client_id] = ident.num_examples
+            self._note_timing("identify", 0, ident.client_id, node_id, reply)
         self.sizes = sizes
         if len(sizes) < self.needed:
             raise FederationError(f"only {len(sizes)} of {self.needed} SuperNodes identified within "
@@ -188,6 +196,7 @@ class FlowerTransport:
         deadline = time.monotonic() + self.runtime.round_timeout
         for i, reply in self._exchange([m for m, _ in out], deadline, [i for _, i in out], f"round {plan.round}",
                                        resend=resend):
+            self._note_timing("train", plan.round, clients[i], i, reply)
             arrived[i] = self._decode(plan, clients[i], reply, stats)
             while next_up in arrived:
                 update = arrived.pop(next_up)
@@ -228,6 +237,7 @@ class FlowerTransport:
                 self._fail(plan.round, clients[i], f"scoring: {error_text(reply)}", stats)
                 continue
             stats.bytes_up += messages.encoded_size(reply.content)
+            self._note_timing("score", plan.round, clients[i], i, reply)
             got[i] = messages.decode_score(reply.content)
         if not got:
             raise FederationError(f"no client answered the scoring request before round {plan.round}")
@@ -237,6 +247,19 @@ class FlowerTransport:
     def quorum(self, sampled: int) -> int:
         """Answers a round needs: ``runtime.min_clients`` (at most the sampled count), or 1 when it is 0."""
         return min(self.runtime.min_clients, sampled) if self.runtime.min_clients > 0 else 1
+
+    def _note_timing(self, kind: str, rnd: int, cid: str, key: Any, reply: Message) -> None:
+        """Keep (and log to ``timing_log``) where the reply's time went: its round trip and the node's phases."""
+        if reply.has_error():
+            return
+        record = {"kind": kind, "round": rnd, "client": cid,
+                  "round_trip": round(self._round_trips.get(key, float("nan")), 3),
+                  "phases": {k: round(v, 3) for k, v in messages.read_timing(reply.content).items()}}
+        self.timings.append(record)
+        log.debug("%s %d client %s: %s", kind, rnd, cid, record)
+        if self.timing_log is not None:
+            with open(self.timing_log, "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def _fail(self, rnd: int, cid: str, why: str, stats: CommStats | None = None) -> None:
         self.failures.append((rnd, cid, why))
@@ -355,12 +378,15 @@ class FlowerTransport:
         """
         self.missing: list = []
         pending = dict(zip(self.grid.push_messages(out), keys))
+        sent = {k: time.monotonic() for k in keys}
+        self._round_trips = {}
         done: set = set()
         while pending:
             for reply in self.grid.pull_messages(list(pending)):
                 key = pending.pop(reply.metadata.reply_to_message_id, None)
                 if key is not None and key not in done:
                     done.add(key)
+                    self._round_trips[key] = time.monotonic() - sent[key]
                     pending = {m: k for m, k in pending.items() if k != key}
                     yield key, reply
             if not pending:

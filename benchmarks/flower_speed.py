@@ -8,12 +8,16 @@ Both write ``metrics.jsonl``; the Flower run also writes ``node_timing.jsonl`` (
 time went on its node, :mod:`fedtune.runtime.flower.node_timing`).
 
     FEDTUNE_DATA_DIR=../shared/data python benchmarks/flower_speed.py [--experiment FILE] [--set KEY=VALUE ...]
-        [--fresh-cache] [--keep DIR]
+        [--fresh-cache] [--rss] [--keep DIR]
 
 Prints each round's time both ways and the ratio Flower / simulation (target: <= 1.5 plus a few
 seconds), the end-to-end wall times, the headline metrics of both (they must agree: the runtimes
 are equal), and the mean seconds per phase on the nodes for identify, each round's train, and
-scoring. ``--fresh-cache`` empties the nodes' shard cache first (the first run on a new machine).
+scoring, and the largest difference between the two runs' saved models (the runtimes must agree).
+``--fresh-cache`` empties the nodes' shard cache first (the first run on a new machine); ``--rss``
+samples every Flower process during the Flower run (``scripts/peak_rss.py``) and prints each
+role's peak resident memory (SuperLink with the ServerApp, each SuperNode with its ClientApps).
+Large payloads: ``--set model.mode='"full"'`` on ``embedded-llm`` moves the whole model each way.
 """
 
 from __future__ import annotations
@@ -71,6 +75,22 @@ def _phase_table(timings: list[dict]) -> list[str]:
     return rows
 
 
+def _model_diff(a: Path, b: Path) -> float:
+    """The largest absolute difference between the tensors of two runs' ``model/`` safetensors files."""
+    from safetensors.torch import load_file
+
+    files = sorted(p.name for p in (a / "model").glob("*.safetensors"))
+    if not files or files != sorted(p.name for p in (b / "model").glob("*.safetensors")):
+        raise SystemExit(f"the runs saved different model files: {files} / {list((b / 'model').glob('*'))}")
+    worst = 0.0
+    for name in files:
+        x, y = load_file(a / "model" / name), load_file(b / "model" / name)
+        if set(x) != set(y):
+            raise SystemExit(f"{name}: the runs saved different tensors")
+        worst = max([worst, *((x[k].float() - y[k].float()).abs().max().item() for k in x)])
+    return worst
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--experiment", default=str(ROOT / "flower_app" / "experiment.toml"))
@@ -79,6 +99,7 @@ def main() -> None:
     ap.add_argument("--node-threads", type=int, default=-1,
                     help="node-config threads of each SuperNode (default: this machine's cores split over the "
                          "nodes; 0: torch's default, every core for every node)")
+    ap.add_argument("--rss", action="store_true", help="peak resident memory of every Flower process")
     ap.add_argument("--keep", help="work in this folder and keep it (default: a temporary one, removed)")
     args = ap.parse_args()
 
@@ -114,9 +135,16 @@ def main() -> None:
         for i in range(clients):
             manifest = fl_out / "partition" / f"client_{i:03d}.json"
             fed.start_supernode(f"node{i}", f'manifest="{manifest}" data-dir="{data_dir}" threads={args.node_threads}')
-        fl_wall = _fedtune("run", exp, "--output", str(fl_out), "--set", "runtime.mode=flower",
-                           "--set", f'runtime.superlink="{fed.address}"', "--set", "runtime.insecure=true",
-                           "--set", f"runtime.min_clients={clients}", *sets, env=env, cwd=work)
+        rss = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "peak_rss.py"), "--out", str(work / "rss.json")],
+                               stdout=subprocess.DEVNULL) if args.rss else None
+        try:
+            fl_wall = _fedtune("run", exp, "--output", str(fl_out), "--set", "runtime.mode=flower",
+                               "--set", f'runtime.superlink="{fed.address}"', "--set", "runtime.insecure=true",
+                               "--set", f"runtime.min_clients={clients}", *sets, env=env, cwd=work)
+        finally:
+            if rss is not None:
+                rss.terminate()
+                rss.wait(30)
     sim, fl = _rounds(sim_out / "metrics.jsonl"), _rounds(fl_out / "metrics.jsonl")
     timings = _rounds(fl_out / "node_timing.jsonl")
 
@@ -131,6 +159,13 @@ def main() -> None:
         print(f"{k}: simulation {sim[-1][k]:.6f}, Flower {fl[-1].get(k, float('nan')):.6f}")
     print("\nseconds on the nodes per message (mean over the nodes):")
     print("\n".join(_phase_table(timings)))
+    print(f"\nlargest |Flower - simulation| over the saved model's tensors: {_model_diff(sim_out, fl_out):.3e}")
+    print(f"bytes per round: up {fl[-1]['bytes_up']:,}, down {fl[-1]['bytes_down']:,} (Flower records); "
+          f"simulation {sim[-1]['bytes_up']:,} / {sim[-1]['bytes_down']:,}")
+    if args.rss:
+        peaks = json.loads((work / "rss.json").read_text())
+        print("peak resident memory (GB): " + ", ".join(f"{k} {v}" for k, v in peaks["peak_gb"].items())
+              + f"; all at once {peaks['peak_sum_gb']}")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     else:

@@ -99,3 +99,41 @@ def test_secagg_rounding_is_seeded():
         return quantize(arr, 8.0, 2**10)[0]
 
     assert np.array_equal(q(3), q(3)) and not np.array_equal(q(3), q(4))
+
+
+
+def test_exchange_times_a_plan_sent_again_to_a_client_first_offline():
+    """A key first pushed by ``resend`` (its client was offline at the start and came back while the round
+    waited) gets its round trip from that push, and the reply's phase timings are kept."""
+    from types import SimpleNamespace
+
+    from flwr.app import RecordDict
+
+    from fedtune.runtime.flower import messages
+
+    class _Slow(_Grid):
+        """Answers nothing on the first pull, then every message pushed so far."""
+
+        def __init__(self):
+            super().__init__({1, 2})
+            self.ids, self.pulls = [], 0
+
+        def push_messages(self, msgs):
+            new = [f"m{len(self.ids) + i}" for i in range(len(msgs))]
+            self.ids += new
+            return new
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            content = messages.with_timing(RecordDict(), {"train": 1.0})
+            return [] if self.pulls == 1 else [
+                SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i), content=content,
+                                has_error=lambda: False) for i in ids]
+
+    t = FlowerTransport(_Slow(), Experiment.from_overrides(['runtime.mode="flower"']).runtime, expected_clients=2)
+    resent = iter([[(object(), 7)]])
+    got = dict(t._exchange([object()], deadline=1e18, keys=[0], what="round 1", resend=lambda: next(resent, [])))
+    assert sorted(got) == [0, 7] and sorted(t._round_trips) == [0, 7]
+    t._note_timing("train", 1, "client_007", 7, got[7])
+    assert t.timings == [{"kind": "train", "round": 1, "client": "client_007",
+                          "round_trip": round(t._round_trips[7], 3), "phases": {"train": 1.0}}]

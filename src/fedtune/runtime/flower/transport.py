@@ -252,9 +252,14 @@ class FlowerTransport:
         """Keep (and log to ``timing_log``) where the reply's time went: its round trip and the node's phases."""
         if reply.has_error():
             return
+        try:
+            phases = messages.read_timing(reply.content)
+        except messages.MessageError as exc:  # diagnostics only: the reply itself is judged by its decoder
+            log.warning("%s %d: client %s sent unreadable timings: %s", kind, rnd, cid, exc)
+            phases = {}
         record = {"kind": kind, "round": rnd, "client": cid,
                   "round_trip": round(self._round_trips.get(key, float("nan")), 3),
-                  "phases": {k: round(v, 3) for k, v in messages.read_timing(reply.content).items()}}
+                  "phases": {k: round(v, 3) for k, v in phases.items()}}
         self.timings.append(record)
         log.debug("%s %d client %s: %s", kind, rnd, cid, record)
         if self.timing_log is not None:
@@ -378,7 +383,8 @@ class FlowerTransport:
         """
         self.missing: list = []
         pending = dict(zip(self.grid.push_messages(out), keys))
-        sent = {k: time.monotonic() for k in keys}
+        start = time.monotonic()
+        sent = dict.fromkeys(keys, start)
         self._round_trips = {}
         done: set = set()
         while pending:
@@ -386,7 +392,7 @@ class FlowerTransport:
                 key = pending.pop(reply.metadata.reply_to_message_id, None)
                 if key is not None and key not in done:
                     done.add(key)
-                    self._round_trips[key] = time.monotonic() - sent[key]
+                    self._round_trips[key] = time.monotonic() - sent.get(key, start)
                     pending = {m: k for m, k in pending.items() if k != key}
                     yield key, reply
             if not pending:
@@ -395,6 +401,7 @@ class FlowerTransport:
                 again = resend()
                 if again:
                     pending.update(zip(self.grid.push_messages([m for m, _ in again]), [k for _, k in again]))
+                    sent.update(dict.fromkeys((k for _, k in again), time.monotonic()))  # a plan sent again
             if time.monotonic() > deadline:
                 self.missing = sorted(set(pending.values()))
                 log.error("%s: no reply from %s before the timeout", what, ", ".join(map(str, self.missing)))

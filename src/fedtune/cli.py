@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -248,7 +249,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         print("data check passed; not joining (--check)")
         return 0
     print("data check passed; joining: " + " ".join(cmd), flush=True)
-    return subprocess.run(cmd, env=site.node_env(), check=False).returncode
+    return _foreground(subprocess.Popen(cmd, env=site.node_env()))
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -263,8 +264,9 @@ def cmd_server(args: argparse.Namespace) -> int:
     auth = not args.no_auth
     if auth and not creds.public_keys():
         raise ConfigError(f"no site keys in {creds.nodes}: name each site with --site NAME (or run with --no-auth)")
+    operator.check_port_free(args.port)
     proc = subprocess.Popen(operator.superlink_command(creds, args.port, args.bind, auth))
-    try:
+    with _terminated_on_exit(proc):
         operator.wait_listening(args.port, proc)
         local = f"127.0.0.1:{args.port}"
         for line in operator.register_sites(creds, local) if auth else []:
@@ -279,13 +281,36 @@ def cmd_server(args: argparse.Namespace) -> int:
               f"--set runtime.insecure=false --set 'runtime.root_certificates=\"{creds.tls.ca_cert}\"'")
         print(f"Watch it:       fedtune status {args.credentials} --superlink {local} [--run RUN_DIR]", flush=True)
         return proc.wait()
+
+
+def _foreground(proc) -> int:
+    """Wait for ``proc`` (a Flower process we started); stop it when we are interrupted or terminated."""
+    with _terminated_on_exit(proc):
+        return proc.wait()
+
+
+@contextlib.contextmanager
+def _terminated_on_exit(proc):
+    """Within the block, SIGTERM ends us like Ctrl-C does; on leaving it, ``proc`` is stopped if still running
+    (a SuperLink or SuperNode must not outlive the fedtune command that started it)."""
+    import signal
+    import subprocess
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
     finally:
+        signal.signal(signal.SIGTERM, before)
         if proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -9,10 +9,12 @@ trains a round on them and ``fedtune status --run`` reports it.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 pytest.importorskip("flwr")
@@ -93,3 +95,15 @@ def test_server_node_and_status_commands_run_a_federation(tiny_experiment, tiny_
         assert after.returncode == 0, after.stderr
         assert "1 run(s):" in after.stdout and "finished:completed" in after.stdout, after.stdout
         assert f"{tmp_path / 'out'}: round 1 done: clients_aggregated 2" in after.stdout, after.stdout
+
+        # A second server on the same port is refused in one line; SIGTERM to a fedtune command stops the
+        # Flower process it started (nothing outlives it: no orphaned SuperNode or SuperLink holding the port).
+        again = _fedtune("server", str(creds), "--port", str(port), cwd=tmp_path)
+        assert again.returncode == 1 and f"fedtune: error: port {port} is in use" in again.stderr, again.stderr
+        for proc in (fed.procs[-1], fed.procs[0]):  # site_b's fedtune node, then fedtune server
+            children = psutil.Process(proc.pid).children(recursive=True)
+            assert children, "the fedtune command started no Flower process"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) is not None
+            _, alive = psutil.wait_procs(children, timeout=30)
+            assert not alive, [p.cmdline() for p in alive]

@@ -67,3 +67,15 @@ def test_list_json_refuses_what_is_not_flowers_answer():
         operator.list_json("Connection refused", "nodes")
     with pytest.raises(OperatorError, match="Flower's CLI failed: unavailable"):
         operator.list_json('{"success": false, "error-message": "unavailable"}', "runs")
+
+
+def test_a_port_in_use_is_refused():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(OperatorError, match=f"port {port} is in use on this machine"):
+            operator.check_port_free(port)
+    operator.check_port_free(port)  # closed again: free

@@ -112,6 +112,18 @@ def superlink_command(creds: Credentials, port: int, bind: str, auth: bool) -> l
     return cmd
 
 
+def check_port_free(port: int) -> None:
+    """OperatorError when something already listens on ``port`` on this machine (another SuperLink?)."""
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            pass
+    except OSError:
+        return
+    raise OperatorError(f"port {port} is in use on this machine (another SuperLink?); stop it or choose --port")
+
+
 def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
     """Return once something listens on ``port``; OperatorError when ``proc`` exits first or time runs out."""
     import socket
@@ -149,12 +161,14 @@ def register_sites(creds: Credentials, address: str) -> list[str]:
     lines = []
     for pub in creds.public_keys():
         try:
-            answer = json.loads(flwr_cli(creds, address, "supernode", "register", str(pub), "--format", "json"))
+            answer = list_json(flwr_cli(creds, address, "supernode", "register", str(pub), "--format", "json"), "")
         except OperatorError as exc:
             if "already in use" not in str(exc).lower():
-                raise
+                raise OperatorError(f"registering {pub}: {exc}") from None
             lines.append(f"site {pub.stem} was registered already")
             continue
+        if "node-id" not in answer:
+            raise OperatorError(f"registering {pub}: Flower's answer has no node-id: {answer}")
         (creds.nodes / f"{pub.stem}.node-id").write_text(f"{answer['node-id']}\n")
         lines.append(f"registered site {pub.stem} (node {answer['node-id']})")
     return lines
@@ -178,14 +192,17 @@ def site_commands(creds: Credentials, address: str, experiment: str, auth: bool)
     return out
 
 
-def list_json(text: str, key: str) -> list[dict]:
-    """The ``key`` list of a ``flwr ... --format json`` answer (OperatorError when the answer is not that)."""
+def list_json(text: str, key: str):
+    """The ``key`` list of a ``flwr ... --format json`` answer, or the whole answer when ``key`` is empty
+    (OperatorError when the answer is not JSON or says it failed)."""
     try:
         value = json.loads(text[text.index("{"):])
     except (ValueError, json.JSONDecodeError):
         raise OperatorError(f"Flower's CLI did not answer JSON: {' '.join(text.split())[:200]}") from None
     if not value.get("success", True):
-        raise OperatorError(f"Flower's CLI failed: {value.get('error-message', value)}")
+        raise OperatorError(f"Flower's CLI failed: {' '.join(str(value.get('error-message', value)).split())}")
+    if not key:
+        return value
     items = value.get(key, [])
     return items if isinstance(items, list) else []
 

@@ -14,7 +14,7 @@ Prints each round's time both ways and the ratio Flower / simulation (target: <=
 seconds), the end-to-end wall times, the headline metrics of both (they must agree: the runtimes
 are equal), and the mean seconds per phase on the nodes for identify, each round's train, and
 scoring, and the largest difference between the two runs' saved models (the runtimes must agree).
-``--fresh-cache`` empties the nodes' shard cache first (the first run on a new machine); ``--rss``
+``--fresh-cache`` gives both runs an empty fedtune cache (the first run on a new machine); ``--rss``
 samples every Flower process during the Flower run (``scripts/peak_rss.py``) and prints each
 role's peak resident memory (SuperLink with the ServerApp, each SuperNode with its ClientApps).
 Large payloads: ``--set model.mode='"full"'`` on ``embedded-llm`` moves the whole model each way.
@@ -95,7 +95,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--experiment", default=str(ROOT / "flower_app" / "experiment.toml"))
     ap.add_argument("--set", action="append", default=[], help="an override for both runs (fedtune run --set)")
-    ap.add_argument("--fresh-cache", action="store_true", help="empty the nodes' shard cache first")
+    ap.add_argument("--fresh-cache", action="store_true", help="start from an empty fedtune cache (FEDTUNE_CACHE)")
     ap.add_argument("--node-threads", type=int, default=-1,
                     help="node-config threads of each SuperNode (default: this machine's cores split over the "
                          "nodes; 0: torch's default, every core for every node)")
@@ -105,10 +105,11 @@ def main() -> None:
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="flower_speed_")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    cache = work / "cache"
-    if args.fresh_cache and cache.exists():
-        shutil.rmtree(cache)
-    env = {**os.environ, "FEDTUNE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.fresh_cache:  # an empty fedtune cache of its own (GGUF conversions and tokenized rows start over)
+        cache = work / "cache"
+        shutil.rmtree(cache, ignore_errors=True)
+        env["FEDTUNE_CACHE"] = str(cache)
     sets = [x for s in args.set for x in ("--set", s)]
     exp = str(Path(args.experiment).resolve())
     import tomllib

@@ -7,7 +7,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -16,17 +15,7 @@ from pathlib import Path
 
 import psutil
 
-
-def free_port() -> int:
-    """A TCP port that is free right now on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _exe(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    return str(path) if path.exists() else name
+from fedtune.runtime.flower.site import flower_exe as _exe, free_port  # noqa: F401 (free_port: the tests' import)
 
 
 def wait_for_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:

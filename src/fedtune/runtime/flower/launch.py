@@ -224,8 +224,9 @@ def submit(exp: Experiment, *, timeout: float | None = None, resume: bool = Fals
 
 
 def _flwr() -> str:
-    exe = Path(sys.executable).parent / "flwr"
-    return str(exe) if exe.exists() else "flwr"
+    from fedtune.runtime.flower.site import flower_exe
+
+    return flower_exe("flwr")
 
 
 def _strip_ansi(text: str) -> str:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedtune.errors import CredentialsError, OperatorError
 from fedtune.runtime.flower.credentials import TlsFiles, make_node_keys, make_tls_certificates
+from fedtune.runtime.flower.site import flower_exe
 
 CONNECTION = "fedtune"
 """The name of the operator's connection in ``CREDENTIALS/flwr-home/config.toml``."""
@@ -103,7 +103,7 @@ def _check_hosts(cert: Path, hosts: list[str]) -> None:
 
 def superlink_command(creds: Credentials, port: int, bind: str, auth: bool) -> list[str]:
     """The ``flower-superlink`` command for these credentials."""
-    cmd = [_exe("flower-superlink"), *creds.tls.superlink_flags(), "--port", str(port),
+    cmd = [flower_exe("flower-superlink"), *creds.tls.superlink_flags(), "--port", str(port),
            "--disable-runtime-dependency-installation"]
     if bind:
         cmd += ["--host", bind]
@@ -144,7 +144,7 @@ def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> 
 def flwr_cli(creds: Credentials, address: str, *args: str, timeout: float = 60.0) -> str:
     """Run ``flwr args... fedtune`` against the SuperLink; its stdout (OperatorError with its message on failure)."""
     env = {**os.environ, "FLWR_HOME": str(creds.flwr_home(address))}
-    proc = subprocess.run([_exe("flwr"), *args, CONNECTION], env=env, capture_output=True, text=True,
+    proc = subprocess.run([flower_exe("flwr"), *args, CONNECTION], env=env, capture_output=True, text=True,
                           timeout=timeout, check=False)
     if proc.returncode != 0:
         text = " ".join((proc.stdout + " " + proc.stderr).split())
@@ -248,6 +248,3 @@ def last_round(run_dir: str | Path) -> dict | None:
     return json.loads(lines[-1]) if lines else None
 
 
-def _exe(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    return str(path) if path.exists() else name

@@ -137,7 +137,7 @@ def supernode_command(raw: dict, superlink: str, *, insecure: bool = False, root
     if insecure and (root_certificates or auth_key):
         raise NodeConfigError("--insecure cannot be combined with --root-certificates or --auth-key "
                               "(authentication needs TLS)")
-    cmd = [_exe("flower-supernode"), "--superlink", superlink]
+    cmd = [flower_exe("flower-supernode"), "--superlink", superlink]
     if insecure:
         cmd.append("--insecure")
     elif root_certificates:
@@ -164,6 +164,7 @@ def _absolute(path: str) -> str:
     return str(Path(path).expanduser().resolve()) if path else ""
 
 
-def _exe(name: str) -> str:
+def flower_exe(name: str) -> str:
+    """A Flower command (``flwr``, ``flower-superlink``, ...) next to this Python, else by name from ``PATH``."""
     path = Path(sys.executable).parent / name
     return str(path) if path.exists() else name

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -15,21 +14,17 @@ from pathlib import Path
 
 import psutil
 
+from fedtune.errors import OperatorError
+from fedtune.runtime.flower.operator import wait_listening
 from fedtune.runtime.flower.site import flower_exe as _exe, free_port  # noqa: F401 (free_port: the tests' import)
 
 
 def wait_for_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:
-    """Wait until something listens on ``port``; fail with the process log if it dies or times out."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout}s:\n{log.read_text()[-3000:]}")
+    """:func:`fedtune.runtime.flower.operator.wait_listening`, failing with the process's log attached."""
+    try:
+        wait_listening(port, proc, timeout)
+    except OperatorError as exc:
+        raise RuntimeError(f"{exc}:\n{log.read_text()[-3000:]}") from None
 
 
 @dataclass

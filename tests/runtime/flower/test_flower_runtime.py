@@ -40,6 +40,32 @@ def test_train_request_round_trip(objective):
     assert messages.encoded_size(content) > plan.params["w"].numel() * 4
 
 
+def test_shared_payloads_encode_each_view_once():
+    """A round's messages share one encoding per distinct tensor view; each decodes as if encoded alone."""
+    from fedtune.channel import client_view
+    from fedtune.strategies.lora import LoraClient
+
+    names = ("m.q.lora_A.default.weight", "m.q.lora_B.default.weight")
+    params = {names[0]: torch.randn(4, 6), names[1]: torch.randn(5, 4), "head.weight": torch.randn(2, 5)}
+    plan = RoundPlan(2, params, LocalTrainConfig(1, 1, 0.1, 4),
+                     adapter=LoraClient(rule="fedit", rank=4, client_ranks={"small": 2}))
+    task, channel = messages.TaskInfo(("a", "b")), Channel.from_specs(down="fp16")
+    shared = messages.SharedPayloads(channel.down)
+    contents = {cid: messages.encode_train_request(
+        messages.TrainRequest(cid, client_view(plan, cid), task, channel), shared) for cid in ("a", "b", "small")}
+    rec = "fedtune.tensor.params"
+    assert contents["a"][rec] is contents["b"][rec]            # the same rank-4 view: encoded once
+    assert contents["small"][rec] is not contents["a"][rec]    # rank 2 is another view
+    assert len(shared) == 2
+    for cid, content in contents.items():
+        alone = messages.encode_train_request(messages.TrainRequest(cid, client_view(plan, cid), task, channel))
+        assert messages.record_payload(content, rec) == messages.record_payload(alone, rec)
+        back = messages.decode_train_request(content)
+        assert back.client_id == cid and back.plan.params[names[0]].shape[0] == (2 if cid == "small" else 4)
+    with pytest.raises(ValueError, match="another codec"):
+        messages.encode_train_request(messages.TrainRequest("a", plan, task, Channel()), shared)
+
+
 def test_update_round_trip_and_schema_errors():
     """ClientUpdate (with extras) round-trips; a missing record or a foreign schema is a clear error."""
     u = ClientUpdate("client_001", {"w": torch.randn(3)}, 12, {"train_loss": 0.5}, {"scaffold_delta_c": {"w": torch.ones(3)}})

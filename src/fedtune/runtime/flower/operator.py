@@ -128,17 +128,18 @@ def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> 
     """Return once something listens on ``port``; OperatorError when ``proc`` exits first or time runs out."""
     import socket
 
+    name = Path(str(proc.args[0] if isinstance(proc.args, (list, tuple)) else proc.args)).name
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise OperatorError(f"flower-superlink exited with status {proc.returncode} before listening on port "
+            raise OperatorError(f"{name} exited with status {proc.returncode} before listening on port "
                                 f"{port} (is the port taken?)")
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
         except OSError:
             time.sleep(0.2)
-    raise OperatorError(f"flower-superlink does not listen on port {port} after {timeout:g} s")
+    raise OperatorError(f"{name} does not listen on port {port} after {timeout:g} s")
 
 
 def flwr_cli(creds: Credentials, address: str, *args: str, timeout: float = 60.0) -> str:

@@ -169,6 +169,7 @@ class FlowerTransport:
             yield update
             return
         contents: dict[int, Any] = {}
+        shared = messages.SharedPayloads(self.channel.down)
         arrived: dict[int, ClientUpdate | None] = {}
         next_up = answered = 0
 
@@ -176,7 +177,7 @@ class FlowerTransport:
             cid = clients[i]
             if i not in contents:
                 contents[i] = messages.encode_train_request(
-                    messages.TrainRequest(cid, client_view(plan, cid), self.task, self.channel))
+                    messages.TrainRequest(cid, client_view(plan, cid), self.task, self.channel), shared)
             stats.bytes_down += messages.encoded_size(contents[i])
             return Message(contents[i], dst_node_id=self.nodes[cid], message_type=messages.TRAIN,
                            group_id=str(plan.round))
@@ -223,9 +224,10 @@ class FlowerTransport:
         """
         clients = [c for c in clients if c in self.nodes]
         out = []
+        shared = messages.SharedPayloads(self.channel.down)
         for cid in clients:
             content = messages.encode_score_request(
-                messages.TrainRequest(cid, client_view(plan, cid), self.task, self.channel), request)
+                messages.TrainRequest(cid, client_view(plan, cid), self.task, self.channel), request, shared)
             stats.bytes_down += messages.encoded_size(content)
             out.append(Message(content, dst_node_id=self.nodes[cid], message_type=messages.SCORE,
                                group_id=f"score-{plan.round}"))
@@ -341,8 +343,9 @@ class FlowerTransport:
         if big:
             raise FederationError(f"round {plan.round}: client(s) {big} hold more examples than "
                                   f"runtime.secagg_max_weight = {self.runtime.secagg_max_weight:g}; raise it")
+        shared = messages.SharedPayloads(self.channel.down)
         requests = {
-            self.nodes[c]: messages.encode_train_request(messages.TrainRequest(c, plan, self.task, self.channel))
+            self.nodes[c]: messages.encode_train_request(messages.TrainRequest(c, plan, self.task, self.channel), shared)
             for c in clients
         }
         client_of = {self.nodes[c]: c for c in clients}

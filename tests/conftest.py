@@ -17,6 +17,11 @@ pytest.register_assert_rewrite("builders", "equivalence", "flower_processes")
 
 from builders import CLIENT_SIZES, FILLER, WORDS, make_data, make_rows  # noqa: E402
 
+# train.precision = "auto" (the default) resolves to fp32 in tests, so their figures do not depend on whether
+# this CPU has bf16 units; tests/test_precision.py covers the detection and the bf16 choice. (Inherited by the
+# Flower processes the tests start.)
+os.environ["FEDTUNE_NATIVE_BF16"] = "0"
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FEDTUNE_DATA_DIR", REPO.parent / "shared" / "data")).resolve()  # (absolute:
 # the Flower tests hand paths to a SuperLink that runs in another folder)

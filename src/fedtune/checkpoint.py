@@ -221,6 +221,8 @@ def check_config(ckpt: Checkpoint, exp: Experiment, where: str = "") -> None:
     """
     current = exp.to_dict()
     checkpointed = {**flatten_table(Experiment().to_dict()), **flatten_table(ckpt.config)}
+    if exp.train.precision == "auto":  # "auto" resumes in the checkpoint's resolved precision (pin_precision)
+        current = {**current, "train": {**current["train"], "precision": checkpointed.get("train.precision")}}
     diffs = config_differences(checkpointed, current)
     if diffs:
         a, b = checkpointed, flatten_table(current)

@@ -10,7 +10,7 @@ from fedtune.precision import autocast
 from fedtune.tasks.metrics import compute_metrics
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def predict(
     model: nn.Module, data: EncodedDataset, *, batch_size: int, pad_id: int, device: torch.device, precision: str = "fp32"
 ) -> tuple[torch.Tensor, float]:

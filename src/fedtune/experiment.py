@@ -28,7 +28,7 @@ from fedtune.runtime.parallel import ParallelSimulationTransport
 from fedtune.runtime.simulation import SimulationTransport
 from fedtune.server.loop import clients_per_round, run_rounds
 from fedtune.server.progress import Progress
-from fedtune.server.run import Federation, RunResult, ServerSide, base_summary, finish_run, needs_holdout, \
+from fedtune.server.run import Federation, RunResult, pin_precision, ServerSide, base_summary, finish_run, needs_holdout, \
     prepare_server, run_federation, server_strategy
 from fedtune.strategies.from_config import build_strategy, local_train_config
 from fedtune.tasks.registry import build_task
@@ -77,7 +77,9 @@ def run_simulation(exp: Experiment, *, quiet: bool = False, device: torch.device
 
     check_experiment(exp)
     ckpt = checkpoint.checkpoint_to_resume(exp) if resume else None  # refuses early, before any loading
-    side = prepare_server(exp, build_task, device or default_device(), resume=ckpt is not None, overwrite=overwrite)
+    device = device or default_device()
+    exp = pin_precision(exp, device, ckpt)  # train.precision = "auto": what this device computes natively
+    side = prepare_server(exp, build_task, device, resume=ckpt is not None, overwrite=overwrite)
     task, model, out = side.task, side.model, side.out
     train = task.train
     units = plan_shards(exp, task.units)

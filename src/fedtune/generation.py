@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate_batches(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                      batch_size: int = 8, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                      stop_ids: Sequence[int] = (), stop_strings: Sequence[str] = (),

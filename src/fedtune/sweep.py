@@ -23,6 +23,7 @@ sweep folder lists every run with its overrides and status.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -302,6 +303,8 @@ def _check_existing_folders(runs: Sequence[SweepRun]) -> None:
             saved = Experiment.from_toml(saved_path)
         except ConfigError:
             saved = None
+        if saved is not None and run.experiment.train.precision == "auto":  # saved: auto as resolved by the run
+            saved = dataclasses.replace(saved, train=dataclasses.replace(saved.train, precision="auto"))
         if saved != run.experiment:
             raise ConfigError(
                 f"{run.output_dir} is a finished run with a different configuration than the sweep now asks "

@@ -107,6 +107,6 @@ def default_experiment() -> Experiment:
         partition=PartitionConfig(method="dirichlet", num_clients=10, alpha=0.5, min_examples=20),
         strategy=StrategyConfig(name="fedavg"),
         federation=FederationConfig(rounds=4, fraction=1.0),
-        train=TrainConfig(epochs=1.0, lr=1e-3, batch_size=16, grad_clip=1.0, precision="fp32"),
+        train=TrainConfig(epochs=1.0, lr=1e-3, batch_size=16, grad_clip=1.0, precision="auto"),
         eval=EvalConfig(every=2, batch_size=128),
     )

@@ -25,8 +25,11 @@ class TrainConfig:
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
     batch_size: int = field(default=16, metadata=_help("Local batch size."))
     grad_clip: float = field(default=1.0, metadata=_help("Max gradient norm (0 = off)."))
-    precision: Literal["fp32", "bf16", "fp16"] = field(
-        default="fp32", metadata=_help("Autocast precision for forward/backward; weights stay float32.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = field(
+        default="auto",
+        metadata=_help("Autocast precision for forward/backward and evaluation; weights stay float32. auto: bf16 "
+                       "where the device computes it natively (CUDA with bf16, CPUs with AVX-512 BF16 or AMX), "
+                       "fp32 elsewhere; the run logs its choice and writes it to config.toml."),
     )
     optimizer: Literal["adamw", "sgd"] = field(
         default="adamw", metadata=_help("Local optimizer; sgd is what SCAFFOLD's control-variate update assumes.")

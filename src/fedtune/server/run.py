@@ -7,6 +7,7 @@ Both then evaluate, log, checkpoint, save and summarize through the same code.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -29,7 +30,7 @@ from fedtune.resident import sync_base
 from fedtune.outputs import JsonlWriter, check_output_dir, prepare_output_dir, print_table, write_summary
 from fedtune.payload import CommStats
 from fedtune.personalization import per_client_report
-from fedtune.precision import check_precision, check_quantization
+from fedtune.precision import check_precision, check_quantization, native_bf16, resolve_precision
 from fedtune.server.loop import Transport, run_rounds
 from fedtune.server.progress import Progress
 from fedtune.strategies.base import Strategy
@@ -86,6 +87,27 @@ class ServerSide:
     def eval_context(self) -> EvalContext:
         """How the server scores a model."""
         return EvalContext(self.exp.eval.batch_size, self.pad_id, self.device, self.exp.train.precision)
+
+
+def pin_precision(exp: Experiment, device: torch.device, ckpt=None) -> Experiment:
+    """``exp`` with ``train.precision = "auto"`` replaced by what this run uses, logged with the reason.
+
+    A resumed run keeps its checkpoint's precision (the one its earlier rounds were trained in); a fresh
+    one takes bf16 where ``device`` computes it natively, else fp32 (:func:`fedtune.precision.native_bf16`).
+    The resolved value is what ``config.toml``, the round plans and evaluation see.
+    """
+    if exp.train.precision != "auto":
+        return exp
+    if ckpt is not None:
+        chosen = ckpt.config.get("train", {}).get("precision", "fp32")
+        why = "the checkpoint's precision"
+    else:
+        native, why = native_bf16(device)
+        chosen = "bf16" if native else "fp32"
+    if chosen == "auto":  # (a checkpoint written before the value was pinned)
+        chosen = resolve_precision("auto", device)
+    log.info("train.precision = 'auto' -> %r (%s)", chosen, why)
+    return dataclasses.replace(exp, train=dataclasses.replace(exp.train, precision=chosen))
 
 
 def prepare_server(exp: Experiment, build_task: Callable[[Experiment, Any], Task], device: torch.device, *,

@@ -167,7 +167,7 @@ def collate_lm(data: EncodedLM, indices: Sequence[int], pad_id: int) -> dict[str
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def token_logprobs(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row sum of log p(label token | prefix) over non-ignored labels, and their counts.
 
@@ -229,7 +229,7 @@ def candidate_ids(tokenizer, candidates: Sequence[str]) -> list[list[int]]:
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_candidate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], candidates: Sequence[Sequence[int]], *,
                         pad_id: int, normalize: bool = True, device: torch.device = torch.device("cpu"),
                         batch_size: int = 32) -> torch.Tensor:

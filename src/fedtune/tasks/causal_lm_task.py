@@ -163,7 +163,7 @@ class CausalLMTask(Task):
         data = EncodedLM(list(rows.input_ids), list(rows.token_labels))
         return perplexity(model, data, pad_id=ctx.pad_id, batch_size=ctx.batch_size, device=ctx.device)["perplexity"]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, model: nn.Module, examples: Sequence[Instruction], ctx: EvalContext) -> list[str]:
         """Greedy answers to ``examples``, generated in batches with the KV cache (:mod:`fedtune.generation`)."""
         new = generate_batches(model, self.tokenizer, [self.format.prompt_ids(ex) for ex in examples],

@@ -198,7 +198,7 @@ class MultiLabelTask(Task):
                 head.bias.copy_(torch.log(prior / (1 - prior)))
         return model
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def probabilities(self, model: nn.Module, data: EncodedDataset, ctx: EvalContext) -> tuple[np.ndarray, float]:
         """Sigmoid outputs (n, labels) in the data's order, and the mean BCE loss."""
         model.eval()

@@ -122,7 +122,7 @@ class QATask(Task):
         """Start and end logits of every evaluation window (unpadded), in window order."""
         return self._window_logits(model, self._eval_rows, ctx)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _window_logits(self, model: nn.Module, data: EncodedDataset,
                        ctx: EvalContext) -> tuple[list[np.ndarray], list[np.ndarray]]:
         model.eval()

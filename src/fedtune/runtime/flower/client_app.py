@@ -175,7 +175,7 @@ def make_client_app(experiment: ExperimentSource, manifest_dir: str | Path | Non
                              f"but the server addressed client {request.client_id!r}")
         device = default_device()
         resident = _resident(exp, node, request.task, device, clock)
-        ctx = EvalContext(exp.eval.batch_size, resident.pad_id, device, exp.train.precision)
+        ctx = EvalContext(exp.eval.batch_size, resident.pad_id, device, request.plan.local.precision)
         rows = resident.held_out if what.rows == HELD_OUT else resident.rows
         with clock.phase("score"):
             scores = client_scores(resident.model, resident.task, request.plan, node.client_id, what,

@@ -71,11 +71,12 @@ def run_on_grid(exp, transport: FlowerTransport, *, quiet: bool = False, resume:
     from fedtune.config.checks import check_experiment
     from fedtune.precision import default_device
     from fedtune.server.loop import clients_per_round
-    from fedtune.server.run import Federation, prepare_server, run_federation, server_strategy
+    from fedtune.server.run import Federation, pin_precision, prepare_server, run_federation, server_strategy
     from fedtune.runtime.flower.transport import server_task
 
     check_experiment(exp)
     ckpt = checkpoint.checkpoint_to_resume(exp, remote=True) if resume else None
+    exp = pin_precision(exp, default_device(), ckpt)  # the nodes train in the server's resolved precision (plan)
     side = prepare_server(exp, server_task, default_device(), resume=ckpt is not None)
     transport.timing_log = side.out / "node_timing.jsonl"  # where each reply's time went (node_timing)
     sizes = transport.connect(side.task.units.label_names)  # the training data stays on the nodes

@@ -93,3 +93,19 @@ def test_ctrl_c_says_how_to_resume_and_debug_shows_the_traceback(tiny_experiment
     monkeypatch.setattr(fedtune.experiment, "run_experiment", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         main(["--debug", "run", str(cfg), "--quiet"])
+
+
+def test_help_and_version_import_no_heavy_library():
+    """``fedtune --help``, ``run --help`` and ``--version`` answer without importing torch, transformers or flwr."""
+    import subprocess
+    import sys
+
+    from fedtune import __version__
+
+    probe = ("import sys\nfrom fedtune.cli import main\n"
+             "for argv in (['--help'], ['run', '--help'], ['node', '--help'], ['--version']):\n"
+             "    try:\n        main(argv)\n    except SystemExit as e:\n        assert e.code == 0, (argv, e.code)\n"
+             "heavy = sorted(m for m in ('torch', 'transformers', 'flwr', 'datasets', 'peft') if m in sys.modules)\n"
+             "print('HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert f"fedtune {__version__}" in out and "HEAVY []" in out, out[-500:]

@@ -38,6 +38,7 @@ from safetensors.torch import save as st_save
 
 from fedtune.config import ConfigError, Experiment, flatten_table, from_dict
 from fedtune.types import ClientState, ServerState
+from fedtune.errors import CheckpointError  # (re-exported here: raised by this module)
 
 CHECKPOINT_DIR = "checkpoint"
 """Folder of the run's output directory holding the latest checkpoint."""
@@ -47,10 +48,6 @@ FORMAT = 1
 """Version of the checkpoint layout."""
 MAY_DIFFER = ("output_dir", "federation.rounds")
 """Configuration keys a resumed run may change."""
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, damaged, or does not fit the run being resumed."""
 
 
 @dataclass

@@ -7,18 +7,15 @@ import logging
 import sys
 from pathlib import Path
 
-from fedtune.checkpoint import CheckpointError
+from fedtune import __version__
 from fedtune.cli_federation import cmd_node, cmd_server, cmd_status
 from fedtune.config import ConfigError, Experiment, default_experiment
-from fedtune.errors import CredentialsError, FlowerRunError, OperatorError, one_line
-from fedtune.humaneval import HumanEvalError
-from fedtune.lora_merge import MergeError
+from fedtune.errors import (CheckpointError, CredentialsError, DataError, FlowerRunError, HumanEvalError, MergeError,
+                            ModelLoadError, NodeConfigError, OperatorError, PartitionError, PredictError, one_line)
 from fedtune.memory import configure_allocator
-from fedtune.models import ModelLoadError
-from fedtune.partition import PartitionError
-from fedtune.predict import PredictError
-from fedtune.runtime.flower.node import NodeConfigError
-from fedtune.tasks.data import DataError
+
+# Parsing arguments and answering --help import no heavy library (torch, transformers, flwr): each command
+# imports what it uses when it runs; the errors the CLI turns into one line live in fedtune.errors.
 
 
 def _load(args: argparse.Namespace) -> Experiment:
@@ -232,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    parser.add_argument("--version", action="version", version=f"fedtune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add_config_args(p: argparse.ArgumentParser) -> None:

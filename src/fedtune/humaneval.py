@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from fedtune.generation import generate_batches
+from fedtune.errors import HumanEvalError  # (re-exported here: raised by this module)
 
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 """A completion ends where one of these begins (the function body is over)."""
@@ -44,10 +45,6 @@ CHAT_INSTRUCTION = ("Complete the following Python function. Answer with the who
 """The user's turn of ``prompt_format = "chat"``; ``{prompt}`` is the problem's prompt."""
 CHAT_STOP = ("\n```\n",)
 """A chat answer's generation may end once its code block is closed."""
-
-
-class HumanEvalError(RuntimeError):
-    """HumanEval cannot run here (package missing, no sandbox); the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from torch import nn
 
 from fedtune.artifacts import BASE_OFFSET_FILE
 from fedtune.lora_aggregation import aggregate_lora, lora_modules, module_rank, other_names
+from fedtune.errors import MergeError  # (re-exported here: raised by this module)
 
 ADAPTER_CONFIG = "adapter_config.json"
 """peft's adapter configuration file."""
@@ -36,10 +37,6 @@ MERGE_MANIFEST = "merge_manifest.json"
 """What ``fedtune merge`` writes next to the merged adapter: inputs, weights, rule, rank, energy kept."""
 MERGE_RULES = ("svd", "fedit", "ffa", "flora")
 """Rules ``fedtune merge`` can write as one peft adapter."""
-
-
-class MergeError(ValueError):
-    """Adapters cannot be merged (or loaded for a warm start); the message names the adapter and the reason."""
 
 
 @dataclass

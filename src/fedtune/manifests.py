@@ -15,13 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from fedtune.errors import PartitionError  # (re-exported here: raised by this module)
+
 _SUMMARY = "summary.json"
 _CLIENT_FILE_RE = re.compile(r"^client_(\d{3,})\.json$")
-
-
-class PartitionError(ValueError):
-    """A partition was requested with invalid arguments, cannot satisfy its
-    constraints, or a manifest on disk is missing or malformed."""
 
 
 def _is_int(value: Any) -> bool:

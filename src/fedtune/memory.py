@@ -28,10 +28,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from fedtune.errors import ConfigError
+
+if TYPE_CHECKING:  # (the CLI imports this module before parsing arguments: no torch at import time)
+    import torch
 
 MMAP_THRESHOLD = 128 * 1024
 """Blocks of at least this many bytes are mapped (and unmapped on free); glibc's initial default."""

@@ -12,15 +12,12 @@ from torch import nn
 from fedtune.config import EMBEDDED_MODEL_NAME, ModelConfig
 from fedtune.precision import check_quantization, quantization_kwargs
 from fedtune.types import TensorDict
+from fedtune.errors import ModelLoadError  # (re-exported here: raised by this module)
 
 log = logging.getLogger(__name__)
 
 HEAD_MODULE_NAMES = ("classifier", "pooler", "pre_classifier", "score", "qa_outputs")
 """Task-head modules (by attribute name) trained in every mode, when the model has them."""
-
-
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message names the model and the reason."""
 
 
 def resolve_model_path(name: str, gguf_file: str = "") -> str:

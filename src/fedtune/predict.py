@@ -22,6 +22,7 @@ from fedtune.tasks.causal_lm import Instruction, _ids, score_candidate_ids
 from fedtune.tasks.label_prompts import LabelPrompts
 from fedtune.tasks.prompt_format import PromptFormat
 from fedtune.tasks.qa import QAExample, postprocess, prepare_eval_features
+from fedtune.errors import PredictError  # (re-exported here: raised by this module)
 
 REQUIRED = {
     "classification": ("text",),
@@ -31,10 +32,6 @@ REQUIRED = {
     "causal_lm": (),
 }
 """Input fields each task needs (causal LM needs ``prompt`` or ``instruction``)."""
-
-
-class PredictError(ValueError):
-    """An input row lacks what the model's task needs; the message names the row and the field."""
 
 
 class Predictor:

@@ -55,6 +55,7 @@ from fedtune.config import Experiment
 from fedtune.partition import client_ids
 from fedtune.tasks.data import DataError
 from fedtune.tasks.task import Task
+from fedtune.errors import NodeConfigError  # (re-exported here: raised by this module)
 
 CLIENT_ID, TRAIN_FILE, MANIFEST, DATA_DIR = "client-id", "train-file", "manifest", "data-dir"
 PARTITION_ID, NUM_PARTITIONS, REQUIRE_SECAGG = "partition-id", "num-partitions", "require-secagg"
@@ -62,10 +63,6 @@ THREADS = "threads"
 ATTACK, ATTACK_SCALE, ATTACK_NOISE_STD = "attack", "attack-scale", "attack-noise-std"
 KNOWN_KEYS = (CLIENT_ID, TRAIN_FILE, MANIFEST, DATA_DIR, REQUIRE_SECAGG, THREADS, ATTACK, ATTACK_SCALE,
               ATTACK_NOISE_STD, PARTITION_ID, NUM_PARTITIONS)
-
-
-class NodeConfigError(ValueError):
-    """A SuperNode's node config does not say which client it is or where its data is."""
 
 
 @dataclass(frozen=True)

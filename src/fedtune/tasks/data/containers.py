@@ -6,11 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from fedtune.errors import DataError  # noqa: F401  (re-exported: the data modules import it from here)
 from fedtune.tasks.metrics import METRICS
-
-
-class DataError(ValueError):
-    """Bad or missing data: message names the file, column or value."""
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedtune.checkpoint import read_checkpoint
+from fedtune.client_store import STORE_DIR, ClientStateStore
 from fedtune.cli import main
 from fedtune.client import local_train
 from fedtune.experiment import run_experiment
@@ -119,8 +120,12 @@ def all_state_tensors(out) -> dict:
     ck = read_checkpoint(out)
     flat = {("params", k): v for k, v in ck.state.params.items()}
     flat.update({("buffer", b, k): v for b, td in ck.state.buffers.items() for k, v in td.items()})
-    flat.update({("client", c, p, k): v for c, st in ck.client_states.items()
-                 for p, td in st.items() for k, v in td.items()})
+    states = dict(ck.client_states)
+    if ck.client_store:  # the states the checkpoint names in the run's client_states/ folder
+        store = ClientStateStore(out / STORE_DIR)
+        store.restore(ck.client_store)
+        states.update(store.items())
+    flat.update({("client", c, p, k): v for c, st in states.items() for p, td in st.items() for k, v in td.items()})
     return flat
 
 

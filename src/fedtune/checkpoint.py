@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fedtune.client_store import ClientStateStore
 from fedtune.config import ConfigError, Experiment, flatten_table, from_dict
-from fedtune.types import ClientState, ServerState
 from fedtune.errors import CheckpointError  # (re-exported here: raised by this module)
+from fedtune.types import ClientState, ServerState
 
 CHECKPOINT_DIR = "checkpoint"
 """Folder of the run's output directory holding the latest checkpoint."""
@@ -46,7 +47,7 @@ INDEX_FILE = "checkpoint.json"
 """The checkpoint's JSON index (written last, atomically)."""
 FORMAT = 1
 """Version of the checkpoint layout."""
-MAY_DIFFER = ("output_dir", "federation.rounds")
+MAY_DIFFER = ("output_dir", "federation.rounds", "simulation.state_cache")
 """Configuration keys a resumed run may change."""
 
 
@@ -63,6 +64,9 @@ class Checkpoint:
     """Seconds the run had been going (the round loop's clock) at this round."""
     data_fingerprint: str = ""
     """What the clients trained on (:func:`fedtune.shards.data_fingerprint`); empty in older checkpoints."""
+    client_store: dict[str, int] | None = None
+    """The clients' states as files of the run's ``client_states/`` (:mod:`fedtune.client_store`): each
+    client's generation. None when the states are inline (``client_states``) or there are none."""
 
     @property
     def round(self) -> int:
@@ -141,6 +145,7 @@ def write_checkpoint(out: str | Path, ckpt: Checkpoint) -> Path:
         "rng": rng,
         "wall_time": ckpt.wall_time,
         "data_fingerprint": ckpt.data_fingerprint,
+        "client_store": ckpt.client_store,
         "config": ckpt.config,
     }
     _atomic_write(folder / INDEX_FILE, (json.dumps(index, indent=1) + "\n").encode())
@@ -201,6 +206,7 @@ def read_checkpoint(out: str | Path) -> Checkpoint:
         state=ServerState(round=int(index["round"]), params=params, buffers=buffers),
         config=index["config"], client_states=clients, rng=rng, wall_time=float(index.get("wall_time", 0.0)),
         data_fingerprint=str(index.get("data_fingerprint", "")),
+        client_store={str(c): int(g) for c, g in index["client_store"].items()} if index.get("client_store") else None,
     )
 
 
@@ -273,10 +279,15 @@ class Checkpointer:
         """Write the checkpoint of the round just finished."""
         if state.round == 0:
             return
+        store = self.client_states if isinstance(self.client_states, ClientStateStore) else None
+        index = store.commit() if store is not None else None  # (state files first, the index names them)
         write_checkpoint(self.out, Checkpoint(
-            state=state, config=self.config, client_states=dict(self.client_states or {}), rng=capture_rng(),
-            wall_time=float(record.get("wall_time", 0.0)), data_fingerprint=self.data_fingerprint,
+            state=state, config=self.config, client_states={} if store else dict(self.client_states or {}),
+            rng=capture_rng(), wall_time=float(record.get("wall_time", 0.0)),
+            data_fingerprint=self.data_fingerprint, client_store=index,
         ))
+        if store is not None:
+            store.collect(index)  # the previous round's files are superseded only now
 
 
 def check_fingerprint(ckpt: Checkpoint | None, fingerprint: str, what: str) -> None:
@@ -318,7 +329,7 @@ def checkpoint_to_resume(exp: Experiment, remote: object | None = None) -> Check
     return ckpt
 
 
-def restore(ckpt: Checkpoint, fresh: ServerState, states: dict[str, ClientState] | None,
+def restore(ckpt: Checkpoint, fresh: ServerState, states: MutableMapping[str, ClientState] | None,
             metrics_path: Path) -> tuple[ServerState, list[dict]]:
     """Put a run back at the checkpoint's round; return its ServerState and the metrics records kept.
 
@@ -327,7 +338,12 @@ def restore(ckpt: Checkpoint, fresh: ServerState, states: dict[str, ClientState]
     ones; the global RNGs are restored; ``metrics.jsonl`` is cut back to the checkpoint's round.
     """
     ckpt.check_layout(fresh)
-    if states is not None:
+    if isinstance(states, ClientStateStore):
+        states.restore(ckpt.client_store or {}, ckpt.client_states)
+    elif states is not None:
+        if ckpt.client_store:
+            raise CheckpointError(f"the checkpoint of round {ckpt.round} keeps its clients' states in "
+                                  "client_states/; restore it into a ClientStateStore")
         states.clear()
         states.update(ckpt.client_states)
     ckpt.restore_rng()

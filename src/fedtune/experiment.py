@@ -17,6 +17,7 @@ from fedtune import checkpoint
 from fedtune.attacks import experiment_attacker, malicious_clients, poison_rows
 from fedtune.batching import EncodedDataset
 from fedtune.channel import Channel
+from fedtune.client_store import STORE_DIR, ClientStateStore
 from fedtune.config import Experiment
 from fedtune.models import set_trainable
 from fedtune.outputs import JsonlWriter
@@ -28,8 +29,8 @@ from fedtune.runtime.parallel import ParallelSimulationTransport
 from fedtune.runtime.simulation import SimulationTransport
 from fedtune.server.loop import clients_per_round, run_rounds
 from fedtune.server.progress import Progress
-from fedtune.server.run import Federation, RunResult, pin_precision, ServerSide, base_summary, finish_run, needs_holdout, \
-    prepare_server, run_federation, server_strategy
+from fedtune.server.run import Federation, RunResult, ServerSide, base_summary, finish_run, needs_holdout, \
+    pin_precision, prepare_server, run_federation, server_strategy
 from fedtune.strategies.from_config import build_strategy, local_train_config
 from fedtune.tasks.registry import build_task
 
@@ -40,15 +41,20 @@ __all__ = ["RunResult", "build_strategy", "local_train_config", "make_shards", "
 
 
 def simulation_transport(exp: Experiment, model, client_data, *, pad_id: int, device,
-                         attacks=None) -> SimulationTransport:
-    """The in-process transport ``[simulation]`` asks for: clients in turn, or up to K at once."""
+                         attacks=None, client_states=None) -> SimulationTransport:
+    """The in-process transport ``[simulation]`` asks for: clients in turn, or up to K at once.
+
+    ``client_states``: where the clients' own state lives (a dict when None; the run uses a
+    :class:`fedtune.client_store.ClientStateStore` in its folder).
+    """
     k = exp.simulation.parallel_clients
     channel = Channel.from_config(exp.federation)  # codec_up / codec_down
     if k > 1:
         return ParallelSimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device,
-                                           parallel_clients=k, channel=channel, attacks=attacks)
+                                           parallel_clients=k, channel=channel, attacks=attacks,
+                                           client_states=client_states)
     return SimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device, channel=channel,
-                               attacks=attacks)
+                               attacks=attacks, client_states=client_states)
 
 
 def run_experiment(exp: Experiment, *, quiet: bool = False, device: torch.device | None = None,
@@ -114,8 +120,9 @@ def run_simulation(exp: Experiment, *, quiet: bool = False, device: torch.device
         client_data.update({c: poison_rows(client_data[c], a, num_labels) for c, a in attacks.items()})
         summary["attackers"] = list(attacks)
         log.info("attack %s by %d clients: %s", exp.attack.kind, len(attacks), list(attacks))
+    store = ClientStateStore(out / STORE_DIR, exp.simulation.state_cache)  # clients' own state, mostly on disk
     simulation = simulation_transport(exp, model, client_data, pad_id=side.pad_id, device=side.device,
-                                      attacks=attacks)
+                                      attacks=attacks, client_states=store)
 
     simulation.enable_scoring(task, held_out_rows, side.eval_context)  # (eval.per_client, eval.federated, ...)
     fed = Federation(clients, len(train), simulation.client_states, per_round, data_fingerprint=fingerprint)

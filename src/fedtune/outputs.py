@@ -22,7 +22,7 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "checkpoint", "model", "samples.jsonl",
+RUN_FILES = ("config.toml", "metrics.jsonl", "summary.json", "checkpoint", "client_states", "model", "samples.jsonl",
              "predictions.json", "export", "node_timing.jsonl")
 """What a run writes into its output folder (``partition/`` aside: ``fedtune partition`` writes it first)."""
 

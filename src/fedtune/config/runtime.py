@@ -23,9 +23,21 @@ class SimulationConfig:
         ),
     )
 
+    state_cache: int = field(
+        default=128,
+        metadata=_help(
+            "Clients whose own state (SCAFFOLD's c_i, error-feedback residuals, personal heads) stays in memory; "
+            "the others' is in the run folder's client_states/ (safetensors), read back when sampled. "
+            "Results do not depend on it; memory does. At least parallel_clients."
+        ),
+    )
+
     def __post_init__(self) -> None:
         if self.parallel_clients < 1:
             raise ConfigError(f"simulation.parallel_clients must be >= 1, got {self.parallel_clients}")
+        if self.state_cache < self.parallel_clients:
+            raise ConfigError(f"simulation.state_cache = {self.state_cache} must be >= simulation.parallel_clients = "
+                              f"{self.parallel_clients} (the batched trainer holds that many clients' states at once)")
 
 
 @dataclass

@@ -450,9 +450,9 @@ class ParallelSimulationTransport(SimulationTransport):
 
     def __init__(self, model: nn.Module, client_data: Mapping[str, EncodedDataset], *, pad_id: int, seed: int,
                  device: torch.device, parallel_clients: int, channel: Channel | None = None,
-                 attacks=None) -> None:
+                 attacks=None, client_states=None) -> None:
         super().__init__(model, client_data, pad_id=pad_id, seed=seed, device=device, channel=channel,
-                         attacks=attacks)
+                         attacks=attacks, client_states=client_states)
         if parallel_clients < 1:
             raise ValueError(f"parallel_clients must be >= 1, got {parallel_clients}")
         self.parallel_clients = parallel_clients

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 
 import torch
 from torch import nn
@@ -43,6 +43,7 @@ class SimulationTransport:
         device: torch.device,
         channel: Channel | None = None,
         attacks: Mapping[str, Attack] | None = None,
+        client_states: MutableMapping[str, ClientState] | None = None,
     ) -> None:
         self.model = model
         self.attacks = dict(attacks or {})
@@ -52,8 +53,9 @@ class SimulationTransport:
         self.pad_id = pad_id
         self.seed = seed
         self.device = device
-        self.client_states: dict[str, ClientState] = {}
-        """Each client's persistent state (kept here because in a simulation the client is us)."""
+        self.client_states: MutableMapping[str, ClientState] = client_states if client_states is not None else {}
+        """Each client's persistent state (kept here because in a simulation the client is us): a dict, or a
+        :class:`fedtune.client_store.ClientStateStore` that keeps most of it on disk."""
         self.task = None
         self.held_out: Mapping[str, EncodedDataset] = {}
         self.eval_context = None

@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,8 +135,8 @@ class Federation:
 
     clients: Sequence[str]
     train_rows: int
-    client_states: dict[str, ClientState] | None = None
-    """The clients' states when they live in this process (checkpointed with the run); None on Flower."""
+    client_states: MutableMapping[str, ClientState] | None = None
+    """The clients' states when they live in this process (a ClientStateStore in a run) (checkpointed with the run); None on Flower."""
     per_round: int = 1
     data_fingerprint: str = ""
     """What the clients train on (:func:`fedtune.shards.data_fingerprint`), kept in every checkpoint."""

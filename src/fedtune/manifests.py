@@ -1,7 +1,14 @@
-"""A partition stored as manifests: one JSON file per client (``client_NNN.json``) plus ``summary.json``.
+"""A partition stored as manifests: ``summary.json`` plus the clients' rows, in one of two formats.
 
-A SuperNode reads its own manifest (``--node-config manifest=...``) to train exactly the shard a
-simulation would give that client.
+- ``json``: one file per client (``client_NNN.json``: ``client_id``, ``size``, ``indices``,
+  ``label_histogram``), and every client's size and label histogram in the summary too.
+- ``parquet``: one columnar file for every client (``clients.parquet``: the same four columns,
+  the histogram as a JSON string), for populations of thousands to 100,000 clients where one
+  file per client and a summary listing them all would be slow to write, list and read.
+  ``partition.manifest_format = "auto"`` (the default) picks it above :data:`JSON_CLIENT_LIMIT`.
+
+A SuperNode reads its own manifest (``--node-config manifest=...``, plus ``client-id`` for a
+Parquet one) to train exactly the shard a simulation would give that client (:func:`client_manifest`).
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ import numpy as np
 from fedtune.errors import PartitionError  # (re-exported here: raised by this module)
 
 _SUMMARY = "summary.json"
+PARQUET_FILE = "clients.parquet"
+"""The columnar manifest of every client (``manifest_format = "parquet"``)."""
+JSON_CLIENT_LIMIT = 1000
+"""``manifest_format = "auto"`` writes one JSON file per client up to this many clients, Parquet above."""
 _CLIENT_FILE_RE = re.compile(r"^client_(\d{3,})\.json$")
 
 
@@ -82,23 +93,36 @@ def _check_indices(where: str, indices: Any) -> list[int]:
 _RESERVED_SUMMARY_KEYS = ("num_clients", "total_rows", "unique_rows", "sizes", "label_histograms")
 
 
+def manifest_format(fmt: str, num_clients: int) -> str:
+    """The format a partition of ``num_clients`` is written in: ``fmt``, with ``auto`` resolved by size."""
+    if fmt not in ("auto", "json", "parquet"):
+        raise PartitionError(f"partition.manifest_format = {fmt!r} is unknown (auto, json, parquet)")
+    if fmt == "auto":
+        return "parquet" if num_clients > JSON_CLIENT_LIMIT else "json"
+    return fmt
+
+
 def write_manifests(
     directory: str | Path,
     shards: list[list[int]],
     labels: Sequence[int] | None,
     label_names: Sequence[str] | None,
     meta: Mapping[str, Any],
+    fmt: str = "json",
 ) -> None:
-    """Write a partition to ``directory`` (created if needed).
+    """Write a partition to ``directory`` (created if needed), as ``fmt`` (:func:`manifest_format`).
 
-    Writes ``client_000.json``, ... (``{"client_id", "size", "indices",
+    ``json`` writes ``client_000.json``, ... (``{"client_id", "size", "indices",
     "label_histogram"}``) and ``summary.json`` with ``num_clients``,
     ``total_rows`` (sum of sizes), ``unique_rows``, ``sizes``,
     ``label_histograms`` (by client id) and every key of ``meta`` (which must be
-    JSON-serialisable and must not reuse those names). Stale ``client_NNN.json``
-    files numbered beyond the new client count are removed.
+    JSON-serialisable and must not reuse those names). ``parquet`` writes the same
+    records as the rows of ``clients.parquet`` and a summary without ``sizes`` and
+    ``label_histograms`` (``"format": "parquet"``). The other format's files, and
+    ``client_NNN.json`` files numbered beyond the new client count, are removed.
     """
     directory = Path(directory)
+    fmt = manifest_format(fmt, len(shards))
     clash = [key for key in meta if key in _RESERVED_SUMMARY_KEYS]
     if clash:
         raise PartitionError(f"write_manifests: meta keys {clash} clash with computed summary fields")
@@ -109,9 +133,11 @@ def write_manifests(
         "num_clients": len(checked),
         "total_rows": sum(len(s) for s in checked),
         "unique_rows": len(set().union(*checked)) if checked else 0,
-        "sizes": [len(s) for s in checked],
-        "label_histograms": histograms,
     }
+    if fmt == "json":
+        summary.update(sizes=[len(s) for s in checked], label_histograms=histograms)
+    else:
+        summary.update(format="parquet", clients_file=PARQUET_FILE)
     for key, value in meta.items():
         summary[str(key)] = value
     try:
@@ -120,14 +146,73 @@ def write_manifests(
         raise PartitionError(f"write_manifests: meta is not JSON-serialisable: {exc}") from exc
 
     directory.mkdir(parents=True, exist_ok=True)
-    for cid, shard in zip(ids, checked):
-        record = {"client_id": cid, "size": len(shard), "indices": shard, "label_histogram": histograms[cid]}
-        (directory / f"{cid}.json").write_text(json.dumps(record, separators=(",", ":")))
+    if fmt == "parquet":
+        _write_parquet(directory / PARQUET_FILE, ids, checked, histograms)
+    else:
+        for cid, shard in zip(ids, checked):
+            record = {"client_id": cid, "size": len(shard), "indices": shard, "label_histogram": histograms[cid]}
+            (directory / f"{cid}.json").write_text(json.dumps(record, separators=(",", ":")))
+        (directory / PARQUET_FILE).unlink(missing_ok=True)
     for path in directory.iterdir():
         match = _CLIENT_FILE_RE.match(path.name)
-        if match and int(match.group(1)) >= len(checked):
+        if match and (fmt == "parquet" or int(match.group(1)) >= len(checked)):
             path.unlink()
     (directory / _SUMMARY).write_text(summary_text + "\n")
+
+
+def _write_parquet(path: Path, ids: Sequence[str], shards: Sequence[Sequence[int]],
+                   histograms: Mapping[str, Mapping[str, int]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({
+        "client_id": pa.array(ids, pa.string()),
+        "size": pa.array([len(s) for s in shards], pa.int64()),
+        "indices": pa.array([list(s) for s in shards], pa.list_(pa.int64())),
+        "label_histogram": pa.array([json.dumps(histograms[c], separators=(",", ":")) for c in ids], pa.string()),
+    })
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    tmp.replace(path)
+
+
+def _read_parquet(path: Path, client_id: str | None = None) -> list[dict[str, Any]]:
+    """The records of ``clients.parquet`` (only ``client_id``'s when given), as the JSON manifests hold them."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise PartitionError(f"read_manifests: client file {path} is missing")
+    try:
+        table = pq.read_table(path, filters=[("client_id", "=", client_id)] if client_id is not None else None)
+        columns = table.to_pydict()
+        records = [{"client_id": c, "size": n, "indices": idx, "label_histogram": json.loads(h)} for c, n, idx, h in
+                   zip(columns["client_id"], columns["size"], columns["indices"], columns["label_histogram"])]
+    except (OSError, ValueError, KeyError) as exc:  # (pyarrow's errors derive from these)
+        raise PartitionError(f"read_manifests: client file {path} is not a readable manifest table: "
+                             f"{' '.join(str(exc).split())}") from None
+    return records
+
+
+def client_manifest(path: str | Path, client_id: str | None = None) -> dict[str, Any]:
+    """One client's manifest record: a ``client_NNN.json`` file, or ``client_id``'s row of ``clients.parquet``.
+
+    ``path`` may also be a partition folder holding ``clients.parquet``. PartitionError names the
+    file and what is wrong (missing, unreadable, no such client).
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / PARQUET_FILE
+    if path.suffix != ".parquet":
+        record = _load_json(path, "client file")
+        if not isinstance(record, dict):
+            raise PartitionError(f"read_manifests: client file {path} must hold a JSON object")
+        return record
+    if not client_id:
+        raise PartitionError(f"{path} holds every client's rows: name this node's client-id")
+    records = _read_parquet(path, client_id)
+    if not records:
+        raise PartitionError(f"{path} has no client {client_id!r}")
+    return records[0]
 
 
 def _load_json(path: Path, what: str) -> Any:
@@ -160,6 +245,20 @@ def read_manifests(directory: str | Path) -> tuple[list[list[int]], dict[str, An
             f"read_manifests: summary file {summary_path} has invalid num_clients {num_clients!r}"
         )
     shards: list[list[int]] = []
+    if summary.get("format") == "parquet":
+        path = directory / str(summary.get("clients_file", PARQUET_FILE))
+        records = _read_parquet(path)
+        ids = client_ids(num_clients)
+        if [r["client_id"] for r in records] != ids:
+            raise PartitionError(f"read_manifests: client file {path} does not list the {num_clients} clients of "
+                                 f"{summary_path} in order (client_000, client_001, ...; it has {len(records)} rows)")
+        for record in records:
+            indices = _check_indices(f"read_manifests: client file {path} ({record['client_id']})", record["indices"])
+            if record["size"] != len(indices):
+                raise PartitionError(f"read_manifests: client file {path}: {record['client_id']} says size "
+                                     f"{record['size']} but lists {len(indices)} indices")
+            shards.append(indices)
+        return shards, summary
     for cid in client_ids(num_clients):
         path = directory / f"{cid}.json"
         record = _load_json(path, "client file")

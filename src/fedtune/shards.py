@@ -62,7 +62,7 @@ def write_shards(exp: Experiment, units: PartitionUnits, dataset: str, out: Path
     meta = {"dataset": dataset, "method": exp.partition.method, "seed": exp.seed, "alpha": exp.partition.alpha}
     if exp.partition.manifest_dir:
         meta["source"] = str(exp.partition.manifest_dir)
-    write_manifests(out / "partition", shards, units.labels, units.label_names, meta)
+    write_manifests(out / "partition", shards, units.labels, units.label_names, meta, exp.partition.manifest_format)
 
 
 def data_fingerprint(rows: EncodedDataset, shards: Sequence[Sequence[int]]) -> str:

@@ -88,6 +88,11 @@ class PartitionConfig:
     skew: float = field(default=1.0, metadata=_help("quantity: log-normal sigma of client sizes (0 = equal)."))
     min_examples: int = field(default=10, metadata=_help("Every client gets at least this many examples."))
     manifest_dir: str = field(default="", metadata=_help("Load client shards from this manifest folder instead."))
+    manifest_format: Literal["auto", "json", "parquet"] = field(
+        default="auto",
+        metadata=_help("How the run's partition/ is written: json (one client_NNN.json per client), parquet (one "
+                       "clients.parquet for all), auto (json up to 1,000 clients, parquet above)."),
+    )
 
     def __post_init__(self) -> None:
         if self.num_clients < 1:

@@ -18,7 +18,8 @@ Keys (all optional, but the node must end up with a client id and exactly one da
 ``manifest``
     A partition manifest (``client_NNN.json`` from ``fedtune partition``): the node reads the
     experiment's training set from its own copy (``data.train_file`` or ``$FEDTUNE_DATA_DIR``)
-    and keeps the listed rows. This reproduces a simulation's shards on real nodes.
+    and keeps the listed rows. This reproduces a simulation's shards on real nodes. A large
+    partition's ``clients.parquet`` (every client in one table) works too, with ``client-id``.
 ``data-dir``
     Use this folder as ``FEDTUNE_DATA_DIR`` (GLUE / AG News layouts) on this node.
 ``require-secagg``
@@ -42,7 +43,6 @@ Keys (all optional, but the node must end up with a client id and exactly one da
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -52,10 +52,10 @@ from typing import Any
 from fedtune.attacks import Attack, experiment_attacker
 from fedtune.batching import EncodedDataset
 from fedtune.config import Experiment
+from fedtune.errors import DataError, NodeConfigError, PartitionError  # (NodeConfigError re-exported here)
+from fedtune.manifests import PARQUET_FILE, client_manifest
 from fedtune.partition import client_ids
-from fedtune.tasks.data import DataError
 from fedtune.tasks.task import Task
-from fedtune.errors import NodeConfigError  # (re-exported here: raised by this module)
 
 CLIENT_ID, TRAIN_FILE, MANIFEST, DATA_DIR = "client-id", "train-file", "manifest", "data-dir"
 PARTITION_ID, NUM_PARTITIONS, REQUIRE_SECAGG = "partition-id", "num-partitions", "require-secagg"
@@ -105,14 +105,15 @@ class NodeData:
             if manifest_dir is None:
                 raise NodeConfigError("node-config partition-id needs the run's partition folder (Flower simulation)")
             client_id = client_ids(num)[pid]
-            manifest = str(Path(manifest_dir) / f"{client_id}.json")
+            columnar = Path(manifest_dir) / PARQUET_FILE  # (a large population's one manifest table)
+            manifest = str(columnar if columnar.is_file() else Path(manifest_dir) / f"{client_id}.json")
         if bool(train_file) == bool(manifest):
             raise NodeConfigError(
                 f"node-config must name exactly one data source: {TRAIN_FILE}=<file> or {MANIFEST}=<client_NNN.json> "
                 f"(got {dict(raw)})"
             )
         if manifest and not client_id:
-            client_id = _manifest(manifest).get("client_id", "")
+            client_id = _manifest(manifest).get("client_id", "")  # (a clients.parquet needs client-id: refused there)
         if not client_id:
             raise NodeConfigError(f"node-config needs {CLIENT_ID}=<name> with {TRAIN_FILE} (got {dict(raw)})")
         require_secagg = raw.get(REQUIRE_SECAGG, False)
@@ -169,7 +170,7 @@ class NodeData:
         if self.train_file:
             indices = list(range(task.units.count))
         else:
-            indices = _manifest(self.manifest).get("indices")
+            indices = _manifest(self.manifest, self.client_id).get("indices")
             if not isinstance(indices, list):
                 raise NodeConfigError(f"manifest {self.manifest}: no 'indices' list")
             bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < task.units.count]
@@ -212,13 +213,11 @@ def kind_has_label_names(exp: Experiment) -> bool:
     return task_kind(exp) in ("classification", "generative_classification", "multilabel")
 
 
-def _manifest(path: str) -> dict:
+def _manifest(path: str, client_id: str | None = None) -> dict:
+    """This node's manifest record: a ``client_NNN.json``, or ``client_id``'s row of a ``clients.parquet``."""
+    if not Path(path).expanduser().exists():
+        raise NodeConfigError(f"manifest {path} does not exist on this node")
     try:
-        value = json.loads(Path(path).expanduser().read_text())
-    except FileNotFoundError:
-        raise NodeConfigError(f"manifest {path} does not exist on this node") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise NodeConfigError(f"manifest {path} is not readable JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise NodeConfigError(f"manifest {path} must hold a JSON object")
-    return value
+        return client_manifest(path, client_id)
+    except PartitionError as exc:
+        raise NodeConfigError(f"manifest {path}: {str(exc).removeprefix('read_manifests: ')}") from None

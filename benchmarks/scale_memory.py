@@ -9,6 +9,7 @@ means within 1.10), and each federated case's throughput over the centralized ce
 rows trained as one client's batch stream).
 
     FEDTUNE_DATA_DIR=../shared/data python benchmarks/scale_memory.py --clients 10,1000 --parallel 1,4 --centralized
+    FEDTUNE_DATA_DIR=../shared/data python benchmarks/scale_memory.py --clients 10,1000 --rows 4000 --parallel 1,4
     FEDTUNE_DATA_DIR=../shared/data python benchmarks/scale_memory.py --strategy scaffold --clients 100 \\
         --population 100,10000 --rounds 3 --parallel 1
 
@@ -90,6 +91,9 @@ def main() -> None:
     ap.add_argument("--clients", default="10,1000", help="clients per round, comma-separated")
     ap.add_argument("--population", default="", help="clients in the partition, comma-separated (default: --clients)")
     ap.add_argument("--examples", type=int, default=4, help="training rows per client")
+    ap.add_argument("--rows", type=int, default=0,
+                    help="instead of --examples: this many rows in every case, split over its clients (so cases "
+                         "differ only in how many clients share the same training)")
     ap.add_argument("--parallel", default="1,4", help="simulation.parallel_clients values, comma-separated")
     ap.add_argument("--strategy", default="fedavg")
     ap.add_argument("--rounds", type=int, default=1)
@@ -111,18 +115,22 @@ def main() -> None:
     cases = []  # (group, label, spec)
     for k in _ints(args.parallel):
         for c, pop in pairs:
-            label = f"K={k} clients/round={c} population={pop}"
-            cases.append((f"K={k}", label, {**base, "parallel": k, "clients": c, "population": pop}))
+            examples = args.rows // pop if args.rows else args.examples
+            label = f"K={k} clients/round={c} population={pop} x{examples}"
+            cases.append((f"K={k}", label, {**base, "parallel": k, "clients": c, "population": pop,
+                                            "examples": examples}))
     if args.centralized:
-        rows = max(per_round) * args.examples
-        cases.append(("ceiling", f"centralized {rows} rows",
-                      {**base, "parallel": 1, "clients": 1, "population": max(per_round), "centralized": True}))
-    print(f"{'case':<46} {'device':>6} {'prec':>5} {'peak_MB':>8} {'train_s':>8} {'ex/s':>7} {'acc':>6}", flush=True)
+        biggest = max(p for _, p in pairs)
+        examples = args.rows // biggest if args.rows else args.examples
+        cases.append(("ceiling", f"centralized {biggest * examples} rows",
+                      {**base, "parallel": 1, "clients": 1, "population": biggest, "examples": examples,
+                       "centralized": True}))
+    print(f"{'case':<50} {'device':>6} {'prec':>5} {'peak_MB':>8} {'train_s':>8} {'ex/s':>7} {'acc':>6}", flush=True)
     results = []
     for group, label, spec in cases:
         r = run_case(spec)
         results.append((group, label, r))
-        print(f"{label:<46} {r['device']:>6} {r['precision']:>5} {r['peak_rss_mb']:8.0f} {r['train_s']:8.1f} "
+        print(f"{label:<50} {r['device']:>6} {r['precision']:>5} {r['peak_rss_mb']:8.0f} {r['train_s']:8.1f} "
               f"{r['examples_per_s']:7.1f} {r['accuracy'] if r['accuracy'] is not None else float('nan'):6.3f}",
               flush=True)
     print()

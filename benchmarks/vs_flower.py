@@ -45,7 +45,9 @@ MAX_LENGTH = 64
 # ---- the Flower side: a plain Flower app -------------------------------------------------------
 def _flower_resident(spec: dict) -> dict:
     """Model, tokenized rows and shards of this Ray actor (built at its first message, then kept)."""
-    cache = _flower_resident.__dict__.setdefault("cache", {})
+    import fedtune  # (state of an imported module outlives the ClientApp however Ray hands it to the actor)
+
+    cache = fedtune.__dict__.setdefault("_vs_flower_cache", {})
     if not cache:
         import torch
 
@@ -142,7 +144,8 @@ def _accuracy(model, torch) -> float:
 
     task = load_task_data(DataConfig(dataset="ag_news", train_size=8, eval_size=EVAL_ROWS), seed=0)
     tok = load_tokenizer("embedded")
-    rows = encode_texts(tok, task.eval.texts, None, task.eval.labels, MAX_LENGTH, False)
+    split = next(iter(task.evals.values()))  # (AG News has one: the test set)
+    rows = encode_texts(tok, split.texts, None, split.labels, MAX_LENGTH, False)
     model.eval()
     right = 0
     with torch.inference_mode():

@@ -46,7 +46,7 @@ class ClientStateStore(MutableMapping[str, ClientState]):
     (the batched trainer holds ``simulation.parallel_clients`` at once: the cache is at least that).
     """
 
-    def __init__(self, folder: str | Path, cache_size: int = 128) -> None:
+    def __init__(self, folder: str | Path, cache_size: int = 16) -> None:
         if cache_size < 1:
             raise ValueError(f"cache_size must be >= 1, got {cache_size}")
         self.folder = Path(folder)

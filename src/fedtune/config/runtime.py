@@ -24,7 +24,7 @@ class SimulationConfig:
     )
 
     state_cache: int = field(
-        default=128,
+        default=16,
         metadata=_help(
             "Clients whose own state (SCAFFOLD's c_i, error-feedback residuals, personal heads) stays in memory; "
             "the others' is in the run folder's client_states/ (safetensors), read back when sampled. "

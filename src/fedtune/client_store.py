@@ -125,9 +125,7 @@ class ClientStateStore(MutableMapping[str, ClientState]):
         from safetensors.torch import save_file
 
         if not any(state.values()):  # nothing to keep (FedAvg's clients): no file; the client reads as absent
-            previous = self._on_disk.pop(client_id, None)
-            if previous is not None and previous != self._committed.get(client_id):
-                self._path(client_id, previous).unlink(missing_ok=True)
+            self._drop_uncommitted(client_id, self._on_disk.pop(client_id, None))
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         gen = self._next_gen
@@ -139,9 +137,13 @@ class ClientStateStore(MutableMapping[str, ClientState]):
         tmp.replace(path)
         previous = self._on_disk.get(client_id)
         self._on_disk[client_id] = gen
-        if previous is not None and previous != self._committed.get(client_id):
-            self._path(client_id, previous).unlink(missing_ok=True)  # written since the last commit: not needed
+        self._drop_uncommitted(client_id, previous)
         self.writes += 1
+
+    def _drop_uncommitted(self, client_id: str, gen: int | None) -> None:
+        """Delete generation ``gen`` of ``client_id`` if no checkpoint names it (written since the last commit)."""
+        if gen is not None and gen != self._committed.get(client_id):
+            self._path(client_id, gen).unlink(missing_ok=True)
 
     def _evict(self) -> None:
         while len(self._cache) > self.cache_size:

@@ -30,7 +30,7 @@ from fedtune.resident import sync_base
 from fedtune.outputs import JsonlWriter, check_output_dir, prepare_output_dir, print_table, write_summary
 from fedtune.payload import CommStats
 from fedtune.personalization import per_client_report
-from fedtune.precision import check_precision, check_quantization, native_bf16, resolve_precision
+from fedtune.precision import check_precision, check_quantization, native_bf16
 from fedtune.server.loop import Transport, run_rounds
 from fedtune.server.progress import Progress
 from fedtune.strategies.base import Strategy
@@ -104,8 +104,6 @@ def pin_precision(exp: Experiment, device: torch.device, ckpt=None) -> Experimen
     else:
         native, why = native_bf16(device)
         chosen = "bf16" if native else "fp32"
-    if chosen == "auto":  # (a checkpoint written before the value was pinned)
-        chosen = resolve_precision("auto", device)
     log.info("train.precision = 'auto' -> %r (%s)", chosen, why)
     return dataclasses.replace(exp, train=dataclasses.replace(exp.train, precision=chosen))
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fedtune.token_rows import TokenRowsBuilder, row_lengths, take_rows
 
 IGNORE_INDEX = -100
 """Per-token label that the loss skips (prompt tokens, padding)."""
@@ -22,12 +23,13 @@ class EncodedDataset:
     targets instead, in ``token_labels`` (unpadded, ``IGNORE_INDEX`` where no loss is taken).
     """
 
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]] | None
+    input_ids: Sequence[list[int]]
+    """One row of ids per example: a :class:`~fedtune.token_rows.TokenRows` (compact) or a list of lists."""
+    token_type_ids: Sequence[list[int]] | None
     labels: torch.Tensor
     label_keys: tuple[str, ...] = ("labels",)
     """Model keyword(s) the label columns are passed as (one key: the whole row)."""
-    token_labels: list[list[int]] | None = None
+    token_labels: Sequence[list[int]] | None = None
     example_ids: torch.Tensor | None = None
     """Which source example each row was cut from, when several rows share one (extractive QA's windows)."""
 
@@ -38,11 +40,11 @@ class EncodedDataset:
         """The examples at ``indices``, in that order."""
         idx = list(indices)
         return EncodedDataset(
-            input_ids=[self.input_ids[i] for i in idx],
-            token_type_ids=None if self.token_type_ids is None else [self.token_type_ids[i] for i in idx],
+            input_ids=take_rows(self.input_ids, idx),
+            token_type_ids=None if self.token_type_ids is None else take_rows(self.token_type_ids, idx),
             labels=self.labels[torch.as_tensor(idx, dtype=torch.long)] if idx else self.labels[:0],
             label_keys=self.label_keys,
-            token_labels=None if self.token_labels is None else [self.token_labels[i] for i in idx],
+            token_labels=None if self.token_labels is None else take_rows(self.token_labels, idx),
             example_ids=None if self.example_ids is None else self.example_ids[torch.as_tensor(idx, dtype=torch.long)],
         )
 
@@ -75,6 +77,11 @@ def bounded_text(tokenizer, text: str, max_length: int) -> str:
     return text
 
 
+ENCODE_CHUNK = 4096
+"""Texts tokenized per call of the tokenizer: its Python lists of ids exist for one chunk at a time,
+then the rows are packed into :class:`~fedtune.token_rows.TokenRows`."""
+
+
 def encode_texts(
     tokenizer, texts: Sequence[str], text_pairs: Sequence[str] | None, labels, max_length: int, regression: bool
 ) -> EncodedDataset:
@@ -88,21 +95,26 @@ def encode_texts(
     its length beyond that. One exception: when *both* halves of a pair are beyond the bound, an odd
     budget's last token goes to whichever cut is longer, which may be the other half than with the
     whole texts (which half is longer is not known without tokenizing both whole).
+
+    The rows are tokenized :data:`ENCODE_CHUNK` texts at a time and kept as compact
+    :class:`~fedtune.token_rows.TokenRows` (int32), not as Python lists.
     """
-    texts = [bounded_text(tokenizer, t, max_length) for t in texts]
-    if text_pairs is not None:
-        text_pairs = [bounded_text(tokenizer, t, max_length) for t in text_pairs]
-    enc = tokenizer(
-        list(texts),
-        list(text_pairs) if text_pairs is not None else None,
-        truncation=True,
-        max_length=max_length,
-        padding=False,
-    )
+    ids, types = TokenRowsBuilder(), TokenRowsBuilder()
+    has_types = False
+    for start in range(0, len(texts), ENCODE_CHUNK):  # the tokenizer's lists live one chunk at a time
+        chunk = [bounded_text(tokenizer, t, max_length) for t in texts[start:start + ENCODE_CHUNK]]
+        pairs = None
+        if text_pairs is not None:
+            pairs = [bounded_text(tokenizer, t, max_length) for t in text_pairs[start:start + ENCODE_CHUNK]]
+        enc = tokenizer(chunk, pairs, truncation=True, max_length=max_length, padding=False)
+        ids.extend(enc["input_ids"])
+        if "token_type_ids" in enc:
+            has_types = True
+            types.extend(enc["token_type_ids"])
     dtype = torch.float32 if regression else torch.long
     return EncodedDataset(
-        input_ids=list(enc["input_ids"]),
-        token_type_ids=list(enc["token_type_ids"]) if "token_type_ids" in enc else None,
+        input_ids=ids.build(),
+        token_type_ids=types.build() if has_types else None,
         labels=torch.as_tensor(list(labels), dtype=dtype),
     )
 
@@ -160,9 +172,10 @@ def epoch_batches(
     if not bucketing:
         return [order[start : start + batch_size] for start in range(0, n, batch_size)]
     size = BUCKET_BATCHES * batch_size
+    lengths = row_lengths(ds.input_ids)
     batches: list[list[int]] = []
     for b in range(0, n, size):
-        bucket = sorted(order[b : b + size], key=lambda i: len(ds.input_ids[i]))  # stable
+        bucket = sorted(order[b : b + size], key=lengths.__getitem__)  # stable
         batches.extend(bucket[start : start + batch_size] for start in range(0, len(bucket), batch_size))
     if generator is not None:
         batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]

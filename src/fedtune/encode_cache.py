@@ -22,11 +22,13 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from fedtune.token_rows import TokenRows
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ FORMAT = 1
 
 _ENABLED = [False]
 
-TokenLists = dict[str, "list[list[int]] | None"]
+TokenLists = dict[str, Sequence[list[int]] | None]
+"""Named rows of token ids (lists of lists or :class:`~fedtune.token_rows.TokenRows`; read back as TokenRows)."""
 
 
 @contextmanager
@@ -130,9 +133,9 @@ def _write(path: Path, value: TokenLists) -> None:
         if rows is None:
             meta[f"none.{name}"] = "1"
             continue
-        lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
-        tensors[f"{name}.ids"] = torch.tensor([t for r in rows for t in r], dtype=torch.int32)
-        tensors[f"{name}.lengths"] = lengths
+        packed = TokenRows.from_rows(rows)
+        tensors[f"{name}.ids"] = torch.from_numpy(packed.flat)
+        tensors[f"{name}.lengths"] = torch.from_numpy(packed.lengths())
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
@@ -155,12 +158,8 @@ def _read(path: Path) -> TokenLists:
             if meta.get(f"none.{name}"):
                 out[name] = None
                 continue
-            ids, lengths = f.get_tensor(f"{name}.ids").tolist(), f.get_tensor(f"{name}.lengths").tolist()
-            if sum(lengths) != len(ids):
-                raise ValueError(f"{name}: lengths sum to {sum(lengths)}, {len(ids)} ids stored")
-            rows, at = [], 0
-            for n in lengths:
-                rows.append(ids[at:at + n])
-                at += n
-            out[name] = rows
+            ids, lengths = f.get_tensor(f"{name}.ids").numpy(), f.get_tensor(f"{name}.lengths").numpy()
+            if int(lengths.sum()) != len(ids) or (lengths < 0).any():
+                raise ValueError(f"{name}: lengths sum to {int(lengths.sum())}, {len(ids)} ids stored")
+            out[name] = TokenRows.from_lengths(ids, lengths)
     return out

@@ -14,7 +14,10 @@ example count, then the global model scored on the same 200 AG News test rows.
   ``--flower-precision bf16`` runs its loop under bf16 autocast.
 - ``fedtune default``: ``fedtune run`` with the defaults (``train.precision = "auto"``: bf16 on a
   CPU with AVX-512 BF16 / AMX, fp32 elsewhere; one client after another).
-- ``fedtune fast``: bf16, length bucketing and 4 clients batched (``simulation.parallel_clients``).
+- ``fedtune fast``: bf16, length bucketing and one worker process per core (``simulation.workers``,
+  one thread each: the same layout as Ray's one virtual client per CPU).
+- ``fedtune batched``: bf16, length bucketing and 4 clients batched in one process
+  (``simulation.parallel_clients = 4``; the fast path before workers existed).
 
 Each side runs in a fresh process; its wall time is end to end (imports, Ray's start, model load,
 tokenization, rounds, scoring), and its memory is measured system-wide (the machine's used memory
@@ -186,6 +189,8 @@ def fedtune_side(spec: dict) -> None:
         "train.batch_size=16", "train.grad_clip=1.0", f'output_dir="{Path(spec["out"]).with_suffix("")}"', "seed=0",
     ]
     if spec["side"] == "fedtune fast":
+        overrides += ['train.precision="bf16"', "train.length_bucketing=true", f"simulation.workers={os.cpu_count()}"]
+    elif spec["side"] == "fedtune batched":
         overrides += ['train.precision="bf16"', "train.length_bucketing=true", "simulation.parallel_clients=4"]
     result = run_experiment(Experiment.from_overrides(overrides), quiet=True)
     model = load_classifier(ModelConfig(), 4, False, seed=0)  # scored exactly as the Flower side is scored
@@ -231,7 +236,7 @@ def run_side(spec: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="10x64x2,100x8x1", help="CLIENTSxEXAMPLESxROUNDS, comma-separated")
-    ap.add_argument("--sides", default="flower,fedtune default,fedtune fast")
+    ap.add_argument("--sides", default="flower,fedtune default,fedtune fast,fedtune batched")
     ap.add_argument("--flower-precision", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--side", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()

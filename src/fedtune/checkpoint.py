@@ -47,7 +47,7 @@ INDEX_FILE = "checkpoint.json"
 """The checkpoint's JSON index (written last, atomically)."""
 FORMAT = 1
 """Version of the checkpoint layout."""
-MAY_DIFFER = ("output_dir", "federation.rounds", "simulation.state_cache")
+MAY_DIFFER = ("output_dir", "federation.rounds", "simulation.state_cache", "simulation.workers")
 """Configuration keys a resumed run may change."""
 
 

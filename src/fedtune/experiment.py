@@ -42,7 +42,8 @@ __all__ = ["RunResult", "build_strategy", "local_train_config", "make_shards", "
 
 def simulation_transport(exp: Experiment, model, client_data, *, pad_id: int, device,
                          attacks=None, client_states=None) -> SimulationTransport:
-    """The in-process transport ``[simulation]`` asks for: clients in turn, or up to K at once.
+    """The in-process transport ``[simulation]`` asks for: clients in turn, or up to K at once, in this
+    process or in ``simulation.workers`` forked worker processes (close it when done).
 
     ``client_states``: where the clients' own state lives (a dict when None; the run uses a
     :class:`fedtune.client_store.ClientStateStore` in its folder).
@@ -50,11 +51,15 @@ def simulation_transport(exp: Experiment, model, client_data, *, pad_id: int, de
     k = exp.simulation.parallel_clients
     channel = Channel.from_config(exp.federation)  # codec_up / codec_down
     if k > 1:
-        return ParallelSimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device,
-                                           parallel_clients=k, channel=channel, attacks=attacks,
-                                           client_states=client_states)
-    return SimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device, channel=channel,
-                               attacks=attacks, client_states=client_states)
+        transport = ParallelSimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device,
+                                                parallel_clients=k, channel=channel, attacks=attacks,
+                                                client_states=client_states)
+    else:
+        transport = SimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device,
+                                        channel=channel, attacks=attacks, client_states=client_states)
+    if exp.simulation.workers > 1:
+        transport.use_workers(exp.simulation.workers)
+    return transport
 
 
 def run_experiment(exp: Experiment, *, quiet: bool = False, device: torch.device | None = None,
@@ -126,7 +131,10 @@ def run_simulation(exp: Experiment, *, quiet: bool = False, device: torch.device
 
     simulation.enable_scoring(task, held_out_rows, side.eval_context)  # (eval.per_client, eval.federated, ...)
     fed = Federation(clients, len(train), simulation.client_states, per_round, data_fingerprint=fingerprint)
-    return run_federation(side, strategy, simulation, fed, quiet=quiet, ckpt=ckpt, summary=summary)
+    try:
+        return run_federation(side, strategy, simulation, fed, quiet=quiet, ckpt=ckpt, summary=summary)
+    finally:
+        simulation.close()
 
 
 def _run_local(side: ServerSide, strategy, shards, ids, quiet: bool) -> RunResult:

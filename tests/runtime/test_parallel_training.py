@@ -146,7 +146,7 @@ def test_simulation_config_validation():
     with pytest.raises(ConfigError, match="simulation.parallel_clients"):
         Experiment.from_overrides(["simulation.parallel_clients=2.5"])
     with pytest.raises(ConfigError, match="unknown key"):
-        Experiment.from_overrides(["simulation.workers=2"])
+        Experiment.from_overrides(["simulation.processes=2"])
     e = Experiment.from_overrides(["data.pad_to_max_length=true", "train.length_bucketing=true"])
     assert e.data.pad_to_max_length and e.train.length_bucketing
     with pytest.raises(ConfigError, match="train.length_bucketing"):

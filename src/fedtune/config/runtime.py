@@ -32,7 +32,19 @@ class SimulationConfig:
         ),
     )
 
+    workers: int = field(
+        default=1,
+        metadata=_help(
+            "Worker processes training the sampled clients at once (forked from this one once the model and "
+            "rows are loaded; CPU only; each uses the CPU count / workers threads). 1 = train in this process. "
+            "On a multi-core CPU, one worker per core is faster than one process using every core. Results are "
+            "the same but for float rounding of the threads' split of a sum."
+        ),
+    )
+
     def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"simulation.workers must be >= 1, got {self.workers}")
         if self.parallel_clients < 1:
             raise ConfigError(f"simulation.parallel_clients must be >= 1, got {self.parallel_clients}")
         if self.state_cache < self.parallel_clients:

@@ -41,9 +41,8 @@ from fedtune.channel import Channel
 from fedtune.client.kinds import LocalResult, StackedContext, plan_kinds
 from fedtune.client.train import finish_update, local_train, planned_steps
 from fedtune.resident import sync_base
-from fedtune.payload import CommStats
 from fedtune.precision import autocast
-from fedtune.runtime.simulation import SimulationTransport, client_seed
+from fedtune.runtime.simulation import SimulationTransport, TrainJob, client_seed
 from fedtune.sparse_logits import labelled_logits
 from fedtune.types import ClientState, ClientUpdate, RoundPlan
 
@@ -458,7 +457,9 @@ class ParallelSimulationTransport(SimulationTransport):
         self.parallel_clients = parallel_clients
         self._fallback_logged = False
 
-    def run_round(self, plan: RoundPlan, clients: Sequence[str], stats: CommStats) -> Iterator[ClientUpdate]:
+    def plan_jobs(self, plan: RoundPlan, clients: Sequence[str]) -> list[TrainJob]:
+        """Groups of up to ``parallel_clients`` clients trained together (or one client per job, logged once, when
+        the model, plan or data is not supported)."""
         reason = (parallel_support(self.model, plan, self.device, clients) if self.parallel_clients > 1
                   else "parallel_clients = 1")
         if not reason and not all(_batchable(self.client_data[c]) for c in clients):
@@ -468,23 +469,22 @@ class ParallelSimulationTransport(SimulationTransport):
                 log.warning("simulation.parallel_clients = %d: training clients one at a time instead (%s)",
                             self.parallel_clients, reason)
                 self._fallback_logged = True
-            yield from super().run_round(plan, clients, stats)
-            return
+            return super().plan_jobs(plan, clients)
         plan, down = self.channel.send_plan(plan)  # every client trains from the plan as it decodes it
         clients = list(clients)
-        for g in range(0, len(clients), self.parallel_clients):
-            group = clients[g : g + self.parallel_clients]
-            seeds = [client_seed(self.seed, plan.round, cid) for cid in group]
-            states = [self.client_states.setdefault(cid, {}) for cid in group]
-            if len(group) == 1:
-                updates = [local_train(self.model, self.client_data[group[0]], plan, group[0], pad_id=self.pad_id,
-                                       seed=seeds[0], device=self.device, state=states[0])]
-            else:
-                updates = train_group(
-                    self.model, [self.client_data[c] for c in group], plan, group, pad_id=self.pad_id, seeds=seeds,
-                    group_seed=client_seed(self.seed, plan.round, "parallel:" + ",".join(group)),
-                    device=self.device, states=states,
-                )
-            for u, state in zip(updates, states):
-                stats.bytes_down += down
-                yield self.upload(u, state, stats, plan)
+        return [TrainJob(plan, plan, tuple(clients[g : g + self.parallel_clients]), down, batched=True)
+                for g in range(0, len(clients), self.parallel_clients)]
+
+    def train_job(self, job: TrainJob, states) -> list[ClientUpdate]:
+        """A batched group through :func:`train_group` (a group of one, or an unbatched job, trains alone)."""
+        if not job.batched or len(job.clients) == 1:
+            return [local_train(self.model, self.client_data[cid], job.plan, cid, pad_id=self.pad_id,
+                                seed=client_seed(self.seed, job.plan.round, cid), device=self.device, state=state)
+                    for cid, state in zip(job.clients, states)]
+        group = list(job.clients)
+        return train_group(
+            self.model, [self.client_data[c] for c in group], job.plan, group, pad_id=self.pad_id,
+            seeds=[client_seed(self.seed, job.plan.round, cid) for cid in group],
+            group_seed=client_seed(self.seed, job.plan.round, "parallel:" + ",".join(group)),
+            device=self.device, states=list(states),
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from dataclasses import dataclass
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 
 import torch
@@ -15,6 +16,21 @@ from fedtune.client import local_train
 from fedtune.client.evaluate import HELD_OUT, ScoreRequest, client_scores
 from fedtune.payload import CommStats
 from fedtune.types import ClientScore, ClientState, ClientUpdate, RoundPlan
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """A unit of client work: ``clients`` trained from ``plan`` (as they decode it), ``batched`` together or alone.
+
+    ``server_plan`` is the plan the server reads their updates back against (the round's full plan),
+    ``down`` the downlink bytes counted per client.
+    """
+
+    plan: RoundPlan
+    server_plan: RoundPlan
+    clients: tuple[str, ...]
+    down: int
+    batched: bool = False
 
 
 def client_seed(seed: int, rnd: int, client_id: str) -> int:
@@ -56,6 +72,8 @@ class SimulationTransport:
         self.client_states: MutableMapping[str, ClientState] = client_states if client_states is not None else {}
         """Each client's persistent state (kept here because in a simulation the client is us): a dict, or a
         :class:`fedtune.client_store.ClientStateStore` that keeps most of it on disk."""
+        self.workers = None
+        """The worker processes training the clients (:meth:`use_workers`), or None: this process trains them."""
         self.task = None
         self.held_out: Mapping[str, EncodedDataset] = {}
         self.eval_context = None
@@ -79,23 +97,51 @@ class SimulationTransport:
             yield ClientScore(cid, len(rows), scores)
 
     def run_round(self, plan: RoundPlan, clients: Sequence[str], stats: CommStats) -> Iterator[ClientUpdate]:
-        """Train each client on the plan as it decodes it; yield the updates as the server decodes them."""
+        """Train each client on the plan as it decodes it; yield the updates as the server decodes them.
+
+        The round is cut into jobs (:meth:`plan_jobs`: one client each here, up to K batched in
+        :class:`~fedtune.runtime.parallel.ParallelSimulationTransport`), run here or by the
+        transport's worker processes (:meth:`use_workers`); updates come out in the order of ``clients``.
+        """
+        jobs = self.plan_jobs(plan, clients)
+        results = self.workers.run(jobs) if self.workers is not None else self._run_here(jobs)
+        for job, updates, states in results:
+            for update, state in zip(updates, states):
+                stats.bytes_down += job.down
+                yield self.upload(update, state, stats, job.server_plan)
+
+    def plan_jobs(self, plan: RoundPlan, clients: Sequence[str]) -> list[TrainJob]:
+        """The round's client work, one client per job, each with the plan as that client decodes it."""
         shared = self.channel.send_plan(plan) if plan.adapter is None else None  # (the same for every client)
+        jobs = []
         for cid in clients:
             received, down = shared if shared is not None else self.channel.send_plan(plan, cid)
-            stats.bytes_down += down
-            state = self.client_states.setdefault(cid, {})
-            update = local_train(
-                self.model,
-                self.client_data[cid],
-                received,
-                cid,
-                pad_id=self.pad_id,
-                seed=client_seed(self.seed, plan.round, cid),
-                device=self.device,
-                state=state,
-            )
-            yield self.upload(update, state, stats, plan)
+            jobs.append(TrainJob(received, plan, (cid,), down))
+        return jobs
+
+    def train_job(self, job: TrainJob, states: Sequence[ClientState]) -> list[ClientUpdate]:
+        """Train the job's clients (changing ``states`` in place); their updates before the uplink."""
+        (cid,), (state,) = job.clients, states
+        return [local_train(self.model, self.client_data[cid], job.plan, cid, pad_id=self.pad_id,
+                            seed=client_seed(self.seed, job.plan.round, cid), device=self.device, state=state)]
+
+    def _run_here(self, jobs: Sequence[TrainJob]) -> Iterator[tuple[TrainJob, list[ClientUpdate], list[ClientState]]]:
+        for job in jobs:
+            states = [self.client_states.setdefault(cid, {}) for cid in job.clients]
+            yield job, self.train_job(job, states), states
+
+    def use_workers(self, workers: int, threads: int | None = None) -> None:
+        """Train in ``workers`` forked processes from now on (:class:`fedtune.runtime.workers.WorkerPool`)."""
+        from fedtune.runtime.workers import WorkerPool
+
+        self.close()
+        self.workers = WorkerPool(self, workers, threads)
+
+    def close(self) -> None:
+        """Stop the worker processes, if any (the transport then trains in this process again)."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
     def upload(self, update: ClientUpdate, state: ClientState, stats: CommStats, plan: RoundPlan) -> ClientUpdate:
         """The client's update (attacked if it is byzantine) through the uplink codec; bytes into ``stats``.

@@ -59,6 +59,10 @@ def child(spec: dict) -> None:
     t0 = time.perf_counter()
     result = run_experiment(exp, quiet=True)
     wall = time.perf_counter() - t0
+    available = json.loads((result.output_dir / "summary.json").read_text())["train_rows"]
+    if available < population * examples:  # (a smaller dataset than asked: the case would not be the one labelled)
+        raise SystemExit(f"the training set has {available} rows, fewer than population x examples = "
+                         f"{population} x {examples}; use --examples {max(available // population, 1)} or fewer clients")
     records = [json.loads(x) for x in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     rounds = [r for r in records if r.get("round", 0) >= 1]
     train_s = sum(r.get("round_time", 0.0) for r in rounds)  # (the round loop's round_time leaves evaluation out)

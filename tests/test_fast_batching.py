@@ -162,3 +162,19 @@ def test_overlong_text_pairs_are_cut_with_the_same_tokens(tiny_model_dir):
             for mine, theirs in ((halves[0], halves[2]), (halves[1], halves[3])):
                 short, long = sorted((mine, theirs), key=len)
                 assert long[: len(short)] == short and len(long) - len(short) <= 1, i
+
+
+def test_pad_multiple_rounds_the_width_up_and_masks_the_padding():
+    from fedtune.batching import collate
+    from fedtune.config import ConfigError, Experiment
+    from fedtune.strategies.from_config import local_train_config
+
+    ds = EncodedDataset([[5] * 9, [6] * 3], None, torch.tensor([0, 1]))
+    batch = collate(ds, [0, 1], pad_id=0, pad_multiple=8)
+    assert batch["input_ids"].shape == (2, 16) and batch["attention_mask"].sum(1).tolist() == [9, 3]
+    assert collate(ds, [1], pad_id=0, pad_multiple=8)["input_ids"].shape == (1, 8)
+    assert collate(ds, [0], pad_id=0)["input_ids"].shape == (1, 9)  # 1: the longest row
+    assert collate(ds, [1], pad_id=0, pad_to=20, pad_multiple=8)["input_ids"].shape == (1, 20)
+    assert local_train_config(Experiment()).pad_multiple == 8
+    with pytest.raises(ConfigError, match="train.pad_multiple must be >= 1"):
+        Experiment.from_overrides(["train.pad_multiple=0"])

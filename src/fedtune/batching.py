@@ -77,7 +77,7 @@ def bounded_text(tokenizer, text: str, max_length: int) -> str:
     return text
 
 
-ENCODE_CHUNK = 4096
+ENCODE_CHUNK = 1024
 """Texts tokenized per call of the tokenizer: its Python lists of ids exist for one chunk at a time,
 then the rows are packed into :class:`~fedtune.token_rows.TokenRows`."""
 
@@ -119,10 +119,12 @@ def encode_texts(
     )
 
 
-def collate(ds: EncodedDataset, indices: Sequence[int], pad_id: int, pad_to: int = 0) -> dict[str, torch.Tensor]:
-    """A batch padded to its longest example (or to ``pad_to`` when set)."""
+def collate(ds: EncodedDataset, indices: Sequence[int], pad_id: int, pad_to: int = 0,
+            pad_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """A batch padded to its longest example rounded up to a multiple of ``pad_multiple`` (or to ``pad_to`` when larger)."""
     rows = [ds.input_ids[i] for i in indices]
-    width = max(pad_to, max(len(r) for r in rows))
+    longest = max(len(r) for r in rows)
+    width = max(pad_to, -(-longest // pad_multiple) * pad_multiple if pad_multiple > 1 else longest)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for j, r in enumerate(rows):
@@ -189,11 +191,13 @@ def iterate_batches(
     generator: torch.Generator | None = None,
     pad_to: int = 0,
     bucketing: bool = False,
+    pad_multiple: int = 1,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One pass over ``ds``: shuffled with ``generator`` when given, in order otherwise.
 
-    Batches are padded to their longest example, or to ``pad_to`` when set; ``bucketing`` groups
+    Batches are padded to their longest example (rounded up to a multiple of ``pad_multiple``), or to
+    ``pad_to`` when set; ``bucketing`` groups
     examples of similar length (see :func:`epoch_batches`).
     """
     for indices in epoch_batches(ds, batch_size, generator, bucketing):
-        yield collate(ds, indices, pad_id, pad_to)
+        yield collate(ds, indices, pad_id, pad_to, pad_multiple)

@@ -34,6 +34,8 @@ class LocalTrainConfig:
     """Local optimizer: "adamw" or "sgd" (plain SGD, the optimizer SCAFFOLD's derivation assumes)."""
     pad_to: int = 0
     """Pad every training batch to this many tokens (0 = to the batch's longest example)."""
+    pad_multiple: int = 1
+    """Round each training batch's padded width up to a multiple of this (1 = to its longest example)."""
     length_bucketing: bool = False
     """Draw training batches from length-sorted buckets (see fedtune.batching.epoch_batches)."""
     compile: bool = False

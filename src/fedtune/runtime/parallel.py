@@ -354,7 +354,7 @@ def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, 
             if not active:
                 break
             parts = [(i, next(batches[i])) for i in active]
-            batch, segments, start = _collate_group(datas, parts, pad_id, cfg.pad_to), [], 0
+            batch, segments, start = _collate_group(datas, parts, pad_id, cfg.pad_to, cfg.pad_multiple), [], 0
             for i, idx in parts:
                 segments.append((i, start, start + len(idx)))
                 start += len(idx)
@@ -418,7 +418,7 @@ def _batchable(data: EncodedDataset) -> bool:
     return data.is_single_label or data.token_labels is not None
 
 
-def _collate_group(datas, parts, pad_id: int, pad_to: int) -> dict[str, torch.Tensor]:
+def _collate_group(datas, parts, pad_id: int, pad_to: int, pad_multiple: int = 1) -> dict[str, torch.Tensor]:
     """The clients' batches concatenated (in slot order) and padded to one width."""
     rows, types, labels, token_labels = [], [], [], []
     for i, idx in parts:
@@ -431,7 +431,7 @@ def _collate_group(datas, parts, pad_id: int, pad_to: int) -> dict[str, torch.Te
         labels.append(d.labels[torch.as_tensor(idx, dtype=torch.long)])
     merged = EncodedDataset(rows, types if types else None, torch.cat(labels),
                             token_labels=token_labels if token_labels else None)
-    return collate(merged, range(len(rows)), pad_id, pad_to)
+    return collate(merged, range(len(rows)), pad_id, pad_to, pad_multiple)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ def child(spec: dict) -> None:
         f"eval.every={spec['rounds']}", f'output_dir="{spec["out"]}"', "seed=0",
         f"simulation.parallel_clients={spec['parallel']}",
         f"simulation.state_cache={max(spec['parallel'], spec['state_cache'])}",
+        f'partition.manifest_format="{spec.get("manifest_format", "auto")}"',
     ]
     if spec["strategy"] == "scaffold":
         overrides.append('train.optimizer="sgd"')
@@ -104,6 +105,8 @@ def main() -> None:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--state-cache", type=int, default=128)
+    ap.add_argument("--manifest-format", default="auto", choices=["auto", "json", "parquet"],
+                    help="partition.manifest_format of every case (auto: Parquet above 1,000 clients)")
     ap.add_argument("--centralized", action="store_true", help="also the same rows as one centralized client")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -112,7 +115,7 @@ def main() -> None:
         return
 
     base = dict(examples=args.examples, strategy=args.strategy, rounds=args.rounds, precision=args.precision,
-                lr=args.lr, state_cache=args.state_cache, centralized=False)
+                lr=args.lr, state_cache=args.state_cache, centralized=False, manifest_format=args.manifest_format)
     per_round = _ints(args.clients)
     # (clients per round, population): every pair with --population, else the population is the round
     pairs = [(c, p) for p in _ints(args.population) for c in per_round if c <= p] or [(c, c) for c in per_round]

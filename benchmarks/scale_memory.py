@@ -47,6 +47,7 @@ def child(spec: dict) -> None:
         f"simulation.parallel_clients={spec['parallel']}",
         f"simulation.state_cache={max(spec['parallel'], spec['state_cache'])}",
         f'partition.manifest_format="{spec.get("manifest_format", "auto")}"',
+        f"simulation.workers={spec.get('workers', 1)}",
     ]
     if spec["strategy"] == "scaffold":
         overrides.append('train.optimizer="sgd"')
@@ -100,6 +101,7 @@ def main() -> None:
                     help="instead of --examples: this many rows in every case, split over its clients (so cases "
                          "differ only in how many clients share the same training)")
     ap.add_argument("--parallel", default="1,4", help="simulation.parallel_clients values, comma-separated")
+    ap.add_argument("--workers", default="1", help="simulation.workers values, comma-separated")
     ap.add_argument("--strategy", default="fedavg")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--precision", default="auto")
@@ -121,11 +123,13 @@ def main() -> None:
     pairs = [(c, p) for p in _ints(args.population) for c in per_round if c <= p] or [(c, c) for c in per_round]
     cases = []  # (group, label, spec)
     for k in _ints(args.parallel):
-        for c, pop in pairs:
-            examples = args.rows // pop if args.rows else args.examples
-            label = f"K={k} clients/round={c} population={pop} x{examples}"
-            cases.append((f"K={k}", label, {**base, "parallel": k, "clients": c, "population": pop,
-                                            "examples": examples}))
+        for w in _ints(args.workers):
+            group = f"K={k}" + (f" W={w}" if w > 1 else "")
+            for c, pop in pairs:
+                examples = args.rows // pop if args.rows else args.examples
+                label = f"{group} clients/round={c} population={pop} x{examples}"
+                cases.append((group, label, {**base, "parallel": k, "workers": w, "clients": c, "population": pop,
+                                             "examples": examples}))
     if args.centralized:
         biggest = max(p for _, p in pairs)
         examples = args.rows // biggest if args.rows else args.examples

@@ -175,6 +175,10 @@ def test_pad_multiple_rounds_the_width_up_and_masks_the_padding():
     assert collate(ds, [1], pad_id=0, pad_multiple=8)["input_ids"].shape == (1, 8)
     assert collate(ds, [0], pad_id=0)["input_ids"].shape == (1, 9)  # 1: the longest row
     assert collate(ds, [1], pad_id=0, pad_to=20, pad_multiple=8)["input_ids"].shape == (1, 20)
-    assert local_train_config(Experiment()).pad_multiple == 8
+    assert collate(ds, [0], pad_id=0, pad_to=9, pad_multiple=8)["input_ids"].shape == (1, 9)  # pad_to: fixed
+    assert collate(ds, [0], pad_id=0, pad_multiple=8, pad_limit=10)["input_ids"].shape == (1, 10)  # max_length
+    assert collate(ds, [1], pad_id=0, pad_multiple=8, pad_limit=10)["input_ids"].shape == (1, 8)
+    cfg = local_train_config(Experiment.from_overrides(["data.max_length=100"]))
+    assert cfg.pad_multiple == 8 and cfg.pad_limit == 100
     with pytest.raises(ConfigError, match="train.pad_multiple must be >= 1"):
         Experiment.from_overrides(["train.pad_multiple=0"])

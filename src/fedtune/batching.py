@@ -120,11 +120,19 @@ def encode_texts(
 
 
 def collate(ds: EncodedDataset, indices: Sequence[int], pad_id: int, pad_to: int = 0,
-            pad_multiple: int = 1) -> dict[str, torch.Tensor]:
-    """A batch padded to its longest example rounded up to a multiple of ``pad_multiple`` (or to ``pad_to`` when larger)."""
+            pad_multiple: int = 1, pad_limit: int = 0) -> dict[str, torch.Tensor]:
+    """A batch padded to ``pad_to`` when set, else to its longest example rounded up to a multiple of
+    ``pad_multiple`` but not beyond ``pad_limit`` (the rows' token limit; 0 = none) or the longest row."""
     rows = [ds.input_ids[i] for i in indices]
     longest = max(len(r) for r in rows)
-    width = max(pad_to, -(-longest // pad_multiple) * pad_multiple if pad_multiple > 1 else longest)
+    if pad_to:
+        width = max(pad_to, longest)
+    elif pad_multiple > 1:
+        width = -(-longest // pad_multiple) * pad_multiple
+        if pad_limit:
+            width = max(longest, min(width, pad_limit))
+    else:
+        width = longest
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for j, r in enumerate(rows):
@@ -192,12 +200,13 @@ def iterate_batches(
     pad_to: int = 0,
     bucketing: bool = False,
     pad_multiple: int = 1,
+    pad_limit: int = 0,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """One pass over ``ds``: shuffled with ``generator`` when given, in order otherwise.
 
-    Batches are padded to their longest example (rounded up to a multiple of ``pad_multiple``), or to
-    ``pad_to`` when set; ``bucketing`` groups
+    Batches are padded to their longest example (rounded up to a multiple of ``pad_multiple``, at most
+    ``pad_limit``), or to ``pad_to`` when set; ``bucketing`` groups
     examples of similar length (see :func:`epoch_batches`).
     """
     for indices in epoch_batches(ds, batch_size, generator, bucketing):
-        yield collate(ds, indices, pad_id, pad_to, pad_multiple)
+        yield collate(ds, indices, pad_id, pad_to, pad_multiple, pad_limit)

@@ -128,10 +128,9 @@ def run_simulation(exp: Experiment, *, quiet: bool = False, device: torch.device
     store = ClientStateStore(out / STORE_DIR, exp.simulation.state_cache)  # clients' own state, mostly on disk
     simulation = simulation_transport(exp, model, client_data, pad_id=side.pad_id, device=side.device,
                                       attacks=attacks, client_states=store)
-
-    simulation.enable_scoring(task, held_out_rows, side.eval_context)  # (eval.per_client, eval.federated, ...)
-    fed = Federation(clients, len(train), simulation.client_states, per_round, data_fingerprint=fingerprint)
-    try:
+    try:  # (from here on the transport may hold worker processes)
+        simulation.enable_scoring(task, held_out_rows, side.eval_context)  # (eval.per_client, eval.federated, ...)
+        fed = Federation(clients, len(train), simulation.client_states, per_round, data_fingerprint=fingerprint)
         return run_federation(side, strategy, simulation, fed, quiet=quiet, ckpt=ckpt, summary=summary)
     finally:
         simulation.close()

@@ -36,6 +36,8 @@ class LocalTrainConfig:
     """Pad every training batch to this many tokens (0 = to the batch's longest example)."""
     pad_multiple: int = 1
     """Round each training batch's padded width up to a multiple of this (1 = to its longest example)."""
+    pad_limit: int = 0
+    """The rows' token limit (``data.max_length``): rounding up to ``pad_multiple`` never pads beyond it (0 = none)."""
     length_bucketing: bool = False
     """Draw training batches from length-sorted buckets (see fedtune.batching.epoch_batches)."""
     compile: bool = False

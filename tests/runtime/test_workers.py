@@ -135,8 +135,8 @@ def test_refusals_name_the_setting(lora_model, client_data, tiny_experiment):
     with pytest.raises(ConfigError, match="simulation.workers must be >= 1, got 0"):
         tiny_experiment("simulation.workers=0")
     with pytest.raises(ConfigError, match="threads per worker must be >= 1"):
-        worker_threads(2, 0)
-    assert worker_threads(64) == 1 and worker_threads(2, 3) == 3
+        worker_threads(0)
+    assert worker_threads() == 1 and worker_threads(3) == 3
 
 
 def test_workers_may_change_on_resume(tiny_experiment, tmp_path):
@@ -145,3 +145,44 @@ def test_workers_may_change_on_resume(tiny_experiment, tmp_path):
     res = run_experiment(tiny_experiment("federation.rounds=2", "simulation.workers=2", f'output_dir="{out}"'),
                          quiet=True, resume=True)
     assert [h["round"] for h in res.history] == [1, 2]
+
+
+def test_an_abandoned_round_leaves_no_stale_reply(lora_model, client_data):
+    params = get_trainable(lora_model)
+    local = LocalTrainConfig(epochs=1.0, max_steps=0, lr=0.01, batch_size=4)
+    t = _transport(lora_model, client_data)
+    t.use_workers(2, threads=1)
+    try:
+        round_one = t.run_round(RoundPlan(1, params, local), list(client_data), CommStats())
+        first = next(round_one)  # the consumer stops after one update (an aggregate that raised, say)
+        round_one.close()
+        assert first.client_id == next(iter(client_data))
+        again = list(t.run_round(RoundPlan(2, params, local), list(client_data), CommStats()))
+        assert [u.client_id for u in again] == list(client_data)
+        assert all(u.metrics["steps"] > 0 for u in again)
+    finally:
+        t.close()
+
+
+def test_a_dead_worker_is_named_and_the_pool_refuses_more_work(lora_model, client_data, monkeypatch):
+    import os
+
+    params = get_trainable(lora_model)
+    local = LocalTrainConfig(epochs=1.0, max_steps=0, lr=0.01, batch_size=4)
+    real = SimulationTransport.train_job
+
+    def train_job(self, job, states):
+        if job.clients == (next(iter(client_data)),):
+            os._exit(9)  # (the kernel's OOM killer, in effect)
+        return real(self, job, states)
+
+    monkeypatch.setattr(SimulationTransport, "train_job", train_job)
+    t = _transport(lora_model, client_data)
+    t.use_workers(2, threads=1)
+    try:
+        with pytest.raises(RuntimeError, match=r"simulation worker \d died while training \(exit code 9"):
+            list(t.run_round(RoundPlan(1, params, local), list(client_data), CommStats()))
+        with pytest.raises(RuntimeError, match="died while training"):
+            list(t.run_round(RoundPlan(2, params, local), list(client_data), CommStats()))
+    finally:
+        t.close()

@@ -121,7 +121,7 @@ def _train(model, data, plan: RoundPlan, client_id, *, pad_id, seed, device, sta
         step, loss_sum = 0, 0.0
         while step < total:
             for batch in iterate_batches(data, cfg.batch_size, pad_id, generator, cfg.pad_to, cfg.length_bucketing,
-                                         cfg.pad_multiple):
+                                         cfg.pad_multiple, cfg.pad_limit):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 with autocast(cfg.precision, device):  # causal LMs: logits only where the loss is taken
                     loss = causal_lm_loss(model, batch) if forward is model else None

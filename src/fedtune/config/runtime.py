@@ -36,7 +36,7 @@ class SimulationConfig:
         default=1,
         metadata=_help(
             "Worker processes training the sampled clients at once (forked from this one once the model and "
-            "rows are loaded; CPU only; each uses the CPU count / workers threads). 1 = train in this process. "
+            "rows are loaded; CPU only; one thread each, so one worker per core). 1 = train in this process. "
             "On a multi-core CPU, one worker per core is faster than one process using every core. Results are "
             "the same but for float rounding of the threads' split of a sum."
         ),

@@ -354,7 +354,7 @@ def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, 
             if not active:
                 break
             parts = [(i, next(batches[i])) for i in active]
-            batch, segments, start = _collate_group(datas, parts, pad_id, cfg.pad_to, cfg.pad_multiple), [], 0
+            batch, segments, start = _collate_group(datas, parts, pad_id, cfg.pad_to, cfg.pad_multiple, cfg.pad_limit), [], 0
             for i, idx in parts:
                 segments.append((i, start, start + len(idx)))
                 start += len(idx)
@@ -418,7 +418,8 @@ def _batchable(data: EncodedDataset) -> bool:
     return data.is_single_label or data.token_labels is not None
 
 
-def _collate_group(datas, parts, pad_id: int, pad_to: int, pad_multiple: int = 1) -> dict[str, torch.Tensor]:
+def _collate_group(datas, parts, pad_id: int, pad_to: int, pad_multiple: int = 1,
+                   pad_limit: int = 0) -> dict[str, torch.Tensor]:
     """The clients' batches concatenated (in slot order) and padded to one width."""
     rows, types, labels, token_labels = [], [], [], []
     for i, idx in parts:
@@ -431,7 +432,7 @@ def _collate_group(datas, parts, pad_id: int, pad_to: int, pad_multiple: int = 1
         labels.append(d.labels[torch.as_tensor(idx, dtype=torch.long)])
     merged = EncodedDataset(rows, types if types else None, torch.cat(labels),
                             token_labels=token_labels if token_labels else None)
-    return collate(merged, range(len(rows)), pad_id, pad_to, pad_multiple)
+    return collate(merged, range(len(rows)), pad_id, pad_to, pad_multiple, pad_limit)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -457,7 +458,7 @@ class ParallelSimulationTransport(SimulationTransport):
         self.parallel_clients = parallel_clients
         self._fallback_logged = False
 
-    def plan_jobs(self, plan: RoundPlan, clients: Sequence[str]) -> list[TrainJob]:
+    def plan_jobs(self, plan: RoundPlan, clients: Sequence[str]) -> Iterator[TrainJob]:
         """Groups of up to ``parallel_clients`` clients trained together (or one client per job, logged once, when
         the model, plan or data is not supported)."""
         reason = (parallel_support(self.model, plan, self.device, clients) if self.parallel_clients > 1
@@ -472,8 +473,8 @@ class ParallelSimulationTransport(SimulationTransport):
             return super().plan_jobs(plan, clients)
         plan, down = self.channel.send_plan(plan)  # every client trains from the plan as it decodes it
         clients = list(clients)
-        return [TrainJob(plan, plan, tuple(clients[g : g + self.parallel_clients]), down, batched=True)
-                for g in range(0, len(clients), self.parallel_clients)]
+        return iter([TrainJob(plan, plan, tuple(clients[g : g + self.parallel_clients]), down, batched=True)
+                     for g in range(0, len(clients), self.parallel_clients)])
 
     def train_job(self, job: TrainJob, states) -> list[ClientUpdate]:
         """A batched group through :func:`train_group` (a group of one, or an unbatched job, trains alone)."""

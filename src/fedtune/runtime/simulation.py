@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import dataclass
-from collections.abc import Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
 
 import torch
 from torch import nn
@@ -22,12 +23,12 @@ from fedtune.types import ClientScore, ClientState, ClientUpdate, RoundPlan
 class TrainJob:
     """A unit of client work: ``clients`` trained from ``plan`` (as they decode it), ``batched`` together or alone.
 
-    ``server_plan`` is the plan the server reads their updates back against (the round's full plan),
-    ``down`` the downlink bytes counted per client.
+    ``server_plan`` is the plan the server reads their updates back against (the round's full plan;
+    None in the copy a worker process gets), ``down`` the downlink bytes counted per client.
     """
 
     plan: RoundPlan
-    server_plan: RoundPlan
+    server_plan: RoundPlan | None
     clients: tuple[str, ...]
     down: int
     batched: bool = False
@@ -105,19 +106,21 @@ class SimulationTransport:
         """
         jobs = self.plan_jobs(plan, clients)
         results = self.workers.run(jobs) if self.workers is not None else self._run_here(jobs)
-        for job, updates, states in results:
-            for update, state in zip(updates, states):
-                stats.bytes_down += job.down
-                yield self.upload(update, state, stats, job.server_plan)
+        with contextlib.closing(results):  # (an abandoned round closes the workers' side at once)
+            for job, updates, states in results:
+                for update, state in zip(updates, states):
+                    stats.bytes_down += job.down
+                    yield self.upload(update, state, stats, job.server_plan)
 
-    def plan_jobs(self, plan: RoundPlan, clients: Sequence[str]) -> list[TrainJob]:
-        """The round's client work, one client per job, each with the plan as that client decodes it."""
+    def plan_jobs(self, plan: RoundPlan, clients: Sequence[str]) -> Iterator[TrainJob]:
+        """The round's client work, one client per job, each with the plan as that client decodes it.
+
+        Made lazily, one job when it is about to train, so a per-client plan exists for one client at a time.
+        """
         shared = self.channel.send_plan(plan) if plan.adapter is None else None  # (the same for every client)
-        jobs = []
         for cid in clients:
             received, down = shared if shared is not None else self.channel.send_plan(plan, cid)
-            jobs.append(TrainJob(received, plan, (cid,), down))
-        return jobs
+            yield TrainJob(received, plan, (cid,), down)
 
     def train_job(self, job: TrainJob, states: Sequence[ClientState]) -> list[ClientUpdate]:
         """Train the job's clients (changing ``states`` in place); their updates before the uplink."""
@@ -125,7 +128,7 @@ class SimulationTransport:
         return [local_train(self.model, self.client_data[cid], job.plan, cid, pad_id=self.pad_id,
                             seed=client_seed(self.seed, job.plan.round, cid), device=self.device, state=state)]
 
-    def _run_here(self, jobs: Sequence[TrainJob]) -> Iterator[tuple[TrainJob, list[ClientUpdate], list[ClientState]]]:
+    def _run_here(self, jobs: Iterable[TrainJob]) -> Iterator[tuple[TrainJob, list[ClientUpdate], list[ClientState]]]:
         for job in jobs:
             states = [self.client_states.setdefault(cid, {}) for cid in job.clients]
             yield job, self.train_job(job, states), states

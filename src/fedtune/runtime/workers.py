@@ -12,11 +12,14 @@ the streaming aggregate run there, in the order of the sampled clients, so the r
 ones the transport gives in this process (the same per-client seeds; only the threads' split of
 a sum can differ, at float rounding).
 
-Each worker uses ``threads`` threads (default: the CPU count divided by the workers, at least
-one). Jobs and results travel as plain pickles over pipes (a LoRA update is about a megabyte).
-At most ``2 x workers`` jobs are in flight or waiting to be consumed, so memory does not grow
-with the cohort. A failure in a worker is raised in the main process, as the same exception
-type, naming the clients of the job; the pool then stays usable.
+Each worker uses ``threads`` threads (default 1: GNU OpenMP, which the Linux torch wheels use, can
+hang a forked child that starts a thread team after its parent used one; one worker per core is
+the intended layout). Jobs and results travel as plain pickles over pipes (a LoRA update is about
+a megabyte). Jobs are made as workers free up and at most ``2 x workers`` are in flight or
+waiting to be consumed, so memory does not grow with the cohort. A failure while training is
+raised in the main process, as the same exception type, naming the clients of the job, and the
+pool stays usable; a worker that dies (killed, out of memory) is an error naming it, after which
+the pool refuses further work. Workers ignore Ctrl-C: the main process stops them.
 
 Forking needs the ``fork`` start method (Linux; macOS with the CPU) and a CPU device: CUDA
 cannot be used in a forked process (on a GPU, ``simulation.parallel_clients`` batches clients instead).
@@ -24,13 +27,13 @@ cannot be used in a forked process (on a GPU, ``simulation.parallel_clients`` ba
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing as mp
-import os
 import pickle
+import signal
 import traceback
-from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from multiprocessing.connection import Connection, wait
 
 import torch
@@ -41,17 +44,18 @@ from fedtune.types import ClientState, ClientUpdate
 log = logging.getLogger(__name__)
 
 
-def worker_threads(workers: int, threads: int | None = None) -> int:
-    """Threads per worker: ``threads`` when given, else the CPU count divided by ``workers`` (at least 1)."""
-    if threads is not None:
-        if threads < 1:
-            raise ConfigError(f"threads per worker must be >= 1, got {threads}")
-        return threads
-    return max(1, (os.cpu_count() or 1) // workers)
+def worker_threads(threads: int | None = None) -> int:
+    """Threads per worker: ``threads`` when given, else 1 (see the module's note on OpenMP after fork)."""
+    if threads is None:
+        return 1
+    if threads < 1:
+        raise ConfigError(f"threads per worker must be >= 1, got {threads}")
+    return threads
 
 
 def _serve(transport, conn: Connection, threads: int) -> None:
     """A worker's loop: take a job and states, train, send back updates and states (or the failure)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # (Ctrl-C is the main process's to handle)
     torch.set_num_threads(threads)
     transport.workers = None  # (this process trains; it never forks further)
     while True:
@@ -61,14 +65,15 @@ def _serve(transport, conn: Connection, threads: int) -> None:
             return
         if not message:
             return
-        job, states = pickle.loads(message)
         try:
+            job, states = pickle.loads(message)
             updates = transport.train_job(job, states)
             reply = pickle.dumps(("ok", updates, states), protocol=pickle.HIGHEST_PROTOCOL)
-        except BaseException as exc:  # sent to the main process, which raises it there
+        except Exception as exc:  # sent to the main process, which raises it there
             detail = traceback.format_exc()
             try:
                 reply = pickle.dumps(("error", exc, detail), protocol=pickle.HIGHEST_PROTOCOL)
+                pickle.loads(reply)  # (an exception that pickles but does not unpickle goes as a RuntimeError)
             except Exception:
                 reply = pickle.dumps(("error", RuntimeError(f"{type(exc).__name__}: {exc}"), detail))
         conn.send_bytes(reply)
@@ -88,19 +93,25 @@ class WorkerPool:
             raise ConfigError(f"simulation.workers = {workers} needs the 'fork' start method, which this platform "
                               f"lacks; use simulation.workers = 1")
         self.transport = transport
-        self.threads = worker_threads(workers, threads)
+        self.threads = worker_threads(threads)
         ctx = mp.get_context("fork")
         self._conns: list[Connection] = []
-        self._procs = []
-        for _ in range(workers):
-            ours, theirs = ctx.Pipe(duplex=True)
-            proc = ctx.Process(target=_serve, args=(transport, theirs, self.threads), daemon=True)
-            proc.start()
-            theirs.close()
-            self._conns.append(ours)
-            self._procs.append(proc)
+        self._procs: list = []
         self._busy: dict[int, int] = {}
         """Worker -> index of the job it is training (while a :meth:`run` is under way)."""
+        self._broken = ""
+        """Why the pool refuses work (a worker died), or empty."""
+        try:
+            for _ in range(workers):
+                ours, theirs = ctx.Pipe(duplex=True)
+                proc = ctx.Process(target=_serve, args=(transport, theirs, self.threads), daemon=True)
+                proc.start()
+                theirs.close()
+                self._conns.append(ours)
+                self._procs.append(proc)
+        except BaseException:
+            self.close()
+            raise
         log.info("simulation: %d worker processes, %d thread(s) each", workers, self.threads)
 
     @property
@@ -108,39 +119,50 @@ class WorkerPool:
         """How many worker processes the pool has."""
         return len(self._procs)
 
-    def run(self, jobs: Sequence) -> Iterator[tuple[object, list[ClientUpdate], list[ClientState]]]:
-        """Train ``jobs`` on the workers; yield ``(job, updates, states)`` in the order of ``jobs``.
+    def run(self, jobs: Iterable) -> Iterator[tuple[object, list[ClientUpdate], list[ClientState]]]:
+        """Train ``jobs`` (drawn only as workers free up) on the workers; yield ``(job, updates, states)`` in order.
 
         Each job's clients' states are read from the transport's ``client_states`` when it is sent
         and put back, changed, just before the job is yielded (the yielded ``states`` are those
         objects, which the caller's uplink may change further, as in the one-process transport).
         """
+        if self._broken:
+            raise RuntimeError(self._broken)
+        self._drain()  # (an earlier round abandoned without being closed)
         store = self.transport.client_states
-        pending = deque(enumerate(jobs))
-        free = list(range(self.size))
+        source = enumerate(jobs)
+        exhausted = False
+        sent: dict[int, object] = {}
+        free = [w for w in range(self.size) if w not in self._busy]
         done: dict[int, tuple[list[ClientUpdate], list[ClientState]]] = {}
         window = 2 * self.size
         next_out = 0
         try:
-            while next_out < len(jobs):
-                while free and pending and pending[0][0] - next_out < window:
-                    i, job = pending.popleft()
+            while True:
+                while free and not exhausted and len(sent) + len(done) < window:
+                    try:
+                        i, job = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
                     states = [store.get(cid, {}) for cid in job.clients]
                     w = free.pop()
-                    self._send(w, job, states)
-                    self._busy[w] = i
-                for w, reply in self._replies():
-                    i = self._busy.pop(w)
+                    self._send(w, dataclasses.replace(job, server_plan=None), states)  # (the worker needs no server plan)
+                    self._busy[w], sent[i] = i, job
+                if exhausted and not sent and not done:
+                    return
+                for w, i, reply in self._replies():
                     free.append(w)
                     status, first, second = reply
+                    job = sent.pop(i)
                     if status != "ok":
-                        raise self._failure(jobs[i], first, second)
-                    done[i] = (first, second)
+                        raise self._failure(job, first, second)
+                    done[i] = (job, first, second)
                 while next_out in done:
-                    updates, states = done.pop(next_out)
-                    for cid, state in zip(jobs[next_out].clients, states):
+                    job, updates, states = done.pop(next_out)
+                    for cid, state in zip(job.clients, states):
                         store[cid] = state  # (only now: the caller changes them next, before the cache moves on)
-                    yield jobs[next_out], updates, states
+                    yield job, updates, states
                     next_out += 1
         finally:
             self._drain()  # a failure or an abandoned round: no stale reply may reach the next one
@@ -149,47 +171,61 @@ class WorkerPool:
         try:
             self._conns[w].send_bytes(pickle.dumps((job, states), protocol=pickle.HIGHEST_PROTOCOL))
         except (BrokenPipeError, OSError) as exc:
-            raise RuntimeError(f"simulation worker {w} is gone (exit code {self._procs[w].exitcode}): {exc}") from None
+            self._broken = f"simulation worker {w} is gone (exit code {self._procs[w].exitcode}): {exc}"
+            raise RuntimeError(self._broken) from None
 
-    def _replies(self) -> Iterator[tuple[int, tuple]]:
-        """Replies of busy workers, as soon as one or more are ready."""
+    def _replies(self) -> Iterator[tuple[int, int, tuple]]:
+        """``(worker, job index, reply)`` of busy workers, as soon as one or more are ready."""
         by_conn = {self._conns[w]: w for w in self._busy}
         for conn in wait(list(by_conn)):
             w = by_conn[conn]
+            i = self._busy.pop(w)
             try:
-                yield w, pickle.loads(conn.recv_bytes())
+                data = conn.recv_bytes()
             except (EOFError, OSError):
-                code = self._procs[w].exitcode
-                self._busy.pop(w, None)
-                raise RuntimeError(f"simulation worker {w} died while training (exit code {code}; out of memory "
-                                   f"is the usual cause)") from None
+                self._procs[w].join(timeout=1)
+                self._broken = (f"simulation worker {w} died while training (exit code {self._procs[w].exitcode}; "
+                                f"out of memory or a kill are the usual causes)")
+                raise RuntimeError(self._broken) from None
+            try:
+                reply = pickle.loads(data)
+            except Exception as exc:
+                reply = ("error", RuntimeError(f"the reply of simulation worker {w} does not unpickle: {exc}"), "")
+            yield w, i, reply
 
     @staticmethod
     def _failure(job, exc: BaseException, detail: str) -> BaseException:
         clients = ", ".join(job.clients)
+        note = f"(raised while training client(s) {clients} in a simulation worker process)"
+        if hasattr(exc, "add_note"):
+            exc.add_note(note)
+        else:  # Python 3.10: no exception notes
+            log.error("%s %s", type(exc).__name__, note)
         log.debug("worker traceback for client(s) %s:\n%s", clients, detail)
-        try:
-            exc.add_note(f"(raised while training client(s) {clients} in a simulation worker process)")
-        except AttributeError:
-            pass
         return exc
 
     def _drain(self) -> None:
-        """Wait for the replies still owed and drop them."""
+        """Wait for the replies still owed and drop them (a dead worker is recorded, not raised)."""
         while self._busy:
-            for w, _ in self._replies():
-                self._busy.pop(w, None)
+            try:
+                for _ in self._replies():
+                    pass
+            except RuntimeError as exc:
+                log.warning("%s", exc)
 
     def close(self) -> None:
         """Stop the workers (idempotent)."""
         for conn in self._conns:
             try:
                 conn.send_bytes(b"")
-                conn.close()
             except OSError:
                 pass
+            finally:
+                conn.close()
         for proc in self._procs:
             proc.join(timeout=5)
             if proc.is_alive():
                 proc.terminate()
-        self._conns, self._procs = [], []
+                proc.join(timeout=5)
+        self._conns, self._procs, self._busy = [], [], {}
+        self._broken = "the simulation's worker pool is closed"

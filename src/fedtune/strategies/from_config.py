@@ -36,6 +36,7 @@ def local_train_config(exp: Experiment) -> LocalTrainConfig:
         optimizer=t.optimizer,
         pad_to=exp.data.max_length if exp.data.pad_to_max_length else 0,
         pad_multiple=t.pad_multiple,
+        pad_limit=exp.data.max_length,
         length_bucketing=t.length_bucketing,
         compile=t.compile,
         gradient_checkpointing=t.gradient_checkpointing,

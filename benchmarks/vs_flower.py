@@ -18,6 +18,7 @@ example count, then the global model scored on the same 200 AG News test rows.
   one thread each: the same layout as Ray's one virtual client per CPU).
 - ``fedtune batched``: bf16, length bucketing and 4 clients batched in one process
   (``simulation.parallel_clients = 4``; the fast path before workers existed).
+- ``fedtune both`` (on request, ``--sides``): workers and batched groups of 4 in each.
 
 Each side runs in a fresh process; its wall time is end to end (imports, Ray's start, model load,
 tokenization, rounds, scoring), and its memory is measured system-wide (the machine's used memory
@@ -192,6 +193,9 @@ def fedtune_side(spec: dict) -> None:
         overrides += ['train.precision="bf16"', "train.length_bucketing=true", f"simulation.workers={os.cpu_count()}"]
     elif spec["side"] == "fedtune batched":
         overrides += ['train.precision="bf16"', "train.length_bucketing=true", "simulation.parallel_clients=4"]
+    elif spec["side"] == "fedtune both":
+        overrides += ['train.precision="bf16"', "train.length_bucketing=true", "simulation.parallel_clients=4",
+                      f"simulation.workers={os.cpu_count()}"]
     result = run_experiment(Experiment.from_overrides(overrides), quiet=True)
     model = load_classifier(ModelConfig(), 4, False, seed=0)  # scored exactly as the Flower side is scored
     set_trainable(model, read_checkpoint(result.output_dir).state.params)

@@ -8,7 +8,7 @@ from torch import nn
 from fedtune.batching import EncodedDataset, collate
 from fedtune.precision import autocast
 from fedtune.tasks.metrics import compute_metrics
-from fedtune.token_rows import row_lengths
+from fedtune.token_rows import length_order
 
 
 @torch.inference_mode()
@@ -18,7 +18,7 @@ def predict(
     """Model outputs for every example (class ids, or floats for regression) and the mean loss."""
     model.eval()
     # Batches of similar length waste little padding; results go back to the original order.
-    order = sorted(range(len(data)), key=row_lengths(data.input_ids).__getitem__)
+    order = length_order(data.input_ids)
     outputs, loss_sum = [], 0.0
     for start in range(0, len(order), batch_size):
         batch = collate(data, order[start : start + batch_size], pad_id)

@@ -85,7 +85,8 @@ class TokenRows(Sequence):
         if len(idx) and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise IndexError(f"row index out of range for {len(self)} rows")
         idx = np.where(idx < 0, idx + len(self), idx)
-        starts, lengths = self.offsets[idx], self.lengths()[idx]
+        starts = self.offsets[idx]
+        lengths = self.offsets[idx + 1] - starts
         offsets = np.zeros(len(idx) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         if len(idx) == 0:
@@ -131,6 +132,11 @@ def row_lengths(rows: Sequence[Sequence[int]]) -> list[int]:
     if isinstance(rows, TokenRows):
         return rows.lengths().tolist()
     return [len(r) for r in rows]
+
+
+def length_order(rows: Sequence[Sequence[int]]) -> list[int]:
+    """Row indices from shortest to longest (ties in order): batches of similar length pad little."""
+    return sorted(range(len(rows)), key=row_lengths(rows).__getitem__)
 
 
 def take_rows(rows: Sequence[Sequence[int]], indices: Sequence[int]):

@@ -39,7 +39,7 @@ from fedtune import tensors
 from fedtune.batching import IGNORE_INDEX, EncodedDataset, collate, epoch_batches
 from fedtune.channel import Channel
 from fedtune.client.kinds import LocalResult, StackedContext, plan_kinds
-from fedtune.client.train import finish_update, local_train, planned_steps
+from fedtune.client.train import finish_update, planned_steps
 from fedtune.resident import sync_base
 from fedtune.precision import autocast
 from fedtune.runtime.simulation import SimulationTransport, TrainJob, client_seed
@@ -479,9 +479,7 @@ class ParallelSimulationTransport(SimulationTransport):
     def train_job(self, job: TrainJob, states) -> list[ClientUpdate]:
         """A batched group through :func:`train_group` (a group of one, or an unbatched job, trains alone)."""
         if not job.batched or len(job.clients) == 1:
-            return [local_train(self.model, self.client_data[cid], job.plan, cid, pad_id=self.pad_id,
-                                seed=client_seed(self.seed, job.plan.round, cid), device=self.device, state=state)
-                    for cid, state in zip(job.clients, states)]
+            return super().train_job(job, states)
         group = list(job.clients)
         return train_group(
             self.model, [self.client_data[c] for c in group], job.plan, group, pad_id=self.pad_id,

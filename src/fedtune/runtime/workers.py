@@ -97,8 +97,8 @@ class WorkerPool:
         ctx = mp.get_context("fork")
         self._conns: list[Connection] = []
         self._procs: list = []
-        self._busy: dict[int, int] = {}
-        """Worker -> index of the job it is training (while a :meth:`run` is under way)."""
+        self._busy: dict[int, tuple[int, object]] = {}
+        """Worker -> (index, job) it is training (while a :meth:`run` is under way)."""
         self._broken = ""
         """Why the pool refuses work (a worker died), or empty."""
         try:
@@ -132,29 +132,25 @@ class WorkerPool:
         store = self.transport.client_states
         source = enumerate(jobs)
         exhausted = False
-        sent: dict[int, object] = {}
-        free = [w for w in range(self.size) if w not in self._busy]
-        done: dict[int, tuple[list[ClientUpdate], list[ClientState]]] = {}
+        done: dict[int, tuple[object, list[ClientUpdate], list[ClientState]]] = {}
         window = 2 * self.size
         next_out = 0
         try:
             while True:
-                while free and not exhausted and len(sent) + len(done) < window:
+                while not exhausted and len(self._busy) < self.size and len(self._busy) + len(done) < window:
                     try:
                         i, job = next(source)
                     except StopIteration:
                         exhausted = True
                         break
                     states = [store.get(cid, {}) for cid in job.clients]
-                    w = free.pop()
+                    w = next(w for w in range(self.size) if w not in self._busy)
                     self._send(w, dataclasses.replace(job, server_plan=None), states)  # (the worker needs no server plan)
-                    self._busy[w], sent[i] = i, job
-                if exhausted and not sent and not done:
+                    self._busy[w] = (i, job)
+                if exhausted and not self._busy and not done:
                     return
-                for w, i, reply in self._replies():
-                    free.append(w)
+                for i, job, reply in self._replies():
                     status, first, second = reply
-                    job = sent.pop(i)
                     if status != "ok":
                         raise self._failure(job, first, second)
                     done[i] = (job, first, second)
@@ -174,12 +170,12 @@ class WorkerPool:
             self._broken = f"simulation worker {w} is gone (exit code {self._procs[w].exitcode}): {exc}"
             raise RuntimeError(self._broken) from None
 
-    def _replies(self) -> Iterator[tuple[int, int, tuple]]:
-        """``(worker, job index, reply)`` of busy workers, as soon as one or more are ready."""
+    def _replies(self) -> Iterator[tuple[int, object, tuple]]:
+        """``(job index, job, reply)`` of busy workers, as soon as one or more are ready (each worker is then free)."""
         by_conn = {self._conns[w]: w for w in self._busy}
         for conn in wait(list(by_conn)):
             w = by_conn[conn]
-            i = self._busy.pop(w)
+            i, job = self._busy.pop(w)
             try:
                 data = conn.recv_bytes()
             except (EOFError, OSError):
@@ -191,7 +187,7 @@ class WorkerPool:
                 reply = pickle.loads(data)
             except Exception as exc:
                 reply = ("error", RuntimeError(f"the reply of simulation worker {w} does not unpickle: {exc}"), "")
-            yield w, i, reply
+            yield i, job, reply
 
     @staticmethod
     def _failure(job, exc: BaseException, detail: str) -> BaseException:

@@ -21,7 +21,7 @@ from torch import nn
 from fedtune.batching import IGNORE_INDEX, bounded_text
 from fedtune.sparse_logits import labelled_logits
 from fedtune.tasks.json_files import read_json
-from fedtune.token_rows import row_lengths
+from fedtune.token_rows import length_order
 
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 ALPACA_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -261,7 +261,7 @@ def score_candidate_ids(model: nn.Module, prompts: Sequence[Sequence[int]], cand
 
 def _by_length(data: EncodedLM, batch_size: int, pad_id: int, device: torch.device, score) -> torch.Tensor:
     """``score`` of every row (one value or one vector per row), batched in order of length, in the data's order."""
-    order = sorted(range(len(data)), key=row_lengths(data.input_ids).__getitem__)
+    order = length_order(data.input_ids)
     parts = []
     for start in range(0, len(order), batch_size):
         batch = collate_lm(data, order[start:start + batch_size], pad_id)

@@ -31,7 +31,7 @@ from fedtune.tasks.data import DataError, data_dir, seeded_rng, stratified_indic
 from fedtune.tasks.data.files import _read_table
 from fedtune.tasks.multilabel_metrics import multilabel_scores, tune_threshold
 from fedtune.tasks.task import EvalContext, PartitionUnits, Task
-from fedtune.token_rows import row_lengths
+from fedtune.token_rows import length_order
 
 GOEMOTIONS = ("goemotions", "go_emotions", "google-research-datasets/go_emotions")
 """Dataset names that mean GoEmotions."""
@@ -203,7 +203,7 @@ class MultiLabelTask(Task):
     def probabilities(self, model: nn.Module, data: EncodedDataset, ctx: EvalContext) -> tuple[np.ndarray, float]:
         """Sigmoid outputs (n, labels) in the data's order, and the mean BCE loss."""
         model.eval()
-        order = sorted(range(len(data)), key=row_lengths(data.input_ids).__getitem__)
+        order = length_order(data.input_ids)
         probs = torch.empty(len(data), len(self.label_names))
         loss_sum = 0.0
         for start in range(0, len(order), ctx.batch_size):

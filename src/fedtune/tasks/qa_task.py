@@ -27,7 +27,7 @@ from fedtune.tasks.qa import QAExample, QAFeatures, load_squad_json, postprocess
     prepare_train_features
 from fedtune.tasks.squad_metric import squad_scores
 from fedtune.tasks.task import EvalContext, PartitionUnits, Task
-from fedtune.token_rows import row_lengths
+from fedtune.token_rows import length_order
 
 SQUAD = ("squad", "squad_v1", "rajpurkar/squad")
 """Dataset names that mean SQuAD v1.1."""
@@ -127,7 +127,7 @@ class QATask(Task):
     def _window_logits(self, model: nn.Module, data: EncodedDataset,
                        ctx: EvalContext) -> tuple[list[np.ndarray], list[np.ndarray]]:
         model.eval()
-        order = sorted(range(len(data)), key=row_lengths(data.input_ids).__getitem__)
+        order = length_order(data.input_ids)
         starts: list[np.ndarray] = [np.empty(0)] * len(data)
         ends: list[np.ndarray] = [np.empty(0)] * len(data)
         for start in range(0, len(order), ctx.batch_size):

@@ -3,7 +3,7 @@
 The workload on every side: AG News descriptions (length 64, dynamic padding), the embedded
 MiniLM-L6 with LoRA r=8 on query/value plus the pooler/classifier head, N IID clients of M
 examples, R rounds of one local epoch of AdamW (lr 1e-3, batch 16, grad clip 1.0), FedAvg by
-example count, then the global model scored on the same 200 AG News test rows.
+example count, then the global model scored on the same 200 AG News test rows (fp32, batches of 64).
 
 - ``flower``: a Flower 1.41 app written as Flower's own examples write one — a ``ClientApp``
   whose ``train`` loads the global arrays into a peft model, trains the hand-written loop and
@@ -140,8 +140,8 @@ def _flower_server_app(spec: dict):
 
 
 def _accuracy(model, torch) -> float:
-    """Accuracy of ``model`` on the benchmark's eval rows (fp32, the same rows for every side)."""
-    from fedtune.batching import encode_texts
+    """Accuracy of ``model`` on the benchmark's eval rows (fp32, batches of 64: the same for every side)."""
+    from fedtune.batching import collate, encode_texts
     from fedtune.config import DataConfig
     from fedtune.models import load_tokenizer
     from fedtune.tasks.data import load_task_data
@@ -153,10 +153,10 @@ def _accuracy(model, torch) -> float:
     model.eval()
     right = 0
     with torch.inference_mode():
-        for i in range(len(rows)):
-            ids = torch.tensor([rows.input_ids[i]])
-            right += int(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.argmax(-1).item()
-                         == int(rows.labels[i]))
+        for start in range(0, len(rows), 64):
+            batch = collate(rows, range(start, min(start + 64, len(rows))), tok.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            right += int((logits.argmax(-1) == batch["labels"]).sum())
     return right / len(rows)
 
 

@@ -109,3 +109,41 @@ def test_help_and_version_import_no_heavy_library():
              "print('HEAVY', heavy)\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert f"fedtune {__version__}" in out and "HEAVY []" in out, out[-500:]
+
+
+def test_config_commands_import_no_heavy_library(tmp_path):
+    """``fedtune config`` checks every strategy's options, codecs and privacy without loading torch:
+    the strategy files bind torch and fedtune's tensor modules lazily (``fedtune.lazy_import``)."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('[strategy]\nname = "scaffold"\nserver_lr = 0.5\n[federation]\ncodec_up = "topk:0.1+int8+gzip"\n'
+                   'error_feedback = true\n[privacy]\nenabled = false\n')
+    probe = ("import sys, io, contextlib\nfrom fedtune.cli import main\n"
+             f"for argv in (['config'], ['config', {str(cfg)!r}], ['config', '--set', 'model.lora.aggregation=\"svd\"'],"
+             " ['config', '--set', 'strategy.name=\"krum\"', '--set', 'privacy.enabled=true']):\n"
+             "    with contextlib.redirect_stdout(io.StringIO()) as out:\n        assert main(argv) == 0, argv\n"
+             "    assert '[strategy]' in out.getvalue()\n"
+             "loaded = sorted(m for m in ('torch._C', 'transformers', 'flwr', 'datasets', 'peft', 'numpy') if m in sys.modules)\n"
+             "print('LOADED', loaded)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0 and "LOADED []" in out.stdout, (out.stdout + out.stderr)[-1500:]
+
+
+def test_lazy_module_loads_on_first_use_and_refuses_a_missing_module():
+    import subprocess
+    import sys
+
+    import pytest
+
+    from fedtune.lazy_import import lazy_module
+
+    with pytest.raises(ModuleNotFoundError, match="no_such_fedtune_module"):
+        lazy_module("fedtune.no_such_fedtune_module")
+    probe = ("import sys\nfrom fedtune.lazy_import import lazy_module\n"
+             "m = lazy_module('fedtune.tensors')\nimport fedtune\nassert fedtune.tensors is m\n"
+             "before = 'torch._C' in sys.modules\nclone = m.clone\nafter = 'torch._C' in sys.modules\n"
+             "import torch\nprint('BEFORE', before, 'AFTER', after, float(clone({'a': torch.ones(2)})['a'].sum()))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "BEFORE False AFTER True 2.0" in out, out

@@ -153,3 +153,41 @@ def test_quantized_base_is_refused_without_cuda_and_outside_lora(tiny_model_dir)
         load_model(ModelConfig(name=str(tiny_model_dir), quantization="4bit"), "causal_lm", seed=0)
     with pytest.raises(ConfigError, match="model.quantization = '8bit' needs model.mode = 'lora'"):
         Experiment.from_overrides(['model.quantization="8bit"', 'model.mode="full"'])
+
+
+def test_attention_auto_picks_eager_on_cpu_only_under_attention_dropout():
+    from transformers import BertConfig, LlamaConfig
+
+    from fedtune.models import attention_implementation
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert attention_implementation("auto", BertConfig(), cpu) == "eager"  # (attention_probs_dropout_prob 0.1)
+    assert attention_implementation("auto", BertConfig(), cuda) is None
+    assert attention_implementation("auto", BertConfig(attention_probs_dropout_prob=0.0), cpu) is None
+    assert attention_implementation("auto", LlamaConfig(), cpu) is None  # (attention_dropout 0.0)
+    assert attention_implementation("auto", LlamaConfig(attention_dropout=0.1), cpu) == "eager"
+    assert attention_implementation("sdpa", BertConfig(), cpu) == "sdpa"
+
+
+def test_eager_and_sdpa_attention_train_alike(tmp_path):
+    """model.attention changes the kernel, not the result: same loss and gradients under attention dropout."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, num_labels=3)).save_pretrained(tmp_path)
+    ids = torch.randint(5, 50, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    runs = {}
+    for choice in ("auto", "sdpa"):
+        model = load_classifier(ModelConfig(name=str(tmp_path), mode="full", attention=choice), 3, False, seed=0)
+        assert model.config._attn_implementation == ("eager" if choice == "auto" else "sdpa")
+        model.train()
+        torch.manual_seed(1)
+        loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2, 0])).loss
+        loss.backward()
+        runs[choice] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert torch.allclose(runs["auto"][0], runs["sdpa"][0], atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(runs["auto"][1], runs["sdpa"][1]))

@@ -39,12 +39,17 @@ import math
 import struct
 from fractions import Fraction
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-from safetensors.torch import load as _st_load
-
-from fedtune.payload import save_tensors
+from fedtune.lazy_import import lazy_module
 from fedtune.types import TensorDict
+
+if TYPE_CHECKING:
+    import torch
+else:  # (parsing a codec spec, as every configuration check does, imports no torch)
+    torch = lazy_module("torch")
+payload = lazy_module("fedtune.payload")
+safetensors_torch = lazy_module("safetensors.torch")
 
 NONE = "none"
 """Spec of the identity codec: float32 safetensors."""
@@ -111,7 +116,7 @@ class Codec:
     def encode(self, tensors: TensorDict) -> bytes:
         """The bytes sent for ``tensors`` (see the module docstring for the layout)."""
         if self.is_identity:
-            return save_tensors({k: v.detach().cpu() for k, v in tensors.items()})
+            return payload.save_tensors({k: v.detach().cpu() for k, v in tensors.items()})
         out: dict[str, torch.Tensor] = {}
         dtypes: dict[str, str] = {}  # original dtype of the floating tensors that are not float32
         shapes: dict[str, list[int]] = {}  # original shape of the sparsified tensors
@@ -145,7 +150,7 @@ class Codec:
         for key, table in ((_META_DTYPES, dtypes), (_META_SHAPES, shapes)):
             if table:
                 metadata[key] = json.dumps(table, separators=(",", ":"))
-        return self._compress(save_tensors(out, metadata))
+        return self._compress(payload.save_tensors(out, metadata))
 
     def decode(self, data: bytes) -> TensorDict:
         """Inverse of :meth:`encode` (lossy stages give back their approximation, in the original dtype).
@@ -157,7 +162,7 @@ class Codec:
         got = meta.get(_META_CODEC, NONE)
         if got != str(self):
             raise CodecError(f"payload was encoded with codec {got!r}, expected {str(self)!r}")
-        stored = _st_load(raw)  # (safetensors gives the names in no fixed order: return them sorted)
+        stored = safetensors_torch.load(raw)  # (safetensors gives the names in no fixed order: return them sorted)
         if self.is_lossless:
             return {k: stored[k] for k in sorted(stored)}
         dtypes = json.loads(meta.get(_META_DTYPES, "{}"))

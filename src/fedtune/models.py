@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fedtune.config import EMBEDDED_MODEL_NAME, ModelConfig
-from fedtune.precision import check_quantization, quantization_kwargs
+from fedtune.precision import check_quantization, default_device, quantization_kwargs
 from fedtune.types import TensorDict
 from fedtune.errors import ModelLoadError  # (re-exported here: raised by this module)
 
@@ -105,11 +105,30 @@ def load_model(cfg: ModelConfig, head: str, seed: int, **kwargs) -> nn.Module:
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+    impl = attention_implementation(cfg.attention, model.config, default_device())
+    if impl and getattr(model.config, "_attn_implementation", None) != impl:
+        model.set_attn_implementation(impl)
     if cfg.quantization != "none":  # QLoRA: norms in fp32, inputs that need grads (peft's k-bit preparation)
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return apply_finetuning_mode(model, cfg, task_type=task_type)
+
+
+ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+"""Model config fields that hold the attention dropout probability (BERT, Llama/Qwen, GPT-2 families)."""
+
+
+def attention_implementation(choice: str, model_config, device: torch.device) -> str | None:
+    """The attention kernel ``model.attention = choice`` asks for (``None``: leave transformers' choice).
+
+    ``"auto"`` picks ``"eager"`` on a CPU when the model has attention dropout, because PyTorch's CPU
+    scaled-dot-product attention runs its unfused math path when dropout is on; else transformers' default.
+    """
+    if choice != "auto":
+        return choice
+    dropout = max((float(getattr(model_config, f, 0.0) or 0.0) for f in ATTENTION_DROPOUT_FIELDS), default=0.0)
+    return "eager" if device.type == "cpu" and dropout > 0 else None
 
 
 def load_classifier(cfg: ModelConfig, num_labels: int, regression: bool, seed: int, multilabel: bool = False) -> nn.Module:

@@ -6,10 +6,12 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # (torch is not imported for the types alone: configuration commands stay light)
+    import torch
 
-TensorDict = dict[str, torch.Tensor]
+TensorDict = dict[str, "torch.Tensor"]
 """Trainable tensors only (LoRA factors, task head, unfrozen layers), by stable name."""
 
 ClientState = dict[str, TensorDict]

@@ -85,6 +85,13 @@ class ModelConfig:
                        "quantization, bf16 compute) or '8bit' via bitsandbytes; needs a CUDA device and "
                        "model.mode = 'lora' (only the adapters train)."),
     )
+    attention: Literal["auto", "sdpa", "eager"] = field(
+        default="auto",
+        metadata=_help("Attention kernel (transformers' attn_implementation): 'auto' = 'eager' on a CPU when the "
+                       "model has attention dropout (PyTorch's CPU SDPA falls back to its slow math path under "
+                       "dropout: measured 1.07x faster at length 64 and 1.34x at 256 for MiniLM training), "
+                       "transformers' default (sdpa) elsewhere; the same mathematics either way."),
+    )
     init_adapter: str = field(
         default="",
         metadata=_help("lora mode: start round 1 from this trained peft adapter folder (warm start, e.g. a "

@@ -6,11 +6,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from fedtune import tensors
-from fedtune.aggregate import mean_delta
+from fedtune.lazy_import import lazy_module
 from fedtune.client.kinds import ClientKind
 from fedtune.strategies.base import BuildContext, Capabilities, NoOptions, register_strategy
 from fedtune.types import ClientUpdate, LocalTrainConfig, Metrics, RoundPlan, ServerState, TensorDict
+
+aggregate = lazy_module("fedtune.aggregate")
+tensors = lazy_module("fedtune.tensors")
 
 
 @dataclass
@@ -35,7 +37,7 @@ class FedAvg:
 
     def aggregate(self, rnd: int, state: ServerState, updates: Iterable[ClientUpdate]) -> tuple[ServerState, Metrics]:
         """Streamed weighted mean of deltas (memory independent of the number of clients)."""
-        mean, count = mean_delta(rnd, updates)
+        mean, count = aggregate.mean_delta(rnd, updates)
         new_params = tensors.add(state.params, mean)
         return ServerState(round=rnd, params=new_params, buffers=state.buffers), {"clients_aggregated": float(count)}
 

@@ -31,19 +31,23 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-from torch import nn
-
-from fedtune import tensors
-from fedtune.aggregate import WeightedMean
+from fedtune.lazy_import import lazy_module
 from fedtune.client.kinds import (
     ClientHooks, ClientKind, LocalContext, LocalResult, StackedContext, StackedHooks, register_kind,
 )
 from fedtune.strategies.base import BuildContext, Capabilities, option_error, register_strategy
 from fedtune.strategies.fedavg import FedAvg
 from fedtune.types import ClientState, ClientUpdate, Metrics, ServerState, TensorDict
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+else:
+    torch = lazy_module("torch")
+aggregate = lazy_module("fedtune.aggregate")
+tensors = lazy_module("fedtune.tensors")
 
 FEDDYN_H = "feddyn_h"
 """ServerState.buffers entry holding the server state h (zeros before round 1)."""
@@ -196,7 +200,7 @@ class FedDyn(FedAvg):
 
     def aggregate(self, rnd: int, state: ServerState, updates: Iterable[ClientUpdate]) -> tuple[ServerState, Metrics]:
         """Stream the deltas into their unweighted mean, then :func:`feddyn_server_step`."""
-        mean = WeightedMean()
+        mean = aggregate.WeightedMean()
         for update in updates:
             mean.add(update.delta, 1.0)
         if mean.count == 0:

@@ -6,11 +6,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from fedtune import server_opt, tensors
-from fedtune.aggregate import mean_delta
+from fedtune.lazy_import import lazy_module
 from fedtune.strategies.base import BuildContext, Capabilities, option_error, register_strategy
 from fedtune.strategies.fedavg import FedAvg
 from fedtune.types import ClientUpdate, Metrics, ServerState, TensorDict
+
+aggregate = lazy_module("fedtune.aggregate")
+server_opt = lazy_module("fedtune.server_opt")
+tensors = lazy_module("fedtune.tensors")
 
 FIRST_MOMENT = "m"
 """ServerState.buffers entry: the server's first moment (momentum)."""
@@ -44,7 +47,7 @@ class _FedOpt(FedAvg):
 
     def aggregate(self, rnd: int, state: ServerState, updates: Iterable[ClientUpdate]) -> tuple[ServerState, Metrics]:
         """Streamed example-weighted mean of deltas, then the optimizer step on its negation."""
-        mean, count = mean_delta(rnd, updates)
+        mean, count = aggregate.mean_delta(rnd, updates)
         grad = server_opt.pseudo_gradient(mean)
         params, moments = self._step(state.params, grad, dict(state.buffers))
         metrics = {"clients_aggregated": float(count), "pseudo_grad_norm": tensors.norm(grad)}

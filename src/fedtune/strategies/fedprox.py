@@ -9,15 +9,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
+from fedtune.lazy_import import lazy_module
 
 from fedtune.client.kinds import (
     ClientHooks, ClientKind, LocalContext, LocalResult, StackedContext, StackedHooks, register_kind,
 )
 from fedtune.strategies.base import BuildContext, option_error, register_strategy
 from fedtune.strategies.fedavg import FedAvg
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+else:
+    torch = lazy_module("torch")
 
 
 @register_kind

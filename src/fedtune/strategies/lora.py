@@ -29,17 +29,24 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
-
-from torch import nn
+from fedtune.lazy_import import lazy_module
 
 from fedtune.client.kinds import ClientHooks, ClientKind, LocalContext, LocalResult, StackedContext, StackedHooks, \
     register_kind
-from fedtune.lora_aggregation import RULES, LoraAccumulator, LoraModule, lora_modules, pad_rank, truncate_rank
-from fedtune.resident import loaded_value
 from fedtune.strategies.fedprox import ProxTerm
 from fedtune.types import BASE_OFFSET, ClientUpdate, LocalTrainConfig, Metrics, RoundPlan, ServerState, TensorDict
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from fedtune.lora_aggregation import LoraModule
+else:
+    torch = lazy_module("torch")
+lora_aggregation = lazy_module("fedtune.lora_aggregation")
+resident = lazy_module("fedtune.resident")
 
 BASE_CHANGING_RULES = frozenset({"fedex", "flora"})
 """Rules that fold part of the update into the frozen base weights."""
@@ -93,7 +100,7 @@ class LoraClient(ClientKind):
         """
         r = self.rank_of(client_id)
         out = dict(tensors)
-        for m in lora_modules(tensors):
+        for m in lora_aggregation.lora_modules(tensors):
             if self.freeze_a:
                 del out[m.a]
             else:
@@ -110,13 +117,13 @@ class LoraClient(ClientKind):
         """
         r = self.rank_of(client_id)
         out = dict(tensors)
-        for m in lora_modules(like):
+        for m in lora_aggregation.lora_modules(like):
             full = like[m.a].shape[0]
             a = tensors.get(m.a)
             if a is None:
                 a = frozen_a[m.a] if frozen_a is not None else torch.zeros_like(like[m.a])
-            a, _ = pad_rank(a, a.new_zeros(1, a.shape[0]), full)
-            _, b = pad_rank(tensors[m.b].new_zeros(tensors[m.b].shape[1], 1), tensors[m.b], full)
+            a, _ = lora_aggregation.pad_rank(a, a.new_zeros(1, a.shape[0]), full)
+            _, b = lora_aggregation.pad_rank(tensors[m.b].new_zeros(tensors[m.b].shape[1], 1), tensors[m.b], full)
             if r < full:
                 a, b = a.clone(), b.clone()
                 a[r:], b[:, r:] = 0.0, 0.0
@@ -126,12 +133,13 @@ class LoraClient(ClientKind):
     def prepare(self, params: TensorDict, client_id: str, model: nn.Module) -> TensorDict:
         """The received (cut) adapter at the model's rank; FFA's A from the model's own loaded A."""
         current = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-        frozen = {m.a: loaded_value(model, m.a) for m in lora_modules(current)} if self.freeze_a else None
+        modules = lora_aggregation.lora_modules(current)
+        frozen = {m.a: resident.loaded_value(model, m.a) for m in modules} if self.freeze_a else None
         return self.expand(params, client_id, current, frozen)
 
     def personal_names(self, names: Sequence[str]) -> frozenset[str]:
         """FedSA: every B is personal."""
-        return frozenset(m.b for m in lora_modules(names)) if self.personal_b else frozenset()
+        return frozenset(m.b for m in lora_aggregation.lora_modules(names)) if self.personal_b else frozenset()
 
     def start(self, ctx: LocalContext) -> ClientHooks:
         """Gradient masks (rank, FFA) and FedSA's upload of the client's own B."""
@@ -141,7 +149,7 @@ class LoraClient(ClientKind):
 class _LoraHooks(ClientHooks):
     def __init__(self, kind: LoraClient, ctx: LocalContext) -> None:
         self.kind = kind
-        self.modules = lora_modules(ctx.reference)
+        self.modules = lora_aggregation.lora_modules(ctx.reference)
         self.r = kind.rank_of(ctx.client_id)
 
     def on_backward(self, params: Mapping[str, nn.Parameter]) -> None:
@@ -179,8 +187,9 @@ class LoraAggregation:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"unknown LoRA aggregation rule {self.rule!r} (known: {', '.join(RULES)})")
+        if self.rule not in lora_aggregation.RULES:
+            raise ValueError(f"unknown LoRA aggregation rule {self.rule!r} "
+                             f"(known: {', '.join(lora_aggregation.RULES)})")
         bad = {c: r for c, r in self.client_ranks.items() if not 1 <= r <= self.rank}
         if bad:
             cid, r = next(iter(bad.items()))
@@ -205,7 +214,7 @@ class LoraAggregation:
 
     def modules(self, params: Mapping[str, torch.Tensor]) -> list[LoraModule]:
         """The adapted modules among the global tensors (an error when there are none)."""
-        modules = lora_modules(params)
+        modules = lora_aggregation.lora_modules(params)
         if not modules:
             raise ValueError(f"lora aggregation {self.rule!r}: the trainable tensors hold no LoRA factors")
         for m in modules:
@@ -228,12 +237,12 @@ class LoraAggregation:
         """Rebuild each client's adapter at its rank, fold it in (streamed), apply the rule."""
         modules = self.modules(state.params)
         shared_a = {m.name: state.params[m.a] for m in modules} if self.rule == "ffa" else None
-        acc = LoraAccumulator(self.rule, scaling=self.scaling, rank=self.rank, shared_a=shared_a,
+        acc = lora_aggregation.LoraAccumulator(self.rule, scaling=self.scaling, rank=self.rank, shared_a=shared_a,
                               merge=self.rule == "flora")
         for u in updates:
             r = self.client_rank(u.client_id)
-            start = truncate_rank(state.params, r, modules)
-            delta = truncate_rank(u.delta, r, modules)
+            start = lora_aggregation.truncate_rank(state.params, r, modules)
+            delta = lora_aggregation.truncate_rank(u.delta, r, modules)
             acc.add({k: start[k] + delta[k].to(start[k].dtype) for k in start}, float(u.num_examples))
         if acc.count == 0:
             raise ValueError(f"round {rnd}: no client updates to aggregate")

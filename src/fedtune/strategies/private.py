@@ -5,12 +5,17 @@ from __future__ import annotations
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from fedtune import privacy
+from fedtune.lazy_import import lazy_module
 from fedtune.strategies.base import Strategy, capabilities_of, registered_strategies
 from fedtune.types import ClientUpdate, Metrics, RoundPlan, ServerState, TensorDict
+
+if TYPE_CHECKING:
+    import torch
+else:
+    torch = lazy_module("torch")
+privacy = lazy_module("fedtune.privacy")
 
 
 @dataclass

@@ -12,11 +12,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from fedtune import aggregate, tensors
 from fedtune.errors import ConfigError
 from fedtune.strategies.base import BuildContext, Capabilities, NoOptions, option_error, register_strategy
 from fedtune.strategies.fedavg import FedAvg
+from fedtune.lazy_import import lazy_module
 from fedtune.types import ClientUpdate, Metrics, ServerState, TensorDict
+
+aggregate = lazy_module("fedtune.aggregate")
+tensors = lazy_module("fedtune.tensors")
 
 
 @dataclass(kw_only=True)

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
-import torch
-from torch import nn
-
-from fedtune import tensors
-from fedtune.aggregate import WeightedMean, scaffold_server_step
+from fedtune.lazy_import import lazy_module
 from fedtune.client.kinds import (
     ClientHooks, ClientKind, LocalContext, LocalResult, StackedContext, StackedHooks, register_kind,
 )
@@ -24,6 +20,14 @@ from fedtune.strategies.base import BuildContext, Capabilities, register_strateg
 from fedtune.strategies.fedavg import FedAvg
 from fedtune.strategies.fedopt import ServerLrOptions
 from fedtune.types import ClientUpdate, Metrics, RoundPlan, ServerState, TensorDict
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+else:
+    torch = lazy_module("torch")
+aggregate = lazy_module("fedtune.aggregate")
+tensors = lazy_module("fedtune.tensors")
 
 CONTROL = "c"
 """ServerState.buffers entry holding the server control variate c."""
@@ -195,15 +199,16 @@ class Scaffold(FedAvg):
 
     def aggregate(self, rnd: int, state: ServerState, updates: Iterable[ClientUpdate]) -> tuple[ServerState, Metrics]:
         """Stream the deltas (example-weighted) and control deltas (unweighted) into two running means."""
-        mean_delta, mean_dc = WeightedMean(), WeightedMean()
+        mean_delta, mean_dc = aggregate.WeightedMean(), aggregate.WeightedMean()
         for update in updates:
             if CONTROL_DELTA not in update.extras:
-                raise ValueError(f"round {rnd}: client {update.client_id} sent no {CONTROL_DELTA!r} (not a SCAFFOLD client?)")
+                raise ValueError(f"round {rnd}: client {update.client_id} sent no {CONTROL_DELTA!r} "
+                                 "(not a SCAFFOLD client?)")
             mean_delta.add(update.delta, float(update.num_examples))
             mean_dc.add(update.extras[CONTROL_DELTA], 1.0)
         if mean_delta.count == 0:
             raise ValueError(f"round {rnd}: no client updates to aggregate")
-        params, control = scaffold_server_step(
+        params, control = aggregate.scaffold_server_step(
             state.params, state.buffers[CONTROL], mean_delta.result(), mean_dc.result(),
             num_sampled=mean_delta.count, num_clients=self.num_clients, server_lr=self.server_lr,
         )

@@ -15,7 +15,12 @@ rows trained as one client's batch stream).
 
 ``--clients`` are clients per round; ``--population`` (default: the same as ``--clients``) is how
 many clients the partition has (SCAFFOLD keeps a control variate for every client it has sampled,
-in the run's client-state store).
+in the run's client-state store). ``--synthetic-rows N`` trains from a local CSV of N rows made by
+repeating AG News's training rows in order (AG News here has 10,001; populations of 100,000 need
+more): the rows repeat, so only memory and speed are meaningful there, not accuracy.
+
+    FEDTUNE_DATA_DIR=../shared/data python benchmarks/scale_memory.py --strategy scaffold --clients 100 \\
+        --population 100,100000 --rounds 3 --parallel 1 --synthetic-rows 100000 --examples 1
 """
 
 from __future__ import annotations
@@ -38,8 +43,12 @@ def child(spec: dict) -> None:
     from fedtune.precision import default_device, resolve_precision
 
     population, per_round, examples = spec["population"], spec["clients"], spec["examples"]
+    data = ['data.dataset="ag_news"']
+    if spec.get("files"):
+        data = ['data.dataset="files"', f'data.train_file="{spec["files"][0]}"', f'data.eval_file="{spec["files"][1]}"',
+                'data.text_column="text"', 'data.label_column="label"']
     overrides = [
-        'data.dataset="ag_news"', "data.max_length=64", f"data.train_size={population * examples}",
+        *data, "data.max_length=64", f"data.train_size={population * examples}",
         "data.eval_size=200", 'model.mode="lora"', "model.lora.r=8", "model.lora.alpha=16.0",
         f'strategy.name="{spec["strategy"]}"', f"train.lr={spec['lr']}", "train.batch_size=16",
         f'train.precision="{spec["precision"]}"', f"federation.rounds={spec['rounds']}",
@@ -88,6 +97,28 @@ def run_case(spec: dict) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def write_synthetic(rows: int, folder: Path) -> tuple[str, str]:
+    """A train CSV of ``rows`` rows (AG News's training rows repeated in order) and an eval CSV of its
+    first 200 test rows, in ``folder``."""
+    import csv
+
+    from fedtune.config import DataConfig
+    from fedtune.tasks.data import load_task_data
+
+    task = load_task_data(DataConfig(dataset="ag_news", eval_size=200), seed=0)
+    names = task.label_names
+    evals = next(iter(task.evals.values()))
+    paths = folder / "train.csv", folder / "eval.csv"
+    for path, texts, labels, n in ((paths[0], task.train.texts, task.train.labels, rows),
+                                   (paths[1], evals.texts, evals.labels, len(evals.texts))):
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            for i in range(n):
+                w.writerow([texts[i % len(texts)], names[int(labels[i % len(labels)])]])
+    return str(paths[0]), str(paths[1])
+
+
 def _ints(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
@@ -110,14 +141,23 @@ def main() -> None:
     ap.add_argument("--manifest-format", default="auto", choices=["auto", "json", "parquet"],
                     help="partition.manifest_format of every case (auto: Parquet above 1,000 clients)")
     ap.add_argument("--centralized", action="store_true", help="also the same rows as one centralized client")
+    ap.add_argument("--synthetic-rows", type=int, default=0,
+                    help="train from a local CSV of this many rows (AG News's rows repeated) instead of AG News")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(json.loads(args.child))
         return
+    files = None
+    if args.synthetic_rows:
+        folder = Path(tempfile.mkdtemp(prefix="fedtune-synthetic-"))
+        files = write_synthetic(args.synthetic_rows, folder)
+        print(f"synthetic training file {files[0]}: {args.synthetic_rows} rows, AG News's training rows repeated",
+              flush=True)
 
     base = dict(examples=args.examples, strategy=args.strategy, rounds=args.rounds, precision=args.precision,
-                lr=args.lr, state_cache=args.state_cache, centralized=False, manifest_format=args.manifest_format)
+                lr=args.lr, state_cache=args.state_cache, centralized=False, manifest_format=args.manifest_format,
+                files=files)
     per_round = _ints(args.clients)
     # (clients per round, population): every pair with --population, else the population is the round
     pairs = [(c, p) for p in _ints(args.population) for c in per_round if c <= p] or [(c, c) for c in per_round]

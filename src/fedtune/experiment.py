@@ -22,7 +22,7 @@ from fedtune.config import Experiment
 from fedtune.models import set_trainable
 from fedtune.outputs import JsonlWriter
 from fedtune.partition import client_ids
-from fedtune.shards import data_fingerprint, make_shards, plan_shards, write_shards
+from fedtune.shards import ClientRows, data_fingerprint, make_shards, plan_shards, write_shards
 from fedtune.personalization import split_holdout
 from fedtune.precision import default_device
 from fedtune.runtime.parallel import ParallelSimulationTransport
@@ -114,7 +114,7 @@ def run_simulation(exp: Experiment, *, quiet: bool = False, device: torch.device
         client_data = {"centralized": train.subset(pooled)}
         clients, per_round = ["centralized"], 1
     else:
-        client_data = {cid: train.subset(s) for cid, s in zip(ids, shards)}
+        client_data = ClientRows(train, ids, shards)
         clients = ids
         per_round = clients_per_round(len(ids), exp.federation.clients_per_round, exp.federation.fraction)
     attacks = {}
@@ -122,7 +122,7 @@ def run_simulation(exp: Experiment, *, quiet: bool = False, device: torch.device
         malicious_clients(ids, exp.attack.fraction, exp.attack.clients, exp.seed)  # (unknown ids: an error)
         attacks = {c: a for c in ids if (a := experiment_attacker(exp.attack, c, len(ids), exp.seed))}
         num_labels = len(task.units.label_names or ())
-        client_data.update({c: poison_rows(client_data[c], a, num_labels) for c, a in attacks.items()})
+        client_data.replace({c: poison_rows(client_data[c], a, num_labels) for c, a in attacks.items()})
         summary["attackers"] = list(attacks)
         log.info("attack %s by %d clients: %s", exp.attack.kind, len(attacks), list(attacks))
     store = ClientStateStore(out / STORE_DIR, exp.simulation.state_cache)  # clients' own state, mostly on disk

@@ -128,6 +128,7 @@ def write_manifests(
         raise PartitionError(f"write_manifests: meta keys {clash} clash with computed summary fields")
     checked = [_check_indices(f"write_manifests: shard {i}", shard) for i, shard in enumerate(shards)]
     ids = client_ids(len(checked))
+    labels = None if labels is None else np.asarray(labels)  # (once: converting it per client was quadratic)
     histograms = {cid: label_histogram(shard, labels, label_names) for cid, shard in zip(ids, checked)}
     summary: dict[str, Any] = {
         "num_clients": len(checked),

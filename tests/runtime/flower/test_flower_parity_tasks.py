@@ -1,8 +1,9 @@
 """Parity on real processes for every task kind and every LoRA rule family.
 
 One SuperLink and two SuperNodes run on localhost for the whole module (insecure, free ports);
-each SuperNode reads ``manifests/client_00N.json``, which every case overwrites with its own
-simulation's partition before submitting its Flower run. Each case trains a tiny config-built
+node 0 reads ``manifests/client_000.json`` and node 1 its row of ``manifests_parquet/clients.parquet``
+(``client-id = "client_001"``, the columnar manifest of large populations), which every case
+overwrites with its own simulation's partition before submitting its Flower run. Each case trains a tiny config-built
 model for 2 rounds with 2 clients through the in-process simulation and through Flower (``fedtune
 run``'s Flower path, ``flwr run``), and the saved global model (adapter or full weights, and the
 LoRA base corrections) must agree within 1e-6.
@@ -22,6 +23,7 @@ LoRA base corrections) must agree within 1e-6.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -35,6 +37,7 @@ from builders import stories_chat_model  # noqa: E402
 from conftest import REPO, shared_data_or_skip  # noqa: E402
 from fedtune.config import Experiment  # noqa: E402
 from fedtune.experiment import run_experiment  # noqa: E402
+from fedtune.manifests import PARQUET_FILE, write_manifests  # noqa: E402
 
 from flower_processes import LABELS, federation  # noqa: E402
 
@@ -44,14 +47,15 @@ TOLERANCE = 1e-6
 
 @pytest.fixture(scope="module")
 def shared_federation(tmp_path_factory):
-    """A SuperLink and 2 SuperNodes for every case of this module (each node reads manifests/client_00N.json)."""
+    """A SuperLink and 2 SuperNodes for every case of this module: node 0 reads manifests/client_000.json,
+    node 1 its row of manifests_parquet/clients.parquet."""
     root = tmp_path_factory.mktemp("flower_tasks")
     manifests = root / "manifests"
     manifests.mkdir()
     with federation(root / "flower") as fed:
         fed.start_superlink()
-        for i in range(2):
-            fed.start_supernode(f"node{i}", f'manifest="{manifests / f"client_{i:03d}.json"}"')
+        fed.start_supernode("node0", f'manifest="{manifests / "client_000.json"}"')
+        fed.start_supernode("node1", f'manifest="{root / "manifests_parquet" / PARQUET_FILE}" client-id="client_001"')
         yield fed, manifests
 
 
@@ -168,8 +172,11 @@ def test_task_and_lora_rule_parity_on_real_processes(case, shared_federation, tm
     common = [*options, "partition.num_clients=2", "partition.min_examples=1", "federation.rounds=2",
               "train.epochs=1", "eval.every=2"]
     sim = run_experiment(Experiment.from_overrides([*common, f'output_dir="{tmp_path / "sim"}"']), quiet=True)
-    for f in (sim.output_dir / "partition").glob("client_*.json"):
+    parts = sorted((sim.output_dir / "partition").glob("client_*.json"))
+    for f in parts:
         shutil.copy(f, manifests / f.name)
+    write_manifests(manifests.with_name("manifests_parquet"), [json.loads(f.read_text())["indices"] for f in parts],
+                    None, None, {}, "parquet")
     flower = Experiment.from_overrides([
         *common, f'output_dir="{tmp_path / "flower"}"', 'runtime.mode="flower"', f'runtime.superlink="{fed.address}"',
         "runtime.insecure=true", "runtime.connect_timeout=60", "runtime.round_timeout=120"])

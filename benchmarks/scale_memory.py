@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -197,6 +198,8 @@ def main() -> None:
                 print(f"throughput {label}: {r['examples_per_s'] / ceiling[0]['examples_per_s']:.2f}x the centralized "
                       f"ceiling ({r['examples_per_s']:.1f} vs {ceiling[0]['examples_per_s']:.1f} ex/s)")
     print(f"(torch threads {os.environ.get('OMP_NUM_THREADS', 'default')}; each case a fresh process)")
+    if files:
+        shutil.rmtree(Path(files[0]).parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,9 @@ class ClientRows(Mapping[str, EncodedDataset]):
             return self._replaced[client_id]
         return self._train.subset(self._shards[client_id])
 
+    def __contains__(self, client_id: object) -> bool:
+        return client_id in self._shards  # (Mapping's own would cut the rows to find out)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._shards)
 

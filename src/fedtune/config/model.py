@@ -89,7 +89,7 @@ class ModelConfig:
         default="auto",
         metadata=_help("Attention kernel (transformers' attn_implementation): 'auto' = 'eager' on a CPU when the "
                        "model has attention dropout (PyTorch's CPU SDPA falls back to its slow math path under "
-                       "dropout: measured 1.07x faster at length 64 and 1.34x at 256 for MiniLM training), "
+                       "dropout: measured 1.07-1.11x faster at length 64 and 1.34x at 256 for MiniLM training), "
                        "transformers' default (sdpa) elsewhere; the same mathematics either way."),
     )
     init_adapter: str = field(

@@ -91,8 +91,9 @@ class SimulationTransport:
         for cid in clients:
             received, down = self.channel.send_plan(plan, cid)
             stats.bytes_down += down
-            rows = self.held_out.get(cid) if request.rows == HELD_OUT else self.client_data[cid]
-            scores = client_scores(self.model, self.task, received, cid, request, train_rows=self.client_data[cid],
+            train_rows = self.client_data[cid]  # (cut once: ClientRows cuts a client's rows on each access)
+            rows = self.held_out.get(cid) if request.rows == HELD_OUT else train_rows
+            scores = client_scores(self.model, self.task, received, cid, request, train_rows=train_rows,
                                    held_out=self.held_out.get(cid), state=self.client_states.get(cid, {}),
                                    ctx=self.eval_context, seed=client_seed(self.seed, plan.round, cid))
             yield ClientScore(cid, len(rows), scores)

@@ -141,9 +141,14 @@ def test_lazy_module_loads_on_first_use_and_refuses_a_missing_module():
 
     with pytest.raises(ModuleNotFoundError, match="no_such_fedtune_module"):
         lazy_module("fedtune.no_such_fedtune_module")
-    probe = ("import sys\nfrom fedtune.lazy_import import lazy_module\n"
-             "m = lazy_module('fedtune.tensors')\nimport fedtune\nassert fedtune.tensors is m\n"
+    probe = ("import sys, threading\nfrom fedtune.lazy_import import lazy_module\n"
+             "m = lazy_module('fedtune.tensors')\nassert 'fedtune.tensors' not in sys.modules\n"
              "before = 'torch._C' in sys.modules\nclone = m.clone\nafter = 'torch._C' in sys.modules\n"
+             "import fedtune.tensors\nassert clone is fedtune.tensors.clone\n"
+             "agg = lazy_module('fedtune.aggregate')\ngot = []\n"
+             "threads = [threading.Thread(target=lambda: got.append(agg.weighted_mean)) for _ in range(4)]\n"
+             "[t.start() for t in threads]\n[t.join() for t in threads]\n"
+             "import fedtune.aggregate\nassert got == [fedtune.aggregate.weighted_mean] * 4, got\n"
              "import torch\nprint('BEFORE', before, 'AFTER', after, float(clone({'a': torch.ones(2)})['a'].sum()))\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert "BEFORE False AFTER True 2.0" in out, out

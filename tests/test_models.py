@@ -183,11 +183,16 @@ def test_eager_and_sdpa_attention_train_alike(tmp_path):
     runs = {}
     for choice in ("auto", "sdpa"):
         model = load_classifier(ModelConfig(name=str(tmp_path), mode="full", attention=choice), 3, False, seed=0)
-        assert model.config._attn_implementation == ("eager" if choice == "auto" else "sdpa")
         model.train()
         torch.manual_seed(1)
         loss = model(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2, 0])).loss
+        assert model.config._attn_implementation == ("eager" if choice == "auto" else "sdpa")
         loss.backward()
         runs[choice] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        with torch.no_grad():  # evaluation keeps the fused kernel (no dropout there)
+            logits = model.eval()(input_ids=ids, attention_mask=mask).logits
+        assert model.config._attn_implementation == "sdpa"
+        runs[choice] += (logits,)
     assert torch.allclose(runs["auto"][0], runs["sdpa"][0], atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(runs["auto"][1], runs["sdpa"][1]))
+    assert torch.allclose(runs["auto"][2], runs["sdpa"][2], atol=1e-5)

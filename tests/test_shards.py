@@ -30,3 +30,18 @@ def test_client_rows_equal_the_eager_subsets_and_replace_only_known_clients():
         rows["client_007"]
     with pytest.raises(ValueError, match="2 client ids for 3 shards"):
         ClientRows(train, ids[:2], shards)
+
+
+def test_row_sources_name_the_training_set_and_replaced_rows_without_cutting():
+    from fedtune.shards import row_sources
+
+    train = _train(6)
+    ids = ["client_000", "client_001"]
+    rows = ClientRows(train, ids, [[0, 1], [2]])
+    assert [d is train for d in row_sources(rows, ids)] == [True]
+    poisoned = train.subset([5])
+    rows.replace({"client_001": poisoned})
+    assert row_sources(rows, ["client_001"]) == [poisoned]
+    assert [d is train for d in row_sources(rows, ids)] == [False, True]
+    eager = {c: rows[c] for c in ids}
+    assert row_sources(eager, ids) == [eager["client_000"], eager["client_001"]]

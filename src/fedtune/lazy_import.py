@@ -1,4 +1,4 @@
-"""Modules executed on their first attribute access, so that declaring things does not import torch.
+"""Modules imported on their first attribute access, so that declaring things does not import torch.
 
 The strategy files (one file per algorithm: options, server half, client half) are imported whenever
 a configuration is read, to check its strategy options; their mathematics needs torch and fedtune's
@@ -8,27 +8,44 @@ tensor modules only when it runs. They bind those modules with :func:`lazy_modul
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import sys
 from types import ModuleType
+from typing import Any
+
+
+class _LazyModule(ModuleType):
+    """Stand-in for a module: its first attribute access imports the real module through
+    :func:`importlib.import_module` (which holds the import lock, so two threads touching it at once
+    import it once) and every access after that reads the real module."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, f"lazily imported module {name!r}")
+        self.__dict__["_lazy_real"] = None
+
+    def _lazy_load(self) -> ModuleType:
+        real = self.__dict__["_lazy_real"]
+        if real is None:
+            real = importlib.import_module(self.__name__)
+            self.__dict__["_lazy_real"] = real
+        return real
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._lazy_load(), attr)
+
+    def __dir__(self) -> list[str]:
+        return dir(self._lazy_load())
 
 
 def lazy_module(name: str) -> ModuleType:
-    """Module ``name``: the imported one if it is already imported, else one that imports itself on its
-    first attribute access (:class:`importlib.util.LazyLoader`).
+    """Module ``name``: the imported one if it is already imported, else a stand-in that imports it on
+    its first attribute access. Nothing is put into ``sys.modules`` until the real import runs.
 
     ``ModuleNotFoundError`` at once when the module does not exist (an install problem is not deferred).
     """
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
+    if importlib.util.find_spec(name) is None:
         raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    spec.loader = importlib.util.LazyLoader(spec.loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    parent, _, child = name.rpartition(".")
-    if parent:  # (as an import does: ``import fedtune.tensors`` then ``fedtune.tensors.x`` finds it)
-        setattr(sys.modules[parent], child, module)
-    return module
+    return _LazyModule(name)

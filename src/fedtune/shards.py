@@ -110,9 +110,23 @@ class ClientRows(Mapping[str, EncodedDataset]):
     def __len__(self) -> int:
         return len(self._shards)
 
+    def sources(self, client_ids: Sequence[str]) -> list[EncodedDataset]:
+        """The datasets these clients' rows are cut from (the training set, and any replaced rows), without
+        cutting them: what to ask about the kind of rows (single-label, next-token) the clients hold."""
+        replaced = [self._replaced[c] for c in client_ids if c in self._replaced]
+        return replaced + ([self._train] if len(replaced) < len(client_ids) else [])
+
     def replace(self, rows: Mapping[str, EncodedDataset]) -> None:
         """Set these clients' rows (each must be a client of the population)."""
         unknown = [c for c in rows if c not in self._shards]
         if unknown:
             raise KeyError(f"ClientRows.replace: no client {unknown[0]!r}")
         self._replaced.update(rows)
+
+
+def row_sources(client_data: Mapping[str, EncodedDataset], client_ids: Sequence[str]) -> list[EncodedDataset]:
+    """The datasets ``client_ids``' rows come from: :meth:`ClientRows.sources` for a :class:`ClientRows`,
+    else each client's own rows."""
+    if isinstance(client_data, ClientRows):
+        return client_data.sources(client_ids)
+    return [client_data[c] for c in client_ids]

@@ -90,7 +90,7 @@ class ModelConfig:
         metadata=_help("Attention kernel (transformers' attn_implementation): 'auto' = 'eager' on a CPU when the "
                        "model has attention dropout (PyTorch's CPU SDPA falls back to its slow math path under "
                        "dropout: measured 1.07-1.11x faster at length 64 and 1.34x at 256 for MiniLM training), "
-                       "transformers' default (sdpa) elsewhere; the same mathematics either way."),
+                       "transformers' default (sdpa) elsewhere and in evaluation; the same mathematics either way."),
     )
     init_adapter: str = field(
         default="",

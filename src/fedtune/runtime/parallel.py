@@ -43,6 +43,7 @@ from fedtune.client.train import finish_update, planned_steps
 from fedtune.resident import sync_base
 from fedtune.precision import autocast
 from fedtune.runtime.simulation import SimulationTransport, TrainJob, client_seed
+from fedtune.shards import row_sources
 from fedtune.sparse_logits import labelled_logits
 from fedtune.types import ClientState, ClientUpdate, RoundPlan
 
@@ -463,7 +464,7 @@ class ParallelSimulationTransport(SimulationTransport):
         the model, plan or data is not supported)."""
         reason = (parallel_support(self.model, plan, self.device, clients) if self.parallel_clients > 1
                   else "parallel_clients = 1")
-        if not reason and not all(_batchable(self.client_data[c]) for c in clients):
+        if not reason and not all(_batchable(d) for d in row_sources(self.client_data, list(clients))):
             reason = "the batched trainer handles single-label classification, regression and causal LM only"
         if reason:
             if self.parallel_clients > 1 and not self._fallback_logged:

@@ -19,6 +19,7 @@ LoRA base corrections) must agree within 1e-6.
 | fedex | classification | LoRA, fedex (base corrections) | |
 | flora | classification | LoRA, flora (base corrections, fresh adapters) | |
 | attack | classification | LoRA, median | byzantine client_001 (`[attack]` noise: drawn on its node with the simulation's seed) |
+| dropout | classification (tiny BERT with attention and hidden dropout 0.1) | LoRA, fedit | `model.attention = "auto"`: eager attention while training on both sides, dropout masks drawn alike |
 """
 
 from __future__ import annotations
@@ -158,9 +159,20 @@ def _attack(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
             'attack.clients=["client_001"]']
 
 
+def _dropout(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
+    model = tmp_path / "tiny-dropout"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(attention_probs_dropout_prob=0.1, hidden_dropout_prob=0.1)
+    (model / "config.json").write_text(json.dumps(config))
+    options = [o for o in _classification("fedit")(tmp_path, tiny_model_dir, tiny_csv) if "model.name" not in o]
+    return [*options, f'model.name="{model}"', 'model.attention="auto"']
+
+
 CASES = {
     "qa": _qa, "attack": _attack, "multilabel": _multilabel, "causal_lm": _causal_lm, "generative": _generative,
     "fedsa": _classification("fedsa"), "fedper": _fedper, "fedex": _classification("fedex"), "flora": _classification("flora"),
+    "dropout": _dropout,
 }
 
 

@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # (torch is not imported for the types alone: configuration commands stay light)
     import torch
 
-    from fedtune.client.kinds import ClientKind
-
 TensorDict = dict[str, "torch.Tensor"]
 """Trainable tensors only (LoRA factors, task head, unfrozen layers), by stable name."""
 
@@ -82,7 +80,7 @@ class RoundPlan:
     round: int
     params: TensorDict
     local: LocalTrainConfig
-    # (ClientKind is imported for type checkers only, so this module imports nothing of fedtune when it runs)
+    # (ClientKind is fedtune.client.kinds.ClientKind; not imported here, so this module imports nothing of fedtune)
     objective: ClientKind | None = None
     """The client-side half of the strategy that changes local training (FedProx's term, SCAFFOLD's c, ...)."""
     adapter: ClientKind | None = None

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -126,9 +127,10 @@ def gguf_digest(gguf: Path) -> str:
     if key not in known:
         known[key] = file_sha256(gguf)
         index.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index.with_name(f".{index.name}.{os.getpid()}")
+        # a name per process and thread: two writers never share (or remove) each other's temporary file
+        tmp = index.with_name(f".{index.name}.{os.getpid()}.{threading.get_ident()}")
         tmp.write_text(json.dumps(known, indent=1) + "\n")
-        os.replace(tmp, index)  # (two processes at once: the last write wins; a lost entry is hashed again)
+        os.replace(tmp, index)  # (two writers at once: the last write wins; a lost entry is hashed again)
     return known[key]
 
 

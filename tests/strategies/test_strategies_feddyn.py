@@ -252,6 +252,7 @@ def test_killed_run_resumes_bit_for_bit(tiny_experiment, tmp_path, monkeypatch):
     assert len({k[1] for k in sa if k[0] == "client" and k[2] == FEDDYN_STATE}) == 4  # every client took part
 
 
+@pytest.mark.slow
 def test_flower_deployment_matches_simulation(tiny_experiment, tmp_path):
     """Real SuperLink + 2 SuperNodes, 2 rounds: grad_k stays on the nodes; the model is the simulation's (1e-6)."""
     pytest.importorskip("flwr")

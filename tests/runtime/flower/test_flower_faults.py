@@ -22,6 +22,7 @@ from flower_processes import (  # noqa: E402
 TIMEOUT = 40  # seconds; a ClientApp process starts, loads the model and trains within it even on loaded cores
 
 
+@pytest.mark.slow
 def test_killed_and_hanging_clients(tiny_experiment, tmp_path, capfd):
     """Round 1 survives a killed client (2 of 3 >= min_clients); round 2 with 1 answer is a clear error."""
     def exp(*extra: str):

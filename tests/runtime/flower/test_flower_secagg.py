@@ -82,6 +82,7 @@ def test_secagg_needs_a_weighted_mean(tiny_experiment):
         tiny_experiment("runtime.secagg=true")
 
 
+@pytest.mark.slow
 def test_secagg_aggregate_equals_plain_mean(tiny_experiment, tmp_path, capfd):
     """3 SuperNodes, 1 round: SecAgg+'s global model = the simulation's within the quantization bound."""
     def exp(out, *extra):

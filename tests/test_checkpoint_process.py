@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 import torch
 from safetensors.torch import load_file
 

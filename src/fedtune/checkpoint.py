@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fedtune.atomic_write import write_atomic
 from fedtune.client_store import ClientStateStore
 from fedtune.config import ConfigError, Experiment, flatten_table, from_dict
 from fedtune.errors import CheckpointError  # (re-exported here: raised by this module)
@@ -133,7 +133,7 @@ def write_checkpoint(out: str | Path, ckpt: Checkpoint) -> Path:
         rng["numpy"] = [kind, pos, has_gauss, cached]
     data = st_save({k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()})
     tensor_file = f"round_{ckpt.round:04d}.safetensors"
-    _atomic_write(folder / tensor_file, data)
+    write_atomic(folder / tensor_file, data, durable=True)
     index = {
         "format": FORMAT,
         "round": ckpt.round,
@@ -148,20 +148,11 @@ def write_checkpoint(out: str | Path, ckpt: Checkpoint) -> Path:
         "client_store": ckpt.client_store,
         "config": ckpt.config,
     }
-    _atomic_write(folder / INDEX_FILE, (json.dumps(index, indent=1) + "\n").encode())
+    write_atomic(folder / INDEX_FILE, (json.dumps(index, indent=1) + "\n").encode(), durable=True)
     for old in folder.glob("round_*.safetensors"):
         if old.name != tensor_file:
             old.unlink(missing_ok=True)
     return folder / INDEX_FILE
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def read_checkpoint(out: str | Path) -> Checkpoint:

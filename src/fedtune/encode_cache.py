@@ -20,14 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
+from fedtune.atomic_write import write_atomic
 from fedtune.token_rows import TokenRows
 
 log = logging.getLogger(__name__)
@@ -126,7 +125,7 @@ def cached_token_lists(encoder: str, tokenizer, options: dict, inputs: str,
 
 
 def _write(path: Path, value: TokenLists) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors, meta = {}, {"names": json.dumps(sorted(value))}
     for name, rows in value.items():
@@ -137,14 +136,7 @@ def _write(path: Path, value: TokenLists) -> None:
         tensors[f"{name}.ids"] = torch.from_numpy(packed.flat)
         tensors[f"{name}.lengths"] = torch.from_numpy(packed.lengths())
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)  # atomic: a reader never sees half an entry
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, save(tensors, metadata=meta))  # a reader never sees half an entry
 
 
 def _read(path: Path) -> TokenLists:

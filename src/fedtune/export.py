@@ -116,7 +116,7 @@ def export_onnx_int8(onnx_dir: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.onnx"
     quantize_dynamic(str(onnx_dir / "model.onnx"), str(path), weight_type=QuantType.QInt8, per_channel=True,
-                    reduce_range=True)
+                     reduce_range=True)
     meta = ModelMeta.read(onnx_dir)
     for f in onnx_dir.iterdir():
         if f.is_file() and not f.name.endswith((".onnx", ".data")) and f.name != "fedtune.json":

@@ -30,11 +30,12 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+
+from fedtune.atomic_write import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -127,10 +128,8 @@ def gguf_digest(gguf: Path) -> str:
     if key not in known:
         known[key] = file_sha256(gguf)
         index.parent.mkdir(parents=True, exist_ok=True)
-        # a name per process and thread: two writers never share (or remove) each other's temporary file
-        tmp = index.with_name(f".{index.name}.{os.getpid()}.{threading.get_ident()}")
-        tmp.write_text(json.dumps(known, indent=1) + "\n")
-        os.replace(tmp, index)  # (two writers at once: the last write wins; a lost entry is hashed again)
+        # (two writers at once: the last write wins; a lost entry is hashed again)
+        write_atomic(index, (json.dumps(known, indent=1) + "\n").encode())
     return known[key]
 
 

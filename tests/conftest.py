@@ -30,8 +30,8 @@ SHARED_DATA = Path(os.environ.get("FEDTUNE_DATA_DIR", REPO.parent / "shared" / "
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer BERT (hidden 32) with a word-level tokenizer, saved as an HF folder."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
     import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
     from transformers.utils import logging as hf_logging
 
     d = tmp_path_factory.mktemp("tiny_bert")

@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file
 
 from fedtune.checkpoint import read_checkpoint
-from fedtune.client_store import STORE_DIR, ClientStateStore
 from fedtune.cli import main
 from fedtune.client import local_train
+from fedtune.client_store import STORE_DIR, ClientStateStore
 from fedtune.experiment import run_experiment
 from fedtune.runtime.parallel import train_group
 from fedtune.runtime.simulation import SimulationTransport, client_seed

@@ -16,7 +16,8 @@ import psutil
 
 from fedtune.errors import OperatorError
 from fedtune.runtime.flower.operator import wait_listening
-from fedtune.runtime.flower.site import flower_exe as _exe, free_port  # noqa: F401 (free_port: the tests' import)
+from fedtune.runtime.flower.site import flower_exe as _exe  # noqa: F401 (free_port: the tests' import)
+from fedtune.runtime.flower.site import free_port
 
 
 def wait_for_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:

@@ -6,7 +6,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fedtune.aggregate import (
-    coordinate_median, krum, krum_scores, multi_krum, multi_krum_select, pairwise_sq_distances, trimmed_mean,
+    coordinate_median,
+    krum,
+    krum_scores,
+    multi_krum,
+    multi_krum_select,
+    pairwise_sq_distances,
+    trimmed_mean,
 )
 
 

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from equivalence import Killed, kill_and_resume, kill_at, metric_lines, untimed
 from safetensors.torch import load_file
 
 from fedtune import checkpoint
@@ -16,9 +17,6 @@ from fedtune.cli import main
 from fedtune.config import ConfigError
 from fedtune.experiment import run_experiment
 from fedtune.types import ServerState
-
-from equivalence import Killed, kill_and_resume, kill_at, metric_lines, untimed
-
 
 STATEFUL = {
     "fedavg": [],

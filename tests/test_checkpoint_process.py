@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from equivalence import all_state_tensors, metric_lines, untimed
 from safetensors.torch import load_file
 
 from fedtune.checkpoint import read_checkpoint
-
-from equivalence import all_state_tensors, metric_lines, untimed
 
 SETS = ["federation.rounds=3", "eval.every=1", "train.epochs=40", "strategy.name=scaffold",
         'federation.codec_up="topk:0.2+int8"', "partition.num_clients=4", "federation.clients_per_round=3"]

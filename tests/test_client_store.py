@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from equivalence import all_state_tensors, kill_and_resume
 from safetensors.torch import load_file
 
 from fedtune.checkpoint import CheckpointError, read_checkpoint
 from fedtune.client_store import STORE_DIR, ClientStateStore
 from fedtune.config import ConfigError, Experiment
 from fedtune.experiment import run_experiment
-
-from equivalence import all_state_tensors, kill_and_resume
 
 
 def _state(value: float) -> dict:

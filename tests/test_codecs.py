@@ -11,8 +11,8 @@ from fedtune.channel import RESIDUAL, UPLINK_ERROR, Channel, residual_key
 from fedtune.codecs import Codec, CodecError, encode_with_feedback, parse_codec
 from fedtune.config import ConfigError, Experiment
 from fedtune.payload import CommStats, encode_tensors
-from fedtune.types import ClientUpdate, LocalTrainConfig, RoundPlan
 from fedtune.strategies.scaffold import CONTROL_DELTA, ControlVariate
+from fedtune.types import ClientUpdate, LocalTrainConfig, RoundPlan
 
 
 def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:

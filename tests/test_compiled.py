@@ -7,8 +7,8 @@ from fedtune.client import local_train
 from fedtune.compiled import training_forward
 from fedtune.config import ModelConfig
 from fedtune.models import get_trainable, load_classifier
-from fedtune.types import LocalTrainConfig, RoundPlan
 from fedtune.strategies.fedprox import ProxTerm
+from fedtune.types import LocalTrainConfig, RoundPlan
 
 
 def test_disabled_is_the_model_itself_and_enabled_is_cached(tiny_model_dir):

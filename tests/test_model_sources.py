@@ -11,7 +11,13 @@ import pytest
 
 from fedtune import model_sources
 from fedtune.model_sources import (
-    EMBEDDED_LLM_INSTALL, MARKER, ModelSourceError, cache_dir, converted_folder, file_sha256, gguf_path,
+    EMBEDDED_LLM_INSTALL,
+    MARKER,
+    ModelSourceError,
+    cache_dir,
+    converted_folder,
+    file_sha256,
+    gguf_path,
 )
 from fedtune.models import ModelLoadError, resolve_model_path
 

@@ -61,8 +61,9 @@ def test_fedper_keeps_heads_local_and_reports(tiny_experiment):
 
 
 def test_fedper_global_head_is_never_updated(tiny_experiment):
-    from fedtune.experiment import run_experiment
     from safetensors.torch import load_file
+
+    from fedtune.experiment import run_experiment
 
     res = run_experiment(tiny_experiment("personalization.method=fedper", "federation.rounds=1"), quiet=True)
     adapter = load_file(str(res.output_dir / "model" / "adapter_model.safetensors"))
@@ -102,8 +103,9 @@ def test_personal_tensor_names_patterns_head_and_errors():
 
 def test_fedper_personal_layers_stay_on_the_clients(tiny_experiment):
     """personal_layers names body tensors: the global copy never moves, the rest of the adapter does."""
-    from fedtune.experiment import run_experiment
     from safetensors.torch import load_file
+
+    from fedtune.experiment import run_experiment
 
     exp = tiny_experiment('personalization.method="fedper"', 'personalization.personal_layers=["layer.1."]')
     result = run_experiment(exp, quiet=True)

@@ -4,10 +4,10 @@ import math
 
 import dp_accounting
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import torch
 from dp_accounting.rdp import RdpAccountant
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fedtune import privacy, tensors
 from fedtune.config import ConfigError, Experiment

@@ -1,6 +1,7 @@
 """Integration: the real embedded MiniLM-L6, federated LoRA on a small AG News slice."""
 
 from conftest import shared_data_or_skip
+
 from fedtune.config import Experiment, default_experiment
 from fedtune.experiment import run_experiment
 

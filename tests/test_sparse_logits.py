@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import REPO
+
 from fedtune.sparse_logits import causal_lm_loss, labelled_logits
 
 STORIES = REPO.parent / "shared" / "models" / "stories260K"

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import tomli_w
-
 from conftest import REPO
+
 from fedtune import sweep as sw
 from fedtune.cli import main
 from fedtune.config import ConfigError

@@ -6,6 +6,10 @@ import dataclasses
 
 import pytest
 import torch
+from builders import LORA_A as A
+from builders import LORA_B as B
+from builders import full_plan
+from equivalence import assert_same_plan
 
 from fedtune.channel import Channel
 from fedtune.client.kinds import ClientKind, register_kind
@@ -13,9 +17,6 @@ from fedtune.strategies.fedprox import ProxTerm
 from fedtune.strategies.scaffold import ControlVariate
 from fedtune.types import RoundPlan
 from fedtune.wire import WireError, plan_config, plan_from_config, plan_tensors, with_tensors
-
-from builders import LORA_A as A, LORA_B as B, full_plan
-from equivalence import assert_same_plan
 
 
 @pytest.mark.parametrize("objective", [None, ProxTerm(0.25), ControlVariate({A: torch.ones(4, 6)})])

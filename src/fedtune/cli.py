@@ -10,8 +10,20 @@ from pathlib import Path
 from fedtune import __version__
 from fedtune.cli_federation import cmd_node, cmd_server, cmd_status
 from fedtune.config import ConfigError, Experiment, default_experiment
-from fedtune.errors import (CheckpointError, CredentialsError, DataError, FlowerRunError, HumanEvalError, MergeError,
-                            ModelLoadError, NodeConfigError, OperatorError, PartitionError, PredictError, one_line)
+from fedtune.errors import (
+    CheckpointError,
+    CredentialsError,
+    DataError,
+    FlowerRunError,
+    HumanEvalError,
+    MergeError,
+    ModelLoadError,
+    NodeConfigError,
+    OperatorError,
+    PartitionError,
+    PredictError,
+    one_line,
+)
 from fedtune.memory import configure_allocator
 
 # Parsing arguments and answering --help import no heavy library (torch, transformers, flwr): each command
@@ -54,8 +66,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_partition(args: argparse.Namespace) -> int:
     """Partition an experiment's training set and write the manifests, without training."""
-    from fedtune.shards import make_shards
     from fedtune.models import load_tokenizer
+    from fedtune.shards import make_shards
     from fedtune.tasks.classification_task import classification_units
     from fedtune.tasks.data import load_task_data
     from fedtune.tasks.registry import build_task, task_kind

@@ -37,8 +37,8 @@ import gzip
 import json
 import math
 import struct
-from fractions import Fraction
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 from fedtune.lazy_import import lazy_module

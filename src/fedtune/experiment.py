@@ -22,15 +22,25 @@ from fedtune.config import Experiment
 from fedtune.models import set_trainable
 from fedtune.outputs import JsonlWriter
 from fedtune.partition import client_ids
-from fedtune.shards import ClientRows, data_fingerprint, make_shards, plan_shards, write_shards
 from fedtune.personalization import split_holdout
 from fedtune.precision import default_device
 from fedtune.runtime.parallel import ParallelSimulationTransport
 from fedtune.runtime.simulation import SimulationTransport
 from fedtune.server.loop import clients_per_round, run_rounds
 from fedtune.server.progress import Progress
-from fedtune.server.run import Federation, RunResult, ServerSide, base_summary, finish_run, needs_holdout, \
-    pin_precision, prepare_server, run_federation, server_strategy
+from fedtune.server.run import (
+    Federation,
+    RunResult,
+    ServerSide,
+    base_summary,
+    finish_run,
+    needs_holdout,
+    pin_precision,
+    prepare_server,
+    run_federation,
+    server_strategy,
+)
+from fedtune.shards import ClientRows, data_fingerprint, make_shards, plan_shards, write_shards
 from fedtune.strategies.from_config import build_strategy, local_train_config
 from fedtune.tasks.registry import build_task
 

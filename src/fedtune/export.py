@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fedtune.artifacts import INT8_WEIGHTS, ModelMeta, load_for_inference, load_torch_model, model_folder, \
-    quantize_int8
+from fedtune.artifacts import INT8_WEIGHTS, ModelMeta, load_for_inference, load_torch_model, model_folder, quantize_int8
 from fedtune.batching import collate
 from fedtune.config import Experiment
 from fedtune.tasks.task import EvalContext

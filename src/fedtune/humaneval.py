@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedtune.generation import generate_batches
 from fedtune.errors import HumanEvalError  # (re-exported here: raised by this module)
+from fedtune.generation import generate_batches
 
 STOP_SEQUENCES = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#", "\nassert ")
 """A completion ends where one of these begins (the function body is over)."""

@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fedtune.artifacts import BASE_OFFSET_FILE
-from fedtune.lora_aggregation import aggregate_lora, lora_modules, module_rank, other_names
 from fedtune.errors import MergeError  # (re-exported here: raised by this module)
+from fedtune.lora_aggregation import aggregate_lora, lora_modules, module_rank, other_names
 
 ADAPTER_CONFIG = "adapter_config.json"
 """peft's adapter configuration file."""

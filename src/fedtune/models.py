@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from fedtune.config import EMBEDDED_MODEL_NAME, ModelConfig
+from fedtune.errors import ModelLoadError  # (re-exported here: raised by this module)
 from fedtune.precision import check_quantization, default_device, quantization_kwargs
 from fedtune.types import TensorDict
-from fedtune.errors import ModelLoadError  # (re-exported here: raised by this module)
 
 log = logging.getLogger(__name__)
 

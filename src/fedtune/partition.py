@@ -39,7 +39,13 @@ from typing import Any
 import numpy as np
 
 from fedtune.manifests import (  # (re-exported: the manifest helpers are part of this API)
-    PartitionError, _is_int, _require_int, client_ids, label_histogram, read_manifests, write_manifests,
+    PartitionError,
+    _is_int,
+    _require_int,
+    client_ids,
+    label_histogram,
+    read_manifests,
+    write_manifests,
 )
 
 __all__ = [

@@ -17,12 +17,12 @@ import torch
 
 from fedtune.artifacts import ModelMeta, load_for_inference
 from fedtune.batching import EncodedDataset, collate, encode_texts
+from fedtune.errors import PredictError  # (re-exported here: raised by this module)
 from fedtune.generation import generate_batches
 from fedtune.tasks.causal_lm import Instruction, _ids, score_candidate_ids
 from fedtune.tasks.label_prompts import LabelPrompts
 from fedtune.tasks.prompt_format import PromptFormat
 from fedtune.tasks.qa import QAExample, postprocess, prepare_eval_features
-from fedtune.errors import PredictError  # (re-exported here: raised by this module)
 
 REQUIRED = {
     "classification": ("text",),

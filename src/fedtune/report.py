@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tomllib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from fedtune.config import Experiment, flatten_table
 

@@ -13,7 +13,6 @@ from torch import nn
 
 from fedtune.types import TensorDict
 
-
 _PRISTINE: "weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]]" = weakref.WeakKeyDictionary()
 """Each resident model's frozen base weights as loaded, for the names a base correction ever touched."""
 

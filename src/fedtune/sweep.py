@@ -32,7 +32,6 @@ import re
 import shutil
 import sys
 import time
-import tomllib
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import tomli_w
+import tomllib
 
 from fedtune.config import ConfigError, Experiment, default_experiment, from_dict, read_toml
 

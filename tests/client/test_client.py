@@ -8,8 +8,8 @@ from fedtune.batching import EncodedDataset
 from fedtune.client import local_train, planned_steps
 from fedtune.config import ModelConfig
 from fedtune.models import get_trainable, load_classifier
-from fedtune.types import LocalTrainConfig, RoundPlan
 from fedtune.strategies.fedprox import ProxTerm
+from fedtune.types import LocalTrainConfig, RoundPlan
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """Config loading: types, unknown keys, overrides, round trip."""
 
 import pytest
-
 from conftest import REPO
+
 from fedtune.config import ConfigError, Experiment, default_experiment
 
 

@@ -4,22 +4,20 @@ import logging
 
 import pytest
 import torch
+from builders import CLIENT_SIZES, perturbed
+from equivalence import CPU, assert_same_states, assert_same_updates, parallel, sequential
 
 from fedtune import tensors
 from fedtune.batching import EncodedDataset
 from fedtune.client import local_train
-from fedtune.strategies.scaffold import SCAFFOLD_STATE
 from fedtune.config import ConfigError, Experiment, ModelConfig
 from fedtune.models import get_trainable, load_classifier
 from fedtune.payload import CommStats
 from fedtune.runtime.parallel import ParallelSimulationTransport, parallel_support
 from fedtune.runtime.simulation import SimulationTransport
-from fedtune.types import LocalTrainConfig, RoundPlan
 from fedtune.strategies.fedprox import ProxTerm
-from fedtune.strategies.scaffold import CONTROL_DELTA, ControlVariate
-
-from builders import CLIENT_SIZES, perturbed
-from equivalence import CPU, assert_same_states, assert_same_updates, parallel, sequential
+from fedtune.strategies.scaffold import CONTROL_DELTA, SCAFFOLD_STATE, ControlVariate
+from fedtune.types import LocalTrainConfig, RoundPlan
 
 
 @pytest.mark.parametrize(

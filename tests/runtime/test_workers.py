@@ -2,6 +2,8 @@
 
 import pytest
 import torch
+from builders import perturbed
+from equivalence import CPU, assert_same_updates
 
 from fedtune.checkpoint import read_checkpoint
 from fedtune.config import ConfigError
@@ -12,9 +14,6 @@ from fedtune.runtime.simulation import SimulationTransport
 from fedtune.runtime.workers import WorkerPool, worker_threads
 from fedtune.strategies.scaffold import SCAFFOLD_STATE
 from fedtune.types import LocalTrainConfig, RoundPlan
-
-from builders import perturbed
-from equivalence import CPU, assert_same_updates
 
 
 def _final(result):
@@ -45,9 +44,9 @@ def test_workers_give_the_one_process_run(tiny_experiment, tmp_path, extra):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["bytes_up"] == b["bytes_up"] and a["bytes_down"] == b["bytes_down"]
     if "scaffold" in extra[0]:
-        from fedtune.client_store import STORE_DIR
-
         from safetensors.torch import load_file
+
+        from fedtune.client_store import STORE_DIR
 
         def states(result):  # client -> its state file's tensors (generation numbers may differ)
             return {p.name.split(".g")[0]: load_file(p) for p in (result.output_dir / STORE_DIR).glob("*.safetensors")}

@@ -3,8 +3,8 @@
 import torch
 
 from fedtune.strategies import FedAvg, FedProx
-from fedtune.types import ClientUpdate
 from fedtune.strategies.fedprox import ProxTerm
+from fedtune.types import ClientUpdate
 
 
 def test_fedavg_weighted_by_examples():

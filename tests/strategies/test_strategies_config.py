@@ -3,11 +3,21 @@
 import pytest
 
 from fedtune.config import ConfigError, Experiment
+from fedtune.strategies import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+    Krum,
+    Median,
+    MultiKrum,
+    Scaffold,
+    TrimmedMean,
+)
 from fedtune.strategies.base import capabilities_of
 from fedtune.strategies.from_config import build_strategy
-from fedtune.strategies import (
-    FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Krum, Median, MultiKrum, Scaffold, TrimmedMean,
-)
 
 EXPECTED = {
     "fedavg": FedAvg, "fedprox": FedProx, "scaffold": Scaffold, "fedavgm": FedAvgM, "fedadam": FedAdam,

@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from builders import full_plan, perturbed
+from equivalence import assert_same_plan, assert_same_states, assert_same_updates, kill_and_resume, parallel, sequential
 from safetensors.torch import load_file
 from torch import nn
 
@@ -16,13 +18,15 @@ from fedtune.models import get_trainable
 from fedtune.runtime.simulation import client_seed
 from fedtune.strategies.base import capabilities_of, strategy_spec
 from fedtune.strategies.feddyn import (
-    FEDDYN_H, FEDDYN_STATE, DynamicRegularizer, FedDyn, feddyn_server_step, regularizer_gradient,
+    FEDDYN_H,
+    FEDDYN_STATE,
+    DynamicRegularizer,
+    FedDyn,
+    feddyn_server_step,
+    regularizer_gradient,
 )
 from fedtune.strategies.from_config import build_strategy
 from fedtune.types import ClientUpdate, LocalTrainConfig, RoundPlan
-
-from builders import full_plan, perturbed
-from equivalence import assert_same_plan, assert_same_states, assert_same_updates, kill_and_resume, parallel, sequential
 
 CPU = torch.device("cpu")
 LOCAL = LocalTrainConfig(1.0, 0, 0.1, 4)

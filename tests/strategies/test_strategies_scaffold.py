@@ -9,14 +9,13 @@ from fedtune import tensors
 from fedtune.aggregate import scaffold_server_step
 from fedtune.batching import EncodedDataset
 from fedtune.client import local_train
-from fedtune.strategies.scaffold import SCAFFOLD_STATE, scaffold_client_control
 from fedtune.config import ModelConfig
 from fedtune.models import get_trainable, load_classifier
 from fedtune.payload import CommStats
 from fedtune.runtime.simulation import SimulationTransport
 from fedtune.strategies import FedAvg, Scaffold
+from fedtune.strategies.scaffold import CONTROL_DELTA, SCAFFOLD_STATE, ControlVariate, scaffold_client_control
 from fedtune.types import ClientUpdate, LocalTrainConfig, RoundPlan
-from fedtune.strategies.scaffold import CONTROL_DELTA, ControlVariate
 from fedtune.validation import update_problem
 
 

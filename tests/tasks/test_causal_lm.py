@@ -1,8 +1,8 @@
 """Causal LM pieces on the tiny pretrained Llama (stories260K)."""
 
 import pytest
-
 from conftest import REPO
+
 from fedtune.tasks.causal_lm import (
     IGNORE_INDEX,
     Instruction,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from builders import stories_chat_model, stories_tokenizers
 from conftest import REPO
+
 from fedtune.tasks.causal_lm import IGNORE_INDEX
 from fedtune.tasks.label_prompts import CHAT_TEMPLATE, PLAIN_TEMPLATE, LabelPrompts
 from fedtune.tasks.prompt_format import PromptFormatError

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from builders import stories_tokenizers
 from conftest import REPO
+
 from fedtune.tasks.causal_lm import IGNORE_INDEX, Instruction, encode_instructions, load_instructions
 from fedtune.tasks.prompt_format import PromptFormat, PromptFormatError
 

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-
 from conftest import shared_data_or_skip
+
 from fedtune.models import load_tokenizer
 from fedtune.tasks.qa import QAExample, load_squad_json, postprocess, prepare_eval_features, prepare_train_features
 from fedtune.tasks.squad_metric import squad_scores

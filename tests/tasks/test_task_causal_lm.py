@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REPO, shared_data_or_skip
 
 STORIES = REPO.parent / "shared" / "models" / "stories260K"
@@ -47,9 +46,8 @@ def test_instruction_tuning_lowers_perplexity_and_writes_samples(stories, tmp_pa
 
 def test_lora_targets_the_attention_projections(stories, tmp_path, monkeypatch):
     monkeypatch.setenv("FEDTUNE_DATA_DIR", str(shared_data_or_skip()))
-    from fedtune.models import get_trainable
+    from fedtune.models import get_trainable, load_tokenizer
     from fedtune.tasks.causal_lm_task import CausalLMTask
-    from fedtune.models import load_tokenizer
 
     exp = _lm_experiment(stories, tmp_path)
     task = CausalLMTask(exp.data, exp.eval, load_tokenizer(str(stories)), exp.seed)

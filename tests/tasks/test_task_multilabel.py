@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from builders import TOPICS, multilabel_rows
 from conftest import shared_data_or_skip
+
 from fedtune.tasks.data import DataError
 
 

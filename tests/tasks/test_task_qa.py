@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from builders import squad_file
 from conftest import shared_data_or_skip
+
 from fedtune.config import ConfigError
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import REPO
+
 from fedtune.config import Experiment
 from fedtune.experiment import run_experiment
 

@@ -18,10 +18,10 @@ from fedtune.client.kinds import ClientHooks, LocalContext, LocalResult, plan_ki
 from fedtune.compiled import training_forward
 from fedtune.memory import activation_checkpointing
 from fedtune.models import get_trainable, set_trainable
-from fedtune.resident import sync_base
-from fedtune.sparse_logits import causal_lm_loss
 from fedtune.personalization import PERSONAL_STATE_KEY
 from fedtune.precision import autocast, grad_scaler
+from fedtune.resident import sync_base
+from fedtune.sparse_logits import causal_lm_loss
 from fedtune.types import ClientState, ClientUpdate, RoundPlan, TensorDict
 
 

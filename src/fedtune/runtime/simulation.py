@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from dataclasses import dataclass
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn

@@ -26,11 +26,11 @@ from fedtune.client.evaluate import HELD_OUT, TRAIN, ScoreRequest
 from fedtune.config import Experiment
 from fedtune.memory import release_memory
 from fedtune.models import get_trainable, load_tokenizer, save_model, set_trainable
-from fedtune.resident import sync_base
 from fedtune.outputs import JsonlWriter, check_output_dir, prepare_output_dir, print_table, write_summary
 from fedtune.payload import CommStats
 from fedtune.personalization import per_client_report
 from fedtune.precision import check_precision, check_quantization, native_bf16
+from fedtune.resident import sync_base
 from fedtune.server.loop import Transport, run_rounds
 from fedtune.server.progress import Progress
 from fedtune.strategies.base import Strategy

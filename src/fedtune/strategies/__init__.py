@@ -10,7 +10,13 @@ import importlib
 import pkgutil
 
 from fedtune.strategies.base import (
-    BuildContext, Capabilities, Strategy, capabilities_of, register_strategy, strategy_names, strategy_spec,
+    BuildContext,
+    Capabilities,
+    Strategy,
+    capabilities_of,
+    register_strategy,
+    strategy_names,
+    strategy_spec,
 )
 from fedtune.strategies.fedavg import FedAvg
 from fedtune.strategies.fedopt import FedAdagrad, FedAdam, FedAvgM, FedYogi

@@ -6,8 +6,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from fedtune.lazy_import import lazy_module
 from fedtune.client.kinds import ClientKind
+from fedtune.lazy_import import lazy_module
 from fedtune.strategies.base import BuildContext, Capabilities, NoOptions, register_strategy
 from fedtune.types import ClientUpdate, LocalTrainConfig, Metrics, RoundPlan, ServerState, TensorDict
 

@@ -11,11 +11,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from fedtune.lazy_import import lazy_module
-
 from fedtune.client.kinds import (
-    ClientHooks, ClientKind, LocalContext, LocalResult, StackedContext, StackedHooks, register_kind,
+    ClientHooks,
+    ClientKind,
+    LocalContext,
+    LocalResult,
+    StackedContext,
+    StackedHooks,
+    register_kind,
 )
+from fedtune.lazy_import import lazy_module
 from fedtune.strategies.base import BuildContext, option_error, register_strategy
 from fedtune.strategies.fedavg import FedAvg
 

@@ -31,10 +31,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from fedtune.client.kinds import (
+    ClientHooks,
+    ClientKind,
+    LocalContext,
+    LocalResult,
+    StackedContext,
+    StackedHooks,
+    register_kind,
+)
 from fedtune.lazy_import import lazy_module
-
-from fedtune.client.kinds import ClientHooks, ClientKind, LocalContext, LocalResult, StackedContext, StackedHooks, \
-    register_kind
 from fedtune.strategies.fedprox import ProxTerm
 from fedtune.types import BASE_OFFSET, ClientUpdate, LocalTrainConfig, Metrics, RoundPlan, ServerState, TensorDict
 

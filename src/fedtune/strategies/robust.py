@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from fedtune.errors import ConfigError
+from fedtune.lazy_import import lazy_module
 from fedtune.strategies.base import BuildContext, Capabilities, NoOptions, option_error, register_strategy
 from fedtune.strategies.fedavg import FedAvg
-from fedtune.lazy_import import lazy_module
 from fedtune.types import ClientUpdate, Metrics, ServerState, TensorDict
 
 aggregate = lazy_module("fedtune.aggregate")

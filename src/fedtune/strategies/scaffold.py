@@ -12,10 +12,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from fedtune.lazy_import import lazy_module
 from fedtune.client.kinds import (
-    ClientHooks, ClientKind, LocalContext, LocalResult, StackedContext, StackedHooks, register_kind,
+    ClientHooks,
+    ClientKind,
+    LocalContext,
+    LocalResult,
+    StackedContext,
+    StackedHooks,
+    register_kind,
 )
+from fedtune.lazy_import import lazy_module
 from fedtune.strategies.base import BuildContext, Capabilities, register_strategy
 from fedtune.strategies.fedavg import FedAvg
 from fedtune.strategies.fedopt import ServerLrOptions

@@ -31,12 +31,19 @@ from fedtune.config import DataConfig, EvalConfig, ModelConfig
 from fedtune.generation import generate_batches
 from fedtune.models import load_model
 from fedtune.precision import autocast
-from fedtune.tasks.causal_lm import IGNORE_INDEX, EncodedLM, Instruction, instruction_from_row, load_instructions, \
-    perplexity, score_candidate_ids
+from fedtune.tasks.causal_lm import (
+    IGNORE_INDEX,
+    EncodedLM,
+    Instruction,
+    instruction_from_row,
+    load_instructions,
+    perplexity,
+    score_candidate_ids,
+)
+from fedtune.tasks.data import DataError, TaskData, data_dir, seeded_rng
 from fedtune.tasks.label_prompts import LabelPrompts
-from fedtune.tasks.prompt_format import PromptFormat, PromptFormatError
-from fedtune.tasks.data import DataError, TaskData, seeded_rng, data_dir
 from fedtune.tasks.metrics import compute_metrics, primary_metric
+from fedtune.tasks.prompt_format import PromptFormat, PromptFormatError
 from fedtune.tasks.task import EvalContext, PartitionUnits, Task
 
 log = logging.getLogger(__name__)

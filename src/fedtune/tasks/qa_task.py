@@ -22,9 +22,15 @@ from fedtune.batching import EncodedDataset, collate
 from fedtune.config import ConfigError, DataConfig, EvalConfig, ModelConfig
 from fedtune.models import load_model
 from fedtune.precision import autocast
-from fedtune.tasks.data import DataError, seeded_rng, data_dir
-from fedtune.tasks.qa import QAExample, QAFeatures, load_squad_json, postprocess, prepare_eval_features, \
-    prepare_train_features
+from fedtune.tasks.data import DataError, data_dir, seeded_rng
+from fedtune.tasks.qa import (
+    QAExample,
+    QAFeatures,
+    load_squad_json,
+    postprocess,
+    prepare_eval_features,
+    prepare_train_features,
+)
 from fedtune.tasks.squad_metric import squad_scores
 from fedtune.tasks.task import EvalContext, PartitionUnits, Task
 from fedtune.token_rows import length_order

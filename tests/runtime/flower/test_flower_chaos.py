@@ -31,7 +31,11 @@ import pytest
 pytest.importorskip("flwr")
 
 from flower_processes import (  # noqa: E402
-    federation, flower_experiment, run_in_background, wait_for_training, write_manifests,
+    federation,
+    flower_experiment,
+    run_in_background,
+    wait_for_training,
+    write_manifests,
 )
 
 SEED = 20261202

@@ -15,7 +15,10 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key  #
 
 from fedtune.config import ConfigError, Experiment  # noqa: E402
 from fedtune.runtime.flower.credentials import (  # noqa: E402
-    CredentialsError, main, make_node_keys, make_tls_certificates,
+    CredentialsError,
+    main,
+    make_node_keys,
+    make_tls_certificates,
 )
 from fedtune.runtime.flower.launch import check_plain, check_tls  # noqa: E402
 

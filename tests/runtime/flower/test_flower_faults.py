@@ -16,7 +16,11 @@ import pytest
 pytest.importorskip("flwr")
 
 from flower_processes import (  # noqa: E402
-    federation, flower_experiment, run_in_background, wait_for_training, write_manifests,
+    federation,
+    flower_experiment,
+    run_in_background,
+    wait_for_training,
+    write_manifests,
 )
 
 TIMEOUT = 40  # seconds; a ClientApp process starts, loads the model and trains within it even on loaded cores

@@ -17,13 +17,12 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from flower_processes import federation  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from fedtune.checkpoint import resume_experiment  # noqa: E402
 from fedtune.config import ConfigError  # noqa: E402
 from fedtune.experiment import run_experiment  # noqa: E402
-
-from flower_processes import federation  # noqa: E402
 
 LABELS = '["money","sports","tech"]'
 STRATEGIES = {"fedavg": ["strategy.name=\"fedavg\""], "fedprox": ["strategy.name=\"fedprox\"", "strategy.mu=0.1"]}

@@ -32,15 +32,14 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from safetensors.torch import load_file  # noqa: E402
-
 from builders import stories_chat_model  # noqa: E402
 from conftest import REPO, shared_data_or_skip  # noqa: E402
+from flower_processes import LABELS, federation  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
 from fedtune.config import Experiment  # noqa: E402
 from fedtune.experiment import run_experiment  # noqa: E402
 from fedtune.manifests import PARQUET_FILE, write_manifests  # noqa: E402
-
-from flower_processes import LABELS, federation  # noqa: E402
 
 STORIES = REPO.parent / "shared" / "models" / "stories260K"
 TOLERANCE = 1e-6

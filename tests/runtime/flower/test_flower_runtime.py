@@ -7,20 +7,19 @@ import pytest
 pytest.importorskip("flwr")
 
 import torch  # noqa: E402
+from conftest import REPO  # noqa: E402
+from flower_processes import free_port  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from conftest import REPO  # noqa: E402
 from fedtune.channel import Channel  # noqa: E402
 from fedtune.config import Experiment  # noqa: E402
 from fedtune.experiment import run_experiment  # noqa: E402
 from fedtune.runtime.flower import messages  # noqa: E402
 from fedtune.runtime.flower.launch import app_files, check_reachable  # noqa: E402
 from fedtune.runtime.flower.node import NodeConfigError, NodeData  # noqa: E402
-from fedtune.types import ClientUpdate, LocalTrainConfig, RoundPlan  # noqa: E402
 from fedtune.strategies.fedprox import ProxTerm  # noqa: E402
 from fedtune.strategies.scaffold import ControlVariate  # noqa: E402
-
-from flower_processes import free_port  # noqa: E402
+from fedtune.types import ClientUpdate, LocalTrainConfig, RoundPlan  # noqa: E402
 
 
 @pytest.mark.parametrize("objective", [None, ProxTerm(0.25), ControlVariate({"w": torch.ones(2, 3)})])

@@ -21,13 +21,12 @@ import torch
 
 pytest.importorskip("flwr")
 
+from flower_processes import LABELS, federation, flower_experiment, write_manifests  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from fedtune.config import ConfigError  # noqa: E402
-from fedtune.experiment import run_experiment  # noqa: E402
 from fedtune.config.checks import check_experiment  # noqa: E402
-
-from flower_processes import LABELS, federation, flower_experiment, write_manifests  # noqa: E402
+from fedtune.experiment import run_experiment  # noqa: E402
 
 CLIP, LEVELS, MAX_WEIGHT = 8.0, 2**22, 100.0
 

@@ -14,12 +14,11 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from flower_processes import federation, flower_experiment, wait_exit, write_manifests  # noqa: E402
+
 from fedtune.cli import main  # noqa: E402
 from fedtune.experiment import run_experiment  # noqa: E402
 from fedtune.runtime.flower.credentials import make_node_keys, make_tls_certificates  # noqa: E402
-
-from flower_processes import federation, flower_experiment, wait_exit, write_manifests  # noqa: E402
-
 
 
 def test_tls_and_supernode_authentication(tiny_experiment, tmp_path, capsys):

@@ -6,13 +6,12 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from flower_processes import LABELS  # noqa: E402
 from flwr.common.config import parse_config_args  # noqa: E402
 
 from fedtune.cli import main  # noqa: E402
 from fedtune.runtime.flower import site  # noqa: E402
 from fedtune.runtime.flower.node import NodeConfigError, NodeData  # noqa: E402
-
-from flower_processes import LABELS  # noqa: E402
 
 
 def test_node_config_text_is_what_flower_parses_back(tmp_path):

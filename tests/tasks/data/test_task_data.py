@@ -12,8 +12,8 @@ from unittest import mock
 
 import pandas as pd
 import pytest
-
 from conftest import REPO
+
 from fedtune.config import DataConfig
 from fedtune.tasks.data import DataError, TaskData, TextDataset, data_dir, load_task_data
 

@@ -25,8 +25,6 @@ and every message reports where its time went (:mod:`fedtune.runtime.flower.node
 
 from __future__ import annotations
 
-from fedtune.runtime.flower.node_timing import PhaseClock  # first: its import time starts the "imports" phase
-
 import logging
 import time
 from dataclasses import dataclass
@@ -40,6 +38,7 @@ from flwr.clientapp import ClientApp
 from fedtune import encode_cache
 from fedtune.attacks import byzantine_update, poison_rows
 from fedtune.client import local_train
+from fedtune.client.evaluate import HELD_OUT, client_scores
 from fedtune.config import Experiment
 from fedtune.memory import configure_allocator
 from fedtune.models import load_tokenizer
@@ -47,8 +46,8 @@ from fedtune.precision import default_device
 from fedtune.runtime.flower import messages, secagg
 from fedtune.runtime.flower.experiment_source import ExperimentSource
 from fedtune.runtime.flower.node import NodeData
+from fedtune.runtime.flower.node_timing import PhaseClock  # first: its import time starts the "imports" phase
 from fedtune.runtime.simulation import client_seed
-from fedtune.client.evaluate import HELD_OUT, client_scores
 from fedtune.server.run import build_model, needs_holdout
 from fedtune.tasks.task import EvalContext
 from fedtune.types import ClientScore

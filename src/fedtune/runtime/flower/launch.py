@@ -310,10 +310,10 @@ def _simulate(exp: Experiment, *, quiet: bool, resume: bool = False):
     from flwr.simulation import run_simulation
 
     from fedtune.models import load_tokenizer
-    from fedtune.shards import make_shards
     from fedtune.runtime.flower.client_app import make_client_app
     from fedtune.runtime.flower.experiment_source import fixed
     from fedtune.runtime.flower.server_app import make_server_app
+    from fedtune.shards import make_shards
     from fedtune.tasks.registry import build_task
 
     out = exp.resolved_output_dir

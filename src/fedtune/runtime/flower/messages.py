@@ -39,8 +39,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fedtune.channel import Channel, EncodedUpdate
-from fedtune.codecs import Codec, CodecError
 from fedtune.client.evaluate import ScoreRequest
+from fedtune.codecs import Codec, CodecError
 from fedtune.types import ClientScore, ClientState, RoundPlan, TensorDict
 from fedtune.wire import WireError, plan_config, plan_from_config, plan_tensors
 

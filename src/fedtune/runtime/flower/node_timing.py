@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 MODULE_T0 = time.time()
 """Wall-clock time at which this module (imported first by the ClientApp module) was imported."""

@@ -70,9 +70,9 @@ def run_on_grid(exp, transport: FlowerTransport, *, quiet: bool = False, resume:
     from fedtune.attacks import experiment_attacker
     from fedtune.config.checks import check_experiment
     from fedtune.precision import default_device
+    from fedtune.runtime.flower.transport import server_task
     from fedtune.server.loop import clients_per_round
     from fedtune.server.run import Federation, pin_precision, prepare_server, run_federation, server_strategy
-    from fedtune.runtime.flower.transport import server_task
 
     check_experiment(exp)
     ckpt = checkpoint.checkpoint_to_resume(exp, remote=True) if resume else None

@@ -151,7 +151,7 @@ def main() -> None:
 
     print("\n| round | simulation (s) | Flower (s) | ratio Flower / simulation |")
     print("|---|---|---|---|")
-    for a, b in zip(sim, fl):
+    for a, b in zip(sim, fl, strict=True):
         print(f"| {a['round']} | {a['round_time']:.1f} | {b['round_time']:.1f} | {b['round_time'] / a['round_time']:.2f} |")
     print(f"\nend to end: simulation {sim_wall:.1f} s, Flower {fl_wall:.1f} s (ratio {fl_wall / sim_wall:.2f}); "
           "the Flower side's time includes the nodes' identification")

@@ -67,7 +67,7 @@ def main() -> None:
     shards = partition_indices(list(task.train.labels), args.clients, "dirichlet", seed=0, alpha=0.5,
                                min_examples=args.batch_size)
     ids = client_ids(args.clients)
-    client_data = {cid: train.subset(s) for cid, s in zip(ids, shards)}
+    client_data = {cid: train.subset(s) for cid, s in zip(ids, shards, strict=True)}
     model = load_classifier(ModelConfig(), task.num_labels, False, seed=0)
     initial = get_trainable(model)
     device = torch.device("cpu")

@@ -113,7 +113,7 @@ def main() -> None:
     tok = load_tokenizer("embedded")
     train = encode_texts(tok, task.train.texts, None, task.train.labels, 64, False)
     shards = partition_indices(list(task.train.labels), args.clients, "iid", seed=0, min_examples=1)
-    client_data = {cid: train.subset(s) for cid, s in zip(client_ids(args.clients), shards)}
+    client_data = {cid: train.subset(s) for cid, s in zip(client_ids(args.clients), shards, strict=True)}
     model = load_classifier(ModelConfig(), task.num_labels, False, seed=0)
     initial = get_trainable(model)
     local = LocalTrainConfig(epochs=1.0, max_steps=0, lr=1e-3, batch_size=16, grad_clip=1.0)

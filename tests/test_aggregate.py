@@ -20,7 +20,7 @@ def test_streaming_equals_batch():
     items = [td(float(i), float(i * i)) for i in range(5)]
     weights = [1.0, 2.0, 3.0, 4.0, 5.0]
     acc = WeightedMean()
-    for x, w in zip(items, weights):
+    for x, w in zip(items, weights, strict=True):
         acc.add(x, w)
     assert torch.allclose(acc.result()["w"], weighted_mean(items, weights)["w"])
     assert acc.total_weight == 15.0 and acc.count == 5

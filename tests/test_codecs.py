@@ -326,7 +326,7 @@ def test_simulation_transport_trains_from_decoded_plan_and_aggregates_decoded_up
     per_client_down = len(codec_down.encode(params)) + len(codec_down.encode(plan.objective.c))
     assert stats.bytes_down == 2 * per_client_down
     up_bytes = 0
-    for cid, u in zip(["a", "b"], updates):
+    for cid, u in zip(["a", "b"], updates, strict=True):
         g = torch.Generator().manual_seed(client_seed(3, 1, cid))
         true = {k: torch.randn(params[k].shape, generator=g) for k in sorted(params)}
         if codec_up.is_lossless:
@@ -410,7 +410,7 @@ def test_end_to_end_int8_gzip_and_lossless_gzip(tiny_experiment, tmp_path):
                                            f'output_dir="{tmp_path / "int8"}"'), quiet=True)
     gz = run_experiment(tiny_experiment(*common, 'federation.codec_up="gzip"', f'output_dir="{tmp_path / "gzip"}"'),
                         quiet=True)
-    for p, q, g in zip(plain.history, lossy.history, gz.history):
+    for p, q, g in zip(plain.history, lossy.history, gz.history, strict=True):
         assert q["bytes_up"] < 0.35 * p["bytes_up"] and q["bytes_down"] < 0.65 * p["bytes_down"]
         assert g["bytes_up"] < p["bytes_up"] and g["bytes_down"] == p["bytes_down"]
     assert lossy.final_metrics["accuracy"] >= 0.9 and plain.final_metrics["accuracy"] >= 0.9

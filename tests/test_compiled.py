@@ -36,7 +36,7 @@ def test_compiled_training_gives_the_eager_updates(tiny_model_dir):
         updates[flag] = [local_train(model, data.subset(list(range(a, b))), plan, cid, pad_id=0, seed=s,
                                      device=torch.device("cpu"))
                          for cid, a, b, s in (("c0", 0, 20, 3), ("c1", 20, 37, 4))]
-    for eager, compiled in zip(updates[False], updates[True]):
+    for eager, compiled in zip(updates[False], updates[True], strict=True):
         assert eager.metrics["steps"] == compiled.metrics["steps"]
         for k in params:
             torch.testing.assert_close(compiled.delta[k], eager.delta[k], atol=2e-6, rtol=1e-4)

@@ -220,5 +220,5 @@ def test_predict_generative_classification_as_chat_scores_as_the_run_did(tmp_pat
     model, tok, _ = load_for_inference(str(run.output_dir))
     lp = LabelPrompts(tok, meta.label_names, max_length=128)
     expected = score_candidate_ids(model, [lp.prompt_ids(t) for t in texts], lp.candidates, pad_id=tok.pad_token_id or 0)
-    for out, row in zip(outs, expected):
+    for out, row in zip(outs, expected, strict=True):
         assert [out["log_likelihoods"][n] for n in meta.label_names] == pytest.approx(row.tolist(), abs=1e-5)

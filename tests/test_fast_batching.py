@@ -66,7 +66,7 @@ def test_batches_are_valid(pairs, bucketing):
             lengths = [len(ds.input_ids[int(i)]) for i in batch["labels"]]
             assert width == (pad_to if pad_to else max(lengths))
             assert mask.sum(1).tolist() == lengths
-            for row, (r, n) in enumerate(zip(batch["labels"].tolist(), lengths)):
+            for row, (r, n) in enumerate(zip(batch["labels"].tolist(), lengths, strict=True)):
                 assert ids[row, :n].tolist() == ds.input_ids[r]
                 assert (ids[row, n:] == 0).all() and (mask[row, n:] == 0).all()
                 if pairs:
@@ -146,17 +146,17 @@ def test_overlong_text_pairs_are_cut_with_the_same_tokens(tiny_model_dir):
     lengths = [3, 7, 15, 40, 18 * CHARS_PER_TOKEN // 4, 30 * CHARS_PER_TOKEN // 4]
     firsts = [text(a) for a in lengths for _ in lengths]
     seconds = [text(b) for _ in lengths for b in lengths]
-    beyond = [len(a) > 17 * CHARS_PER_TOKEN and len(b) > 17 * CHARS_PER_TOKEN for a, b in zip(firsts, seconds)]
+    beyond = [len(a) > 17 * CHARS_PER_TOKEN and len(b) > 17 * CHARS_PER_TOKEN for a, b in zip(firsts, seconds, strict=True)]
     assert sum(beyond) == 4
     for max_length in (16, 17):
         whole = tok(firsts, seconds, truncation=True, max_length=max_length)
         enc = encode_texts(tok, firsts, seconds, [0] * len(firsts), max_length, False)
-        for i, (got, want) in enumerate(zip(enc.input_ids, whole["input_ids"])):
+        for i, (got, want) in enumerate(zip(enc.input_ids, whole["input_ids"], strict=True)):
             if not beyond[i]:
                 assert got == want and enc.token_type_ids[i] == whole["token_type_ids"][i], i
                 continue
             assert len(got) == len(want) == max_length  # both halves long: the same budget, split within one token
-            halves = [[t for t, k in zip(ids, kinds) if k == side][1 - side:-1]  # (without [CLS] and [SEP])
+            halves = [[t for t, k in zip(ids, kinds, strict=True) if k == side][1 - side:-1]  # (without [CLS] and [SEP])
                       for ids, kinds in ((got, enc.token_type_ids[i]), (want, whole["token_type_ids"][i]))
                       for side in (0, 1)]
             for mine, theirs in ((halves[0], halves[2]), (halves[1], halves[3])):

@@ -42,6 +42,6 @@ def test_stop_strings_end_rows_early_without_changing_what_comes_before():
     texts = [tok.decode(ids) for ids in full]
     stop = next(w for w in (" the ", " a ", " and ") if all(w in t for t in texts))  # a word both continuations use
     cut = generate_batches(model, tok, prompts, max_new_tokens=48, batch_size=2, stop_strings=[stop])
-    for whole, short in zip(full, cut):
+    for whole, short in zip(full, cut, strict=True):
         assert whole[: len(short)] == short and len(short) < len(whole)  # the same tokens, ended early
         assert stop in tok.decode(short) and stop not in tok.decode(short[:-1])

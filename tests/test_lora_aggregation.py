@@ -45,7 +45,7 @@ def expected_mean(clients, weights, scalings) -> dict:
     out = {}
     for mod in MODS:
         acc = torch.zeros(OUT, IN, dtype=torch.float64)
-        for c, w, s in zip(clients, weights, scalings):
+        for c, w, s in zip(clients, weights, scalings, strict=True):
             acc += w * s * (c[_name(mod, "B")].double() @ c[_name(mod, "A")].double())
         out[mod] = acc / total
     return out
@@ -123,7 +123,7 @@ def test_fedit_is_not_exact(mixed):
     assert err > 1e-2 and res.gap(1.0) > 0.05
     # ...but its factors are the plain (zero-padded) weighted means
     a0 = torch.zeros(4, IN)
-    for c, w in zip(mixed, WEIGHTS):
+    for c, w in zip(mixed, WEIGHTS, strict=True):
         a = c[_name(MODS[0], "A")]
         a0[: a.shape[0]] += w * a
     torch.testing.assert_close(res.params[_name(MODS[0], "A")], a0 / sum(WEIGHTS), rtol=0, atol=1e-6)
@@ -160,7 +160,7 @@ def test_every_rule_averages_the_head_by_weight(mixed, rule):
     else:
         clients = mixed
     res = aggregate_lora(rule, clients, WEIGHTS, **kw)
-    head = sum(w * c[HEAD] for c, w in zip(clients, WEIGHTS)) / sum(WEIGHTS)
+    head = sum(w * c[HEAD] for c, w in zip(clients, WEIGHTS, strict=True)) / sum(WEIGHTS)
     torch.testing.assert_close(res.params[HEAD], head, rtol=0, atol=1e-6)
 
 

@@ -62,7 +62,7 @@ def test_merging_an_adapter_with_itself_at_full_rank_gives_the_same_predictions(
     rows = [{"text": "goal match team"}, {"text": "bank stock fund"}]
     merged, original = list(Predictor(str(out)).predict(rows)), list(Predictor(str(trained["a"])).predict(rows))
     assert [r["label"] for r in merged] == [r["label"] for r in original] == ["sports", "money"]
-    for m, o in zip(merged, original):
+    for m, o in zip(merged, original, strict=True):
         assert m["scores"] == pytest.approx(o["scores"], abs=1e-5)
 
 

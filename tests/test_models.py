@@ -194,5 +194,5 @@ def test_eager_and_sdpa_attention_train_alike(tmp_path):
         assert model.config._attn_implementation == "sdpa"
         runs[choice] += (logits,)
     assert torch.allclose(runs["auto"][0], runs["sdpa"][0], atol=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(runs["auto"][1], runs["sdpa"][1]))
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(runs["auto"][1], runs["sdpa"][1], strict=True))
     assert torch.allclose(runs["auto"][2], runs["sdpa"][2], atol=1e-5)

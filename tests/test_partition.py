@@ -424,7 +424,7 @@ def test_manifest_round_trip(tmp_path, method):
     for key, value in meta.items():
         assert summary[key] == value
     assert list(summary["label_histograms"]) == client_ids(6)
-    for cid, shard in zip(client_ids(6), shards):
+    for cid, shard in zip(client_ids(6), shards, strict=True):
         hist = summary["label_histograms"][cid]
         assert hist == label_histogram(shard, LABELS, NAMES)
         assert sum(hist.values()) == len(shard)

@@ -10,7 +10,7 @@ from fedtune.types import ClientScore
 def test_split_holdout_disjoint_seeded_and_sized():
     shards = [list(range(0, 10)), list(range(10, 13))]
     train, test = split_holdout(shards, 0.2, seed=0)
-    for s, tr, te in zip(shards, train, test):
+    for s, tr, te in zip(shards, train, test, strict=True):
         assert sorted(tr + te) == s and not set(tr) & set(te) and tr and te
     assert len(test[0]) == 2 and len(test[1]) == 1
     assert split_holdout(shards, 0.2, seed=0) == (train, test)

@@ -18,7 +18,7 @@ def test_client_rows_equal_the_eager_subsets_and_replace_only_known_clients():
     ids, shards = ["client_000", "client_001", "client_002"], [[0, 3], [5], [9, 1, 2]]
     rows = ClientRows(train, ids, shards)
     assert list(rows) == ids and len(rows) == 3
-    for cid, shard in zip(ids, shards):
+    for cid, shard in zip(ids, shards, strict=True):
         eager = train.subset(shard)
         assert rows[cid].input_ids == eager.input_ids and torch.equal(rows[cid].labels, eager.labels)
     poisoned = train.subset([4])

@@ -24,7 +24,7 @@ def weighted_mean(items: Sequence[TensorDict], weights: Sequence[float]) -> Tens
     if len(items) != len(weights) or not items:
         raise ValueError(f"weighted_mean needs as many weights as items (got {len(items)} items, {len(weights)} weights)")
     acc = WeightedMean()
-    for x, w in zip(items, weights):
+    for x, w in zip(items, weights, strict=True):
         acc.add(x, w)
     return acc.result()
 

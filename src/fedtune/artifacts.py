@@ -209,7 +209,7 @@ class OnnxModel:
 
     def __call__(self, **batch: torch.Tensor) -> SimpleNamespace:
         feed = {name: batch[name].cpu().numpy().astype("int64") for name in self.inputs}
-        raw = dict(zip(self.outputs, self.session.run(None, feed)))
+        raw = dict(zip(self.outputs, self.session.run(None, feed), strict=True))
         out = SimpleNamespace(**{k: torch.from_numpy(v).float() for k, v in raw.items()})
         labels = batch.get("labels")
         if labels is not None and hasattr(out, "logits") and self.meta.head == "sequence_classification":

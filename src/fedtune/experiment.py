@@ -111,7 +111,7 @@ def run_simulation(exp: Experiment, *, quiet: bool = False, device: torch.device
     held_out_rows: dict[str, EncodedDataset] = {}
     if needs_holdout(exp):  # (personalization, federated evaluation: every client keeps rows to score on)
         units, held_out = split_holdout(units, exp.personalization.holdout, exp.seed, ids)
-        held_out_rows = {cid: train.subset(task.rows_of(rows)) for cid, rows in zip(ids, held_out)}
+        held_out_rows = {cid: train.subset(task.rows_of(rows)) for cid, rows in zip(ids, held_out, strict=True)}
     shards = [task.rows_of(u) for u in units]
     log.info("%s (%s): %d train rows over %d clients", task.name, task.kind, len(train), len(ids))
     strategy = server_strategy(side, len(ids))
@@ -162,7 +162,7 @@ def _run_local(side: ServerSide, strategy, shards, ids, quiet: bool) -> RunResul
     history: list[dict] = []
     per_client: dict[str, dict[str, float]] = {}
     progress = Progress(quiet, len(ids), 1, desc="clients (local baseline)")
-    for cid, shard in zip(ids, shards):
+    for cid, shard in zip(ids, shards, strict=True):
         transport = SimulationTransport(model, {cid: train.subset(shard)}, pad_id=pad_id, seed=exp.seed, device=device)
         _, hist = run_rounds(
             strategy, transport, [cid], strategy.init(initial),

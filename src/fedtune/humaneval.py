@@ -110,7 +110,7 @@ def complete(model: nn.Module, tokenizer, problems: Sequence[dict], *, samples: 
         new = generate_batches(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                temperature=temperature, seed=seed + 100_003 * s,
                                stop_strings=CHAT_STOP if chat else STOP_SEQUENCES, device=device)
-        for p, ids in zip(problems, new):
+        for p, ids in zip(problems, new, strict=True):
             text = tokenizer.decode(ids, skip_special_tokens=True)
             record = {"task_id": p["task_id"], "sample": s}
             records.append({**record, "completion": code_of_answer(text), "answer": text} if chat else
@@ -157,7 +157,7 @@ def execute(records: Sequence[dict], problems: Sequence[dict], *, timeout: float
             raise HumanEvalError(f"the HumanEval worker failed (exit {done.returncode}): "
                                  f"{(done.stderr or done.stdout).strip().splitlines()[-1:] or ['no output']}")
         results = [json.loads(line) for line in dst.read_text().splitlines()]
-    return [{**r, "passed": res["passed"], "result": res["result"]} for r, res in zip(records, results)]
+    return [{**r, "passed": res["passed"], "result": res["result"]} for r, res in zip(records, results, strict=True)]
 
 
 def pass_at_k(records: Sequence[dict], ks: Sequence[int] = (1, 10, 100)) -> dict[int, float]:

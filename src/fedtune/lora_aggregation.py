@@ -328,7 +328,7 @@ def aggregate_lora(rule: str, clients: Sequence[Mapping[str, torch.Tensor]], wei
     if scalings is not None and len(scalings) != len(clients):
         raise ValueError(f"need one scaling per client (got {len(scalings)} for {len(clients)} clients)")
     acc = LoraAccumulator(rule, scaling=scaling, rank=rank, shared_a=shared_a, merge=merge)
-    for i, (c, w) in enumerate(zip(clients, weights)):
+    for i, (c, w) in enumerate(zip(clients, weights, strict=True)):
         acc.add(c, w, None if scalings is None else scalings[i])
     return acc.result()
 

@@ -74,9 +74,9 @@ def label_histogram(
             bad = int(picked[(picked < 0) | (picked >= len(names))][0])
             raise PartitionError(f"label_histogram: class id {bad} has no entry in label_names ({len(names)} names)")
         counts = np.bincount(picked, minlength=len(names))
-        return {name: int(count) for name, count in zip(names, counts)}
+        return {name: int(count) for name, count in zip(names, counts, strict=True)}
     values, counts = np.unique(picked, return_counts=True)
-    return {str(int(v)): int(c) for v, c in zip(values, counts)}
+    return {str(int(v)): int(c) for v, c in zip(values, counts, strict=True)}
 
 
 def _check_indices(where: str, indices: Any) -> list[int]:
@@ -129,7 +129,7 @@ def write_manifests(
     checked = [_check_indices(f"write_manifests: shard {i}", shard) for i, shard in enumerate(shards)]
     ids = client_ids(len(checked))
     labels = None if labels is None else np.asarray(labels)  # (once: converting it per client was quadratic)
-    histograms = {cid: label_histogram(shard, labels, label_names) for cid, shard in zip(ids, checked)}
+    histograms = {cid: label_histogram(shard, labels, label_names) for cid, shard in zip(ids, checked, strict=True)}
     summary: dict[str, Any] = {
         "num_clients": len(checked),
         "total_rows": sum(len(s) for s in checked),
@@ -150,7 +150,7 @@ def write_manifests(
     if fmt == "parquet":
         _write_parquet(directory / PARQUET_FILE, ids, checked, histograms)
     else:
-        for cid, shard in zip(ids, checked):
+        for cid, shard in zip(ids, checked, strict=True):
             record = {"client_id": cid, "size": len(shard), "indices": shard, "label_histogram": histograms[cid]}
             (directory / f"{cid}.json").write_text(json.dumps(record, separators=(",", ":")))
         (directory / PARQUET_FILE).unlink(missing_ok=True)
@@ -187,7 +187,7 @@ def _read_parquet(path: Path, client_id: str | None = None) -> list[dict[str, An
         table = pq.read_table(path, filters=[("client_id", "=", client_id)] if client_id is not None else None)
         columns = table.to_pydict()
         records = [{"client_id": c, "size": n, "indices": idx, "label_histogram": json.loads(h)} for c, n, idx, h in
-                   zip(columns["client_id"], columns["size"], columns["indices"], columns["label_histogram"])]
+                   zip(columns["client_id"], columns["size"], columns["indices"], columns["label_histogram"], strict=True)]
     except (OSError, ValueError, KeyError) as exc:  # (pyarrow's errors derive from these)
         raise PartitionError(f"read_manifests: client file {path} is not a readable manifest table: "
                              f"{' '.join(str(exc).split())}") from None

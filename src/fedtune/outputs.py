@@ -108,8 +108,8 @@ def format_table(history: list[dict], headline: str) -> str:
     cols = [c for c in cols if any(c in r for r in history)]
     rows = [[_fmt(r.get(c)) for c in cols] for r in history]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in rows]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.rjust(w) for v, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(lines)
 
 

@@ -236,7 +236,7 @@ def _label(
                 f"label: class {int(cls)} has only {rows.size} rows but is assigned to {len(owners)} "
                 f"clients; use fewer clients or a larger labels_per_client"
             )
-        for client, part in zip(rng.permutation(owners), np.array_split(rows, len(owners))):
+        for client, part in zip(rng.permutation(owners), np.array_split(rows, len(owners)), strict=True):
             shards[int(client)].append(part)
     result = [np.concatenate(parts) if parts else np.empty(0, np.int64) for parts in shards]
     sizes = np.array([r.size for r in result])

@@ -77,18 +77,18 @@ class Predictor:
     def _classification(self, chunk):
         logits = self._logits(chunk)
         if self.meta.problem_type == "regression":
-            return [{**r, "value": float(v)} for r, v in zip(chunk, logits.squeeze(-1))]
+            return [{**r, "value": float(v)} for r, v in zip(chunk, logits.squeeze(-1), strict=True)]
         probs = torch.softmax(logits, -1)
         names = self.meta.label_names or [str(i) for i in range(probs.shape[-1])]
-        return [{**r, "label": names[int(p.argmax())], "scores": dict(zip(names, map(float, p)))}
-                for r, p in zip(chunk, probs)]
+        return [{**r, "label": names[int(p.argmax())], "scores": dict(zip(names, map(float, p), strict=True))}
+                for r, p in zip(chunk, probs, strict=True)]
 
     def _multilabel(self, chunk):
         probs = torch.sigmoid(self._logits(chunk))
         names = self.meta.label_names or [str(i) for i in range(probs.shape[-1])]
         t = self.meta.threshold
-        return [{**r, "labels": [n for n, v in zip(names, p) if float(v) >= t], "threshold": t,
-                 "scores": dict(zip(names, map(float, p)))} for r, p in zip(chunk, probs)]
+        return [{**r, "labels": [n for n, v in zip(names, p, strict=True) if float(v) >= t], "threshold": t,
+                 "scores": dict(zip(names, map(float, p), strict=True))} for r, p in zip(chunk, probs, strict=True)]
 
     @torch.no_grad()
     def _qa(self, chunk):
@@ -115,8 +115,8 @@ class Predictor:
         names, lp = self.meta.label_names or [], self._label_prompts
         prompts = [lp.prompt_ids(r["text"], r.get("text_pair", "")) for r in chunk]
         scores = score_candidate_ids(self.model, prompts, lp.candidates, pad_id=self.pad_id)
-        return [{**r, "label": names[int(s.argmax())], "log_likelihoods": dict(zip(names, map(float, s)))}
-                for r, s in zip(chunk, scores)]
+        return [{**r, "label": names[int(s.argmax())], "log_likelihoods": dict(zip(names, map(float, s), strict=True))}
+                for r, s in zip(chunk, scores, strict=True)]
 
     @torch.no_grad()
     def _causal_lm(self, chunk):

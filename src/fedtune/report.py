@@ -186,7 +186,7 @@ def label_runs(runs: list[RunData]) -> list[str]:
         if k not in IGNORED_KEYS and len({comparable(value(r, k)) for r in runs}) > 1
     ]
     short = _short_keys(differing)
-    for r, name in zip(runs, names):
+    for r, name in zip(runs, names, strict=True):
         r.name = name
         r.differs = {k: (None if value(r, k) is missing else value(r, k)) for k in differing}
         r.label = ", ".join(f"{short[k]}={_fmt_value(v)}" for k, v in r.differs.items()) or name
@@ -203,7 +203,7 @@ def _short_keys(keys: list[str]) -> dict[str, str]:
         return parts[-2] if parts[-1] == "name" and len(parts) > 1 else parts[-1]
 
     shorts = [short(k) for k in keys]
-    return {k: (s if shorts.count(s) == 1 else k) for k, s in zip(keys, shorts)}
+    return {k: (s if shorts.count(s) == 1 else k) for k, s in zip(keys, shorts, strict=True)}
 
 
 def _fmt_value(v: Any) -> str:

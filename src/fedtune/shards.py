@@ -93,7 +93,7 @@ class ClientRows(Mapping[str, EncodedDataset]):
     def __init__(self, train: EncodedDataset, ids: Sequence[str], shards: Sequence[Sequence[int]]) -> None:
         if len(ids) != len(shards):
             raise ValueError(f"ClientRows: {len(ids)} client ids for {len(shards)} shards")
-        self._train, self._shards = train, dict(zip(ids, shards))
+        self._train, self._shards = train, dict(zip(ids, shards, strict=True))
         self._replaced: dict[str, EncodedDataset] = {}
 
     def __getitem__(self, client_id: str) -> EncodedDataset:

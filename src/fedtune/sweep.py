@@ -237,7 +237,7 @@ def expand(sweep: Sweep) -> list[tuple[str, list[str]]]:
     keys = list(sweep.grid)
     if keys:
         for combo in itertools.product(*(sweep.grid[k] for k in keys)):
-            pairs = list(zip(keys, combo))
+            pairs = list(zip(keys, combo, strict=True))
             planned.append((run_name(pairs), [f"{k}={toml_literal(v)}" for k, v in pairs], False))
     for i, (name, overrides) in enumerate(sweep.extra_runs):
         if name is not None and slug(name) != name:
@@ -353,7 +353,7 @@ def run_sweep(
         for r in runs
     ]
     write_sweep_json(sweep, records)
-    for i, (run, rec) in enumerate(zip(runs, records), 1):
+    for i, (run, rec) in enumerate(zip(runs, records, strict=True), 1):
         prefix = f"[{i}/{len(runs)}] {run.name}"
         if rec["reused"]:
             print(f"{prefix}: finished earlier, skipped", file=stream)

@@ -68,7 +68,7 @@ class TokenRows(Sequence):
             return np.array_equal(self.offsets, other.offsets) and np.array_equal(self.flat, other.flat)
         if not isinstance(other, Sequence) or isinstance(other, (str, bytes)) or len(other) != len(self):
             return False
-        return all(list(a) == list(b) for a, b in zip(self, other))
+        return all(list(a) == list(b) for a, b in zip(self, other, strict=True))
 
     __hash__ = None  # type: ignore[assignment]  # mutable arrays inside: not hashable, like a list
 

@@ -114,7 +114,7 @@ def test_cosine_schedule_runs_from_lr_to_lr_min_over_the_rounds():
     cfg = LocalTrainConfig(epochs=1, max_steps=0, lr=0.1, batch_size=8, lr_schedule="cosine", lr_min=0.02, rounds=5)
     lrs = [cfg.round_lr(r) for r in range(1, 6)]
     assert lrs[0] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.02) and lrs[2] == pytest.approx(0.06)
-    assert all(a > b for a, b in zip(lrs, lrs[1:]))  # falling every round
+    assert all(a > b for a, b in zip(lrs, lrs[1:], strict=False))  # falling every round
     assert LocalTrainConfig(1, 0, 0.1, 8, rounds=5).round_lr(4) == 0.1  # constant
     assert cfg.at_round(1) is cfg and cfg.at_round(5).lr == pytest.approx(0.02)
 

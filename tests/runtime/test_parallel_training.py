@@ -113,7 +113,7 @@ def test_fallback_for_other_modes_logs_and_works(tiny_model_dir, client_data, mo
     assert sum("one at a time" in r.getMessage() for r in caplog.records) == 1  # logged once, not per round
     seq = list(SimulationTransport(model, client_data, pad_id=0, seed=0, device=CPU)
                .run_round(plan, list(client_data), CommStats()))
-    for a, b in zip(seq, par):
+    for a, b in zip(seq, par, strict=True):
         assert a.client_id == b.client_id
         assert all(torch.equal(a.delta[k], b.delta[k]) for k in a.delta)
 

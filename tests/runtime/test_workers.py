@@ -40,7 +40,7 @@ def test_workers_give_the_one_process_run(tiny_experiment, tmp_path, extra):
     two = run_experiment(tiny_experiment(*base, "simulation.workers=2", f'output_dir="{tmp_path / "two"}"'),
                          quiet=True)
     _close(_final(one), _final(two))
-    for a, b in zip(one.history, two.history):
+    for a, b in zip(one.history, two.history, strict=True):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         assert a["bytes_up"] == b["bytes_up"] and a["bytes_down"] == b["bytes_down"]
     if "scaffold" in extra[0]:

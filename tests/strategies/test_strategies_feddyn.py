@@ -109,7 +109,7 @@ def test_hooks_add_the_gradient_of_the_local_objective():
     loss(params).backward()
     ctx = LocalContext("c", w_global, {FEDDYN_STATE: grad_prev}, LOCAL, CPU)
     DynamicRegularizer(alpha).start(ctx).before_clip(params)
-    for p, e in zip(params.values(), expected):
+    for p, e in zip(params.values(), expected, strict=True):
         torch.testing.assert_close(p.grad, e)
 
     # Batched: slot 0 has the state above, slot 1 none yet (grad_k = 0).
@@ -118,7 +118,7 @@ def test_hooks_add_the_gradient_of_the_local_objective():
     sctx = StackedContext(["c0", "c1"], w_global, [{FEDDYN_STATE: grad_prev}, {}], LOCAL, CPU)
     with torch.no_grad():
         DynamicRegularizer(alpha).start_stacked(sctx).before_clip(stacks, {k: s.grad for k, s in stacks.items()}, [0, 1])
-    for (k, s), e in zip(stacks.items(), expected):
+    for (k, s), e in zip(stacks.items(), expected, strict=True):
         torch.testing.assert_close(s.grad[0], e)
         w = start[k].clone().requires_grad_(True)
         (e1,) = torch.autograd.grad(loss({k: w}) + _objective_term(w, w_global[k], torch.zeros_like(w), alpha), w)

@@ -200,7 +200,7 @@ def test_control_variate_persists_across_rounds_in_the_simulation(setup):
     fedavg_plan = FedAvg(local=local).configure(2, state, ["c0", "c1"])
     plain = list(SimulationTransport(model, clients, pad_id=0, seed=0, device=torch.device("cpu"))
                  .run_round(fedavg_plan, ["c0", "c1"], CommStats()))
-    for p, u in zip(plain, ups2):
+    for p, u in zip(plain, ups2, strict=True):
         assert tensors.norm(tensors.sub(p.delta, u.delta)) > 1e-4 * tensors.norm(p.delta)
 
 

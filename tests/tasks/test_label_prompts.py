@@ -24,7 +24,7 @@ def tokenizers():
 
 
 def _answer(tok, ids, labels) -> str:
-    return tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+    return tok.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
 
 
 def test_chat_rows_put_the_text_in_the_user_turn_and_the_label_in_the_assistant_turn(tokenizers):
@@ -46,7 +46,7 @@ def test_plain_rows_continue_the_template_with_a_space_and_the_label(tokenizers)
     ids, labels = lp.row("stocks fell", "", 0)
     assert ids[0] == base.bos_token_id and ids[-1] == base.eos_token_id
     assert base.decode(ids[: ids.index(base.eos_token_id)], skip_special_tokens=True).endswith("stocks fell\nLabel: money")
-    assert [t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX] == lp.candidates[0] + [base.eos_token_id]
+    assert [t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX] == lp.candidates[0] + [base.eos_token_id]
 
 
 def test_a_long_text_is_cut_but_never_the_instruction_or_the_answer(tokenizers):

@@ -22,7 +22,7 @@ def tokenizers():
 
 
 def _answer_text(tok, ids, labels) -> str:
-    return tok.decode([t for t, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+    return tok.decode([t for t, lab in zip(ids, labels, strict=True) if lab != IGNORE_INDEX])
 
 
 def test_auto_picks_the_chat_template_when_there_is_one(tokenizers):

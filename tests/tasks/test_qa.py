@@ -52,7 +52,7 @@ def test_postprocess_recovers_answer_spanning_two_windows(tok):
             if o is not None and o[1] == end_c:
                 e[j] = 5.0
         starts.append(s), ends.append(e)
-    windows_with_answer = sum(1 for s, e in zip(starts, ends) if s.max() > 0 and e.max() > 0)
+    windows_with_answer = sum(1 for s, e in zip(starts, ends, strict=True) if s.max() > 0 and e.max() > 0)
     assert windows_with_answer >= 2  # the overlap puts the answer in two windows
     preds = postprocess([ex], feats, starts, ends, n_best=5, max_answer_length=30)
     assert preds == {"q1": "zebra crossing"}

@@ -316,7 +316,7 @@ def train_group(
     layout, reason = _layout(model)
     if layout is None:
         raise ValueError(f"batched training not possible: {reason}")
-    for cid, d in zip(client_ids, datas):
+    for cid, d in zip(client_ids, datas, strict=True):
         if len(d) == 0:
             raise ValueError(f"client {cid} has no training examples")
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -342,7 +342,7 @@ def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, 
             raise ValueError(f"batched training not possible: {kind.stacked_refusal(client_ids)}")
         hooks.append(h)
     totals = [planned_steps(len(d), cfg.batch_size, cfg.epochs, cfg.max_steps) for d in datas]
-    batches = [_client_batches(d, plan, torch.Generator().manual_seed(s), t) for d, s, t in zip(datas, seeds, totals)]
+    batches = [_client_batches(d, plan, torch.Generator().manual_seed(s), t) for d, s, t in zip(datas, seeds, totals, strict=True)]
     problem = model.config.problem_type
     causal = datas[0].token_labels is not None
     router = _Router()
@@ -378,7 +378,7 @@ def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, 
                     else:
                         losses.append(F.cross_entropy(logits[a:b].view(-1, logits.shape[-1]), labels[a:b].view(-1)))
             values = [float(v.detach()) for v in losses]
-            for (i, _, _), v in zip(segments, values):
+            for (i, _, _), v in zip(segments, values, strict=True):
                 if not math.isfinite(v):
                     raise FloatingPointError(f"client {client_ids[i]}: loss is {v} at local step {steps[i]}")
             for p in stacks.values():
@@ -395,7 +395,7 @@ def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, 
                 for h in hooks:
                     h.after_clip(stacks, grads, active)
             optimizer.step(active)
-            for i, v in zip(active, values):
+            for i, v in zip(active, values, strict=True):
                 loss_sum[i] += v
                 steps[i] += 1
 

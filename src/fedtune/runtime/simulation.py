@@ -109,7 +109,7 @@ class SimulationTransport:
         results = self.workers.run(jobs) if self.workers is not None else self._run_here(jobs)
         with contextlib.closing(results):  # (an abandoned round closes the workers' side at once)
             for job, updates, states in results:
-                for update, state in zip(updates, states):
+                for update, state in zip(updates, states, strict=True):
                     stats.bytes_down += job.down
                     yield self.upload(update, state, stats, job.server_plan)
 

@@ -156,7 +156,7 @@ class WorkerPool:
                     done[i] = (job, first, second)
                 while next_out in done:
                     job, updates, states = done.pop(next_out)
-                    for cid, state in zip(job.clients, states):
+                    for cid, state in zip(job.clients, states, strict=True):
                         store[cid] = state  # (only now: the caller changes them next, before the cache moves on)
                     yield job, updates, states
                     next_out += 1

@@ -183,7 +183,7 @@ class CausalLMTask(Task):
             return
         texts = self.generate(model, examples, ctx)
         with path.open("a") as f:
-            for e, t in zip(examples, texts):
+            for e, t in zip(examples, texts, strict=True):
                 f.write(json.dumps({"round": rnd, "prompt": self.format.prompt_text(e), "generation": t,
                                     "reference": e.output},
                                    ensure_ascii=False) + "\n")
@@ -228,11 +228,11 @@ class GenerativeClassificationTask(Task):
 
     @staticmethod
     def _texts(ds) -> list[tuple[str, str]]:
-        return list(zip(ds.texts, ds.text_pairs or [""] * len(ds.texts)))
+        return list(zip(ds.texts, ds.text_pairs or [""] * len(ds.texts), strict=True))
 
     def _encode(self, ds) -> EncodedLM:
         def compute() -> dict:
-            rows = [self.prompts.row(t, p, label) for (t, p), label in zip(self._texts(ds), ds.labels)]
+            rows = [self.prompts.row(t, p, label) for (t, p), label in zip(self._texts(ds), ds.labels, strict=True)]
             return {"input_ids": [r[0] for r in rows], "labels": [r[1] for r in rows]}
 
         options = {"template": self.prompts.template, "format": self.prompts.format_name,
@@ -260,7 +260,7 @@ class GenerativeClassificationTask(Task):
         (the tokens before the first one with a loss) is scored against every label's answer.
         """
         prompts = [ids[: next(k for k, t in enumerate(labels) if t != IGNORE_INDEX)]
-                   for ids, labels in zip(rows.input_ids, rows.token_labels)]
+                   for ids, labels in zip(rows.input_ids, rows.token_labels, strict=True)]
         preds = self._constrained(model, prompts, ctx)
         return compute_metrics(self.metric, preds, rows.labels.tolist())[self.primary]
 
@@ -275,10 +275,10 @@ class GenerativeClassificationTask(Task):
         answers = self.answer(model, self._eval_prompts[split], ctx)
         parsed = [self.prompts.parse(a) for a in answers]
         n = len(self.data.label_names)
-        preds = [p if p is not None else (g + 1) % n for p, g in zip(parsed, gold)]  # unparsed: wrong
+        preds = [p if p is not None else (g + 1) % n for p, g in zip(parsed, gold, strict=True)]  # unparsed: wrong
         if not self._answers:
             self._answers = [{"split": split, "answer": a, "parsed": None if p is None else self.data.label_names[p],
-                              "reference": self.data.label_names[g]} for a, p, g in zip(answers, parsed, gold)]
+                              "reference": self.data.label_names[g]} for a, p, g in zip(answers, parsed, gold, strict=True)]
         m = {f"gen_{k}": v for k, v in compute_metrics(self.metric, preds, gold).items()}
         m["gen_unparsed"] = sum(p is None for p in parsed) / len(parsed)
         return m
@@ -302,6 +302,6 @@ class GenerativeClassificationTask(Task):
             return
         texts = self._texts(next(iter(self.data.evals.values())))
         with path.open("a") as f:
-            for (text, pair), a in zip(texts, answers):
+            for (text, pair), a in zip(texts, answers, strict=True):
                 f.write(json.dumps({"round": rnd, "prompt": self.prompts.prompt_text(text, pair), **a},
                                    ensure_ascii=False) + "\n")

@@ -114,7 +114,7 @@ def load_multilabel_data(cfg: DataConfig) -> MultiLabelData:
         tables = {s: _read_table(Path(f)) for s, f in (("train", cfg.train_file), ("validation", cfg.eval_file))}
         names = list(cfg.label_names) or _label_vocabulary(list(tables.values()), label_col)
         rows = {s: _rows_from_table(t, text_col, label_col, names, f) for (s, t), f in
-                zip(tables.items(), (cfg.train_file, cfg.eval_file))}
+                zip(tables.items(), (cfg.train_file, cfg.eval_file), strict=True)}
         return MultiLabelData("files", rows["train"], {"validation": rows["validation"]}, names)
     if cfg.dataset.strip().lower() not in GOEMOTIONS:
         raise DataError(f"multilabel: unknown dataset {cfg.dataset!r}; use goemotions or data.train_file/eval_file")
@@ -226,7 +226,7 @@ class MultiLabelTask(Task):
         self._details = {"threshold": threshold, "label_names": self.label_names}
         for split, (probs, loss, targets) in scored.items():
             s = multilabel_scores(probs, targets, threshold)
-            self._details[f"{split}_per_label_f1"] = dict(zip(self.label_names, s.pop("per_label_f1")))
+            self._details[f"{split}_per_label_f1"] = dict(zip(self.label_names, s.pop("per_label_f1"), strict=True))
             s["loss"] = loss
             result.update({(f"{split}_{k}" if multi else k): v for k, v in s.items() if not math.isnan(v)})
         return result

@@ -97,7 +97,7 @@ class PromptFormat:
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
         labels = [t if any(a <= s < b for a, b in spans) else IGNORE_INDEX
-                  for t, (s, _) in zip(ids, enc["offset_mapping"])]
+                  for t, (s, _) in zip(ids, enc["offset_mapping"], strict=True)]
         return ids, labels
 
     # ------------------------------------------------------------------ helpers

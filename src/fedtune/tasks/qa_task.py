@@ -68,7 +68,7 @@ def load_squad(cfg: DataConfig) -> tuple[list[QAExample], list[QAExample]]:
 
     def convert(split) -> list[QAExample]:
         return [QAExample(r["id"], r["title"], r["question"], r["context"],
-                          tuple(zip(r["answers"]["text"], r["answers"]["answer_start"]))) for r in split]
+                          tuple(zip(r["answers"]["text"], r["answers"]["answer_start"], strict=True))) for r in split]
 
     return convert(ds["train"]), convert(ds["validation"])
 
@@ -99,7 +99,7 @@ class QATask(Task):
         feats = prepare_train_features(tokenizer, self.train_examples, data_cfg.max_length, data_cfg.doc_stride)
         self.train = EncodedDataset(
             feats.input_ids, feats.token_type_ids,
-            torch.tensor(list(zip(feats.start_positions, feats.end_positions)), dtype=torch.long),
+            torch.tensor(list(zip(feats.start_positions, feats.end_positions, strict=True)), dtype=torch.long),
             label_keys=("start_positions", "end_positions"),
             example_ids=torch.tensor(feats.example_index, dtype=torch.long),
         )

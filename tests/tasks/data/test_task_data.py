@@ -154,8 +154,8 @@ def test_train_size_is_stratified_and_deterministic() -> None:
     assert Counter(other.train.labels) == {1: 558, 0: 442}
     # rows keep their original order and come from the full set
     # (an ordered subsequence; SST-2 has duplicate sentences, so texts are not unique keys)
-    rows = iter(zip(full.train.texts, full.train.labels))
-    assert all(row in rows for row in zip(a.train.texts, a.train.labels))
+    rows = iter(zip(full.train.texts, full.train.labels, strict=True))
+    assert all(row in rows for row in zip(a.train.texts, a.train.labels, strict=True))
     # eval untouched without eval_size
     assert len(a.evals["validation"]) == 872
 

@@ -79,7 +79,7 @@ def prepare_credentials(folder: str | Path, hosts: list[str], sites: list[str]) 
         made.append(f"made the CA and the server certificate in {creds.folder} (valid for localhost and "
                     f"{', '.join(hosts) or 'no other host'})")
     elif not all(present):
-        missing = [str(p) for p, ok in zip((tls.ca_cert, tls.server_cert, tls.server_key), present) if not ok]
+        missing = [str(p) for p, ok in zip((tls.ca_cert, tls.server_cert, tls.server_key), present, strict=True) if not ok]
         raise CredentialsError(f"{creds.folder} holds part of a TLS setup; missing {', '.join(missing)}")
     else:
         _check_hosts(tls.server_cert, hosts)

@@ -161,7 +161,7 @@ def aggregate_round(grid: Any, runtime: RuntimeConfig, rnd: int, names: Sequence
                 metrics[k] = metrics.get(k, 0.0) + res.num_examples * float(v) / total
     clients = sorted(client_of.get(n, str(n)) for n, _ in adapter.results)
     log.info("round %d: SecAgg+ aggregated %d clients (%s), %d examples", rnd, len(clients), ", ".join(clients), total)
-    delta = {k: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for k, a in zip(names, adapter.mean)}
+    delta = {k: torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)) for k, a in zip(names, adapter.mean, strict=True)}
     return ClientUpdate(f"secagg+[{','.join(clients)}]", delta, total, metrics), clients
 
 

@@ -286,7 +286,7 @@ class FlowerTransport:
             content = messages.encode_identify_request(self.task)
             ids = self.grid.push_messages([Message(content, dst_node_id=n, message_type=messages.IDENTIFY)
                                            for n in new_nodes])
-            self.asking.update(zip(ids, new_nodes))
+            self.asking.update(zip(ids, new_nodes, strict=True))
         if not self.asking:
             return []
         moved = []
@@ -385,7 +385,7 @@ class FlowerTransport:
         the deadline are left in ``self.missing`` (and logged).
         """
         self.missing: list = []
-        pending = dict(zip(self.grid.push_messages(out), keys))
+        pending = dict(zip(self.grid.push_messages(out), keys, strict=True))
         start = time.monotonic()
         sent = dict.fromkeys(keys, start)
         self._round_trips = {}
@@ -403,7 +403,7 @@ class FlowerTransport:
             if resend is not None:
                 again = resend()
                 if again:
-                    pending.update(zip(self.grid.push_messages([m for m, _ in again]), [k for _, k in again]))
+                    pending.update(zip(self.grid.push_messages([m for m, _ in again]), [k for _, k in again], strict=True))
                     sent.update(dict.fromkeys((k for _, k in again), time.monotonic()))  # a plan sent again
             if time.monotonic() > deadline:
                 self.missing = sorted(set(pending.values()))

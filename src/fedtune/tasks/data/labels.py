@@ -137,7 +137,7 @@ def _resolve_labels(
     if label_names:
         names = [_label_key(n) for n in label_names]
         if len(set(names)) != len(names):
-            same = sorted({str(n) for n, k in zip(label_names, names) if names.count(k) > 1})
+            same = sorted({str(n) for n, k in zip(label_names, names, strict=True) if names.count(k) > 1})
             raise DataError(f"{names_source} names one value twice: {same} (labels are matched by value)")
         where = f"{names_source} {names}"
     else:

@@ -33,7 +33,7 @@ def stratified_indices(labels: Sequence[int], size: int, rng: np.random.Generato
     for k in order[: size - sum(quota)]:
         quota[k] += 1
     picked: list[int] = []
-    for c, q in zip(classes, quota):
+    for c, q in zip(classes, quota, strict=True):
         if q:
             picked.extend(rng.choice(by_class[c], size=q, replace=False).tolist())
     return sorted(picked)

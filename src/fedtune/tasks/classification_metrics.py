@@ -1,0 +1,122 @@
+"""User-chosen classification metrics (issue 18): names, checks and one pure function computing them.
+
+``eval.metrics`` names (see :data:`CLASSIFICATION_METRICS`):
+
+==============  ============================================================  ===============
+name            value                                                         needs
+==============  ============================================================  ===============
+``accuracy``    fraction of rows predicted right                              -
+``macro_f1``    unweighted mean of the per-class F1                           -
+``micro_f1``    F1 over all rows pooled (equals accuracy for single-label)    -
+``f1``          F1 of the positive label                                      positive label
+``precision``   precision of the positive label                               positive label
+``recall``      recall of the positive label                                  positive label
+``matthews``    Matthews correlation coefficient (multi-class form)           -
+``auroc``       area under the ROC curve of the positive label's score        binary task
+==============  ============================================================  ===============
+
+All values are plain Python floats computed with scikit-learn (a dependency); higher is better for all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+CLASSIFICATION_METRICS: tuple[str, ...] = (
+    "accuracy", "macro_f1", "micro_f1", "f1", "precision", "recall", "matthews", "auroc",
+)
+"""The names ``eval.metrics`` accepts for classification tasks."""
+
+POSITIVE_LABEL_METRICS: frozenset[str] = frozenset({"f1", "precision", "recall"})
+"""Metrics defined for one positive label (``eval.positive_label``)."""
+
+
+def check_metric_names(names: Sequence[str], field: str = "eval.metrics") -> None:
+    """Raise ``ValueError`` (one line naming ``field`` and the value) for a name not in the table."""
+    for name in names:
+        if name not in CLASSIFICATION_METRICS:
+            raise ValueError(f"{field}: unknown metric {name!r}; known: {', '.join(CLASSIFICATION_METRICS)}")
+
+
+def resolve_positive_label(positive: str | int | None, label_names: Sequence[str],
+                           field: str = "eval.positive_label") -> int | None:
+    """The class id of ``positive`` (a label name or an int id) among ``label_names``; ``None`` stays ``None``.
+
+    Raises ``ValueError`` (one line naming ``field`` and the value) when it is not one of the task's labels.
+    """
+    if positive is None:
+        return None
+    if isinstance(positive, bool):
+        raise ValueError(f"{field} must be a label name or an int label id, got {positive!r}")
+    if isinstance(positive, int):
+        if 0 <= positive < len(label_names):
+            return positive
+    elif positive in label_names:
+        return list(label_names).index(positive)
+    raise ValueError(f"{field} = {positive!r} is not one of the task's labels: {list(label_names)}")
+
+
+def check_auroc(num_labels: int, field: str = "eval.metrics") -> None:
+    """Refuse AUROC on a task that is not binary, saying why."""
+    if num_labels != 2:
+        raise ValueError(f"{field}: 'auroc' needs a binary task (one positive-class score per row); "
+                         f"this task has {num_labels} labels")
+
+
+def classification_metrics(labels: Any, predictions: Any, names: Sequence[str], *, num_labels: int,
+                           positive: int | None = None, scores: Any = None) -> dict[str, float]:
+    """The chosen metrics of integer ``predictions`` against integer ``labels``.
+
+    ``positive`` is the class id for ``f1``/``precision``/``recall`` (required for them); ``scores`` are
+    the positive-class probabilities (or logits) per row, required for ``auroc`` on a binary task.
+    """
+    from sklearn import metrics as skm
+
+    check_metric_names(names)
+    y = np.asarray(labels).astype(np.int64)
+    p = np.asarray(predictions).astype(np.int64)
+    if y.shape != p.shape or y.ndim != 1 or y.size == 0:
+        raise ValueError(f"labels and predictions must be 1-D of one non-zero length, got {y.shape}, {p.shape}")
+    all_labels = list(range(num_labels))
+    out: dict[str, float] = {}
+    for name in names:
+        if name == "accuracy":
+            out[name] = float(np.mean(y == p))
+        elif name in ("macro_f1", "micro_f1"):
+            out[name] = float(skm.f1_score(y, p, labels=all_labels, average=name.split("_")[0], zero_division=0))
+        elif name in POSITIVE_LABEL_METRICS:
+            if positive is None:
+                raise ValueError(f"eval.metrics: {name!r} needs eval.positive_label")
+            fn = {"f1": skm.f1_score, "precision": skm.precision_score, "recall": skm.recall_score}[name]
+            out[name] = float(fn(y, p, labels=[positive], average="macro", zero_division=0))
+        elif name == "matthews":
+            out[name] = float(skm.matthews_corrcoef(y, p))
+        elif name == "auroc":
+            check_auroc(num_labels)
+            if scores is None:
+                raise ValueError("eval.metrics: 'auroc' needs per-row scores of the positive class")
+            pos = 1 if positive is None else positive
+            s = np.asarray(scores, dtype=np.float64)
+            out[name] = float(skm.roc_auc_score((y == pos).astype(np.int64), s)) if len(set(y)) == 2 else float("nan")
+    return out
+
+
+def per_class_report(labels: Any, predictions: Any, label_names: Sequence[str]) -> dict[str, Any]:
+    """Per-class precision, recall, F1 and support plus the confusion matrix (rows: true, columns: predicted).
+
+    Returns ``{"per_class": {name: {"precision", "recall", "f1", "support"}}, "confusion_matrix": [[int]]}``,
+    JSON-ready for summary.json.
+    """
+    from sklearn import metrics as skm
+
+    ids = list(range(len(label_names)))
+    prec, rec, f1, sup = skm.precision_recall_fscore_support(labels, predictions, labels=ids, zero_division=0)
+    per_class = {
+        str(name): {"precision": float(prec[i]), "recall": float(rec[i]), "f1": float(f1[i]), "support": int(sup[i])}
+        for i, name in enumerate(label_names)
+    }
+    cm = skm.confusion_matrix(labels, predictions, labels=ids)
+    return {"per_class": per_class, "confusion_matrix": cm.astype(int).tolist()}

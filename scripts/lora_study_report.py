@@ -65,14 +65,14 @@ def plot(runs: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
     for ax, (key, xlabel) in zip(axes, [("up", "kB uploaded per client per round"),
-                                        ("both", "kB up + down per client per round")]):
+                                        ("both", "kB up + down per client per round")], strict=True):
         for rule in RULES:
             pts = sorted((r for r in runs if r["rule"] == rule), key=lambda r: r["rank"])
             if not pts:
                 continue
             xs = [(p["up"] if key == "up" else p["up"] + p["down"]) / 1e3 for p in pts]
             ax.plot(xs, [p["final"] for p in pts], marker="o", label=rule)
-            for x, p in zip(xs, pts):
+            for x, p in zip(xs, pts, strict=True):
                 ax.annotate(f"r{p['rank']}", (x, p["final"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel(xlabel + " (exact, float32 safetensors)")

@@ -57,7 +57,7 @@ def assert_same_updates(a, b, atol=2e-5, rtol=1e-4):
             assert v == pytest.approx(ub.metrics[k], rel=1e-4, abs=1e-6), (cid, k)
         assert ua.delta.keys() == ub.delta.keys()
         for k in ua.delta:
-            torch.testing.assert_close(ub.delta[k], ua.delta[k], atol=atol, rtol=rtol, msg=lambda m: f"{cid} {k}: {m}")
+            torch.testing.assert_close(ub.delta[k], ua.delta[k], atol=atol, rtol=rtol, msg=lambda m, cid=cid, k=k: f"{cid} {k}: {m}")
         assert ua.extras.keys() == ub.extras.keys()
         for name in ua.extras:
             for k in ua.extras[name]:

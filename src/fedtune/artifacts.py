@@ -208,6 +208,7 @@ class OnnxModel:
         return self
 
     def __call__(self, **batch: torch.Tensor) -> SimpleNamespace:
+        """Run the ONNX session on ``batch``; the outputs by name, like a transformers model's."""
         feed = {name: batch[name].cpu().numpy().astype("int64") for name in self.inputs}
         raw = dict(zip(self.outputs, self.session.run(None, feed), strict=True))
         out = SimpleNamespace(**{k: torch.from_numpy(v).float() for k, v in raw.items()})

@@ -91,7 +91,7 @@ def check_compatible(adapters: Sequence[Adapter]) -> None:
     first = adapters[0]
     ref_mods = lora_modules(first.tensors)
     for ad in adapters[1:]:
-        def refuse(why: str) -> None:
+        def refuse(why: str, ad: Adapter = ad) -> None:
             raise MergeError(f"adapter {ad.path} does not match {first.path}: {why}")
 
         if ad.base_model != first.base_model:

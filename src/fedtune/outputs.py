@@ -85,6 +85,7 @@ class JsonlWriter:
         self.extra = extra or {}
 
     def __call__(self, state, record: dict) -> None:
+        """Append the round's record to metrics.jsonl (a RoundCallback)."""
         with self.path.open("a") as fh:
             fh.write(json.dumps(_jsonable({**self.extra, **record})) + "\n")
 

@@ -81,9 +81,9 @@ class RoundPlan:
     params: TensorDict
     local: LocalTrainConfig
     # (ClientKind is fedtune.client.kinds.ClientKind; not imported here, so this module imports nothing of fedtune)
-    objective: ClientKind | None = None
+    objective: ClientKind | None = None  # noqa: F821
     """The client-side half of the strategy that changes local training (FedProx's term, SCAFFOLD's c, ...)."""
-    adapter: ClientKind | None = None
+    adapter: ClientKind | None = None  # noqa: F821
     """The client-side half of a LoRA-aware rule (per-client rank, frozen A, personal B); None otherwise."""
     personal: frozenset[str] = frozenset()
     """Tensors each client keeps to itself (FedPer's head): trained from its own copy, sent as zero change."""

@@ -23,7 +23,7 @@ def _final(result):
 def _close(a: dict, b: dict, atol=1e-5) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(b[k], a[k], atol=atol, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(b[k], a[k], atol=atol, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.mark.parametrize("extra", [

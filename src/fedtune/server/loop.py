@@ -30,7 +30,8 @@ class Transport(Protocol):
 class RoundCallback(Protocol):
     """Called after every round with the new state and the round's record."""
 
-    def __call__(self, state: ServerState, record: dict) -> None: ...
+    def __call__(self, state: ServerState, record: dict) -> None:
+        """React to the round just finished: the new server state and the round's record."""
 
 
 def sample_clients(clients: Sequence[str], rnd: int, count: int, seed: int) -> list[str]:
@@ -112,7 +113,7 @@ def run_rounds(
         stats = CommStats()
         tap = _ClientMetricsTap()
 
-        def reject(update: ClientUpdate, reason: str) -> None:
+        def reject(update: ClientUpdate, reason: str, tap: _ClientMetricsTap = tap) -> None:
             tap.rejected.append((update.client_id, reason))
 
         stream = transport.run_round(plan, sampled, stats)

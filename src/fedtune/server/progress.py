@@ -19,6 +19,7 @@ class Progress:
             self.rounds = tqdm(total=total_rounds, desc=desc, position=0)
 
     def client_done(self, client_id: str) -> None:
+        """Advance the clients bar: ``client_id`` has returned its update."""
         if not self.enabled:
             return
         if self.clients is None:
@@ -27,6 +28,7 @@ class Progress:
         self.clients.set_postfix_str(client_id)
 
     def round_done(self, state, record: dict) -> None:
+        """Advance the rounds bar and show the round's loss and eval metrics (a RoundCallback)."""
         if not self.enabled:
             return
         if self.clients is not None:
@@ -37,5 +39,6 @@ class Progress:
         self.rounds.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if isinstance(v, float)})
 
     def close(self) -> None:
+        """Close the bars."""
         if self.enabled:
             self.rounds.close()

@@ -154,15 +154,19 @@ class CausalLMTask(Task):
 
     @property
     def units(self) -> PartitionUnits:
+        """The partitioning units of the training split (see :meth:`Task.units`)."""
         return PartitionUnits(len(self.train))
 
     def build_model(self, cfg: ModelConfig, seed: int) -> nn.Module:
+        """This task's model for ``cfg`` (see :meth:`Task.build_model`)."""
         return load_model(cfg, "causal_lm", seed)
 
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        """This task's metrics of ``model`` on the eval split (see :meth:`Task.evaluate`)."""
         return perplexity(model, self._eval, pad_id=ctx.pad_id, batch_size=ctx.batch_size, device=ctx.device)
 
     def eval_inputs(self) -> EncodedDataset:
+        """The encoded eval rows (see :meth:`Task.eval_inputs`)."""
         return _lm_rows(self._eval)
 
     def score_rows(self, model: nn.Module, rows: EncodedDataset, ctx: EvalContext) -> float:
@@ -178,6 +182,7 @@ class CausalLMTask(Task):
         return [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
 
     def write_samples(self, model: nn.Module, ctx: EvalContext, path: Path, rnd: int) -> None:
+        """Append generations of ``model`` after round ``rnd`` to ``path`` (see :meth:`Task.write_samples`)."""
         examples = self.eval_examples[: self.samples]
         if not examples:
             return
@@ -243,9 +248,11 @@ class GenerativeClassificationTask(Task):
 
     @property
     def units(self) -> PartitionUnits:
+        """The partitioning units of the training split (see :meth:`Task.units`)."""
         return PartitionUnits(len(self.train), list(self.data.train.labels), None, self.data.label_names)
 
     def build_model(self, cfg: ModelConfig, seed: int) -> nn.Module:
+        """This task's model for ``cfg`` (see :meth:`Task.build_model`)."""
         return load_model(cfg, "causal_lm", seed)
 
     def _constrained(self, model: nn.Module, prompts: list[list[int]], ctx: EvalContext) -> list[int]:
@@ -284,6 +291,7 @@ class GenerativeClassificationTask(Task):
         return m
 
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        """This task's metrics of ``model`` on the eval split (see :meth:`Task.evaluate`)."""
         multi = len(self.data.evals) > 1
         result: dict[str, float] = {}
         self._answers = []

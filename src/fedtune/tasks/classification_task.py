@@ -56,12 +56,15 @@ class ClassificationTask(Task):
 
     @property
     def units(self) -> PartitionUnits:
+        """The partitioning units of the training split (see :meth:`Task.units`)."""
         return classification_units(self.data)
 
     def build_model(self, cfg: ModelConfig, seed: int) -> nn.Module:
+        """This task's model for ``cfg`` (see :meth:`Task.build_model`)."""
         return load_classifier(cfg, self.data.num_labels, self.data.is_regression, seed)
 
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        """This task's metrics of ``model`` on the eval split (see :meth:`Task.evaluate`)."""
         multi = len(self.evals) > 1
         result: dict[str, float] = {}
         for split, data in self.evals.items():
@@ -70,9 +73,11 @@ class ClassificationTask(Task):
         return result
 
     def eval_inputs(self) -> EncodedDataset:
+        """The encoded eval rows (see :meth:`Task.eval_inputs`)."""
         return next(iter(self.evals.values()))
 
     def score_rows(self, model: nn.Module, rows: EncodedDataset, ctx: EvalContext) -> float:
+        """The headline metric on some training rows (see :meth:`Task.score_rows`)."""
         return self._score(model, rows, ctx)[self.primary]
 
     def _score(self, model, data, ctx: EvalContext) -> dict[str, float]:

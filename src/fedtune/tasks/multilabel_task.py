@@ -182,6 +182,7 @@ class MultiLabelTask(Task):
 
     @property
     def units(self) -> PartitionUnits:
+        """The partitioning units of the training split (see :meth:`Task.units`)."""
         return PartitionUnits(len(self.train), self.primary_labels, None, self.label_names)
 
     def build_model(self, cfg: ModelConfig, seed: int) -> nn.Module:
@@ -216,6 +217,7 @@ class MultiLabelTask(Task):
         return probs.numpy(), loss_sum / len(data)
 
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        """This task's metrics of ``model`` on the eval split (see :meth:`Task.evaluate`)."""
         scored = {k: (*self.probabilities(model, v, ctx), v.labels.numpy()) for k, v in self.evals.items()}
         threshold = self.threshold
         if self.tune:
@@ -232,6 +234,7 @@ class MultiLabelTask(Task):
         return result
 
     def eval_inputs(self) -> EncodedDataset:
+        """The encoded eval rows (see :meth:`Task.eval_inputs`)."""
         return next(iter(self.evals.values()))
 
     def score_rows(self, model: nn.Module, rows: EncodedDataset, ctx: EvalContext) -> float:
@@ -244,4 +247,5 @@ class MultiLabelTask(Task):
         return float(multilabel_scores(probs, rows.labels.numpy(), self.threshold)["micro_f1"])
 
     def details(self) -> dict:
+        """Non-scalar results of the latest evaluation (see :meth:`Task.details`)."""
         return dict(self._details)

@@ -117,12 +117,15 @@ class QATask(Task):
 
     @property
     def units(self) -> PartitionUnits:
+        """The partitioning units of the training split (see :meth:`Task.units`)."""
         return PartitionUnits(len(self.train_examples), None, self._groups)
 
     def rows_of(self, units: Sequence[int]) -> list[int]:
+        """The feature rows of these units (see :meth:`Task.rows_of`)."""
         return [row for u in units for row in self._windows[u]]
 
     def build_model(self, cfg: ModelConfig, seed: int) -> nn.Module:
+        """This task's model for ``cfg`` (see :meth:`Task.build_model`)."""
         return load_model(cfg, "question_answering", seed)
 
     def logits(self, model: nn.Module, ctx: EvalContext) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -149,6 +152,7 @@ class QATask(Task):
         return starts, ends
 
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> dict[str, float]:
+        """This task's metrics of ``model`` on the eval split (see :meth:`Task.evaluate`)."""
         starts, ends = self.logits(model, ctx)
         self.predictions = postprocess(self.eval_examples, self.eval_features, starts, ends,
                                        n_best=self.n_best, max_answer_length=self.max_answer_length)
@@ -156,6 +160,7 @@ class QATask(Task):
         return squad_scores(self.predictions, gold)
 
     def eval_inputs(self) -> EncodedDataset:
+        """The encoded eval rows (see :meth:`Task.eval_inputs`)."""
         return self._eval_rows
 
     def score_rows(self, model: nn.Module, rows: EncodedDataset, ctx: EvalContext) -> float:

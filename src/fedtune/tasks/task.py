@@ -86,6 +86,7 @@ class Task(ABC):
 
     def write_samples(self, model: nn.Module, ctx: EvalContext, path: Path, rnd: int) -> None:
         """Append example outputs of ``model`` after round ``rnd`` to ``path`` (tasks that generate text)."""
+        return  # (most tasks generate no text: nothing to write)
 
     def score_rows(self, model: nn.Module, rows: EncodedDataset, ctx: EvalContext) -> float:
         """The headline metric on some training rows (per-client evaluation, personalization)."""

@@ -308,7 +308,7 @@ class GenerativeClassificationTask(Task):
         answers = self._answers[: self.samples]
         if not answers:
             return
-        texts = self._texts(next(iter(self.data.evals.values())))
+        texts = self._texts(next(iter(self.data.evals.values())))[: len(answers)]
         with path.open("a") as f:
             for (text, pair), a in zip(texts, answers, strict=True):
                 f.write(json.dumps({"round": rnd, "prompt": self.prompts.prompt_text(text, pair), **a},

@@ -27,6 +27,7 @@ from typing import Any
 import tomllib
 
 from fedtune.config import Experiment, flatten_table
+from fedtune.report_classes import class_sections
 
 IGNORED_KEYS = {"name", "output_dir"}
 """Config keys that differ between any two runs by construction; never shown as 'what differs'."""
@@ -344,6 +345,7 @@ def build_report(dirs: list[str | Path], out: str | Path | None = None) -> Path:
     for title, p in written:
         rel = os.path.relpath(p, out)
         lines += [f"## {title}", "", f"![{title}]({rel})", ""]
+    lines += class_sections(runs, out)
     lines += ["Runs: " + ", ".join(f"`{r.name}` ({r.path})" for r in runs), ""]
     report = out / "report.md"
     report.write_text("\n".join(lines))

@@ -99,8 +99,28 @@ class EvalConfig:
         "generative_classification: also answer every eval prompt greedily (up to max_new_tokens) and parse the "
         "answer to a label name: gen_<metric> and gen_unparsed (answers naming no label, counted wrong) beside "
         "the constrained metrics; the first eval.samples answers go to samples.jsonl."))
+    metrics: list[str] = field(default_factory=list, metadata=_help(
+        "classification and generative_classification: metrics computed at every evaluation beside the dataset's "
+        "own (any of accuracy, macro_f1, micro_f1, f1, precision, recall, matthews, auroc; f1/precision/recall are "
+        "of eval.positive_label, auroc needs a binary task); logged as eval_<name>."))
+    positive_label: str = field(default="", metadata=_help(
+        "The label (a name from the data, e.g. \"fraud\" or \"1\") that f1, precision, recall and auroc are of."))
+    primary: str = field(default="", metadata=_help(
+        "The headline metric: the summary's final and best_<primary> values and the report's curves (default the "
+        "dataset's own, e.g. accuracy); one of eval.metrics or the dataset metric's keys."))
 
     def __post_init__(self) -> None:
+        from fedtune.tasks.classification_metrics import POSITIVE_LABEL_METRICS, check_metric_names
+
+        try:
+            check_metric_names(self.metrics)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if len(set(self.metrics)) != len(self.metrics):
+            raise ConfigError(f"eval.metrics names a metric twice: {self.metrics}")
+        needs = sorted(POSITIVE_LABEL_METRICS.intersection(self.metrics))
+        if needs and not self.positive_label:
+            raise ConfigError(f"eval.metrics: {', '.join(needs)} (of one label) need eval.positive_label, the label's name")
         if self.every < 1:
             raise ConfigError(f"eval.every must be >= 1, got {self.every}")
         if not 0.0 < self.threshold < 1.0:

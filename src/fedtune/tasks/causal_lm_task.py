@@ -40,9 +40,10 @@ from fedtune.tasks.causal_lm import (
     perplexity,
     score_candidate_ids,
 )
+from fedtune.tasks.classification_metrics import MetricChoice, per_class_report
 from fedtune.tasks.data import DataError, TaskData, data_dir, seeded_rng
 from fedtune.tasks.label_prompts import LabelPrompts
-from fedtune.tasks.metrics import compute_metrics, primary_metric
+from fedtune.tasks.metrics import compute_metrics, metric_keys, primary_metric
 from fedtune.tasks.prompt_format import PromptFormat, PromptFormatError
 from fedtune.tasks.task import EvalContext, PartitionUnits, Task
 
@@ -215,7 +216,10 @@ class GenerativeClassificationTask(Task):
         except PromptFormatError as exc:
             raise DataError(f"{data.name}: {exc}") from None
         self.metric = data.metric
-        self.primary = primary_metric(data.metric)
+        self.choice = MetricChoice.resolve(eval_cfg, data.label_names or [], metric_keys(data.metric),
+                                           primary_metric(data.metric), regression=False, task=data.name)
+        self.primary = self.choice.primary
+        self._reports: dict[str, dict] = {}
         self.generative, self.max_new_tokens, self.samples = eval_cfg.generative, eval_cfg.max_new_tokens, eval_cfg.samples
         self.train = _lm_rows(self._encode(data.train), data.train.labels)
         self._answers: list[dict] = []
@@ -255,10 +259,23 @@ class GenerativeClassificationTask(Task):
         """This task's model for ``cfg`` (see :meth:`Task.build_model`)."""
         return load_model(cfg, "causal_lm", seed)
 
-    def _constrained(self, model: nn.Module, prompts: list[list[int]], ctx: EvalContext) -> list[int]:
+    def _constrained(self, model: nn.Module, prompts: list[list[int]], ctx: EvalContext, gold: list[int],
+                     report_as: str = "") -> dict[str, float]:
+        """The metrics of the constrained prediction (the likeliest label's answer); its per-class report."""
         with autocast(ctx.precision, ctx.device):
             scores = score_candidate_ids(model, prompts, self.prompts.candidates, pad_id=ctx.pad_id, device=ctx.device)
-        return scores.argmax(-1).tolist()
+        preds = scores.argmax(-1).tolist()
+        m = compute_metrics(self.metric, preds, gold)
+        m.update(self.choice.compute(gold, preds, num_labels=len(self.data.label_names),
+                                     scores=scores.float().softmax(-1).cpu().numpy()))
+        if report_as:
+            self._reports[report_as] = {"labels": list(self.data.label_names),
+                                        **per_class_report(gold, preds, self.data.label_names)}
+        return m
+
+    def details(self) -> dict:
+        """Per eval split of the latest evaluation: the constrained prediction's per-class report and confusion matrix."""
+        return {"classes": self._reports} if self._reports else {}
 
     def score_rows(self, model: nn.Module, rows: EncodedDataset, ctx: EvalContext) -> float:
         """The dataset's metric on some training rows (a client's own), predicting as :meth:`evaluate` does.
@@ -268,8 +285,7 @@ class GenerativeClassificationTask(Task):
         """
         prompts = [ids[: next(k for k, t in enumerate(labels) if t != IGNORE_INDEX)]
                    for ids, labels in zip(rows.input_ids, rows.token_labels, strict=True)]
-        preds = self._constrained(model, prompts, ctx)
-        return compute_metrics(self.metric, preds, rows.labels.tolist())[self.primary]
+        return self._constrained(model, prompts, ctx, rows.labels.tolist())[self.primary]
 
     def answer(self, model: nn.Module, prompts: list[list[int]], ctx: EvalContext) -> list[str]:
         """Greedy answers to prompt ids (batched, with the KV cache), as text."""
@@ -294,10 +310,10 @@ class GenerativeClassificationTask(Task):
         """This task's metrics of ``model`` on the eval split (see :meth:`Task.evaluate`)."""
         multi = len(self.data.evals) > 1
         result: dict[str, float] = {}
-        self._answers = []
+        self._answers, self._reports = [], {}
         for split, ds in self.data.evals.items():
             gold = list(ds.labels)
-            m = compute_metrics(self.metric, self._constrained(model, self._eval_prompts[split], ctx), gold)
+            m = self._constrained(model, self._eval_prompts[split], ctx, gold, report_as=split)
             if self.generative:
                 m.update(self._generated(model, split, gold, ctx))
             result.update({(f"{split}_{k}" if multi else k): v for k, v in m.items()})

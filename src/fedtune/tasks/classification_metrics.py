@@ -21,6 +21,7 @@ All values are plain Python floats computed with scikit-learn (a dependency); hi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -120,3 +121,52 @@ def per_class_report(labels: Any, predictions: Any, label_names: Sequence[str]) 
     }
     cm = skm.confusion_matrix(labels, predictions, labels=ids)
     return {"per_class": per_class, "confusion_matrix": cm.astype(int).tolist()}
+
+
+@dataclass(frozen=True)
+class MetricChoice:
+    """The metrics a user chose (``eval.metrics``, ``eval.positive_label``, ``eval.primary``), resolved for a task.
+
+    Built by :meth:`resolve`, which checks them against the task's labels and its dataset metric's keys, so a
+    wrong name fails before any training, with a one-line :class:`~fedtune.errors.ConfigError`.
+    """
+
+    names: tuple[str, ...]
+    """Chosen metric names, in the order given."""
+    positive: int | None
+    """Class id of ``eval.positive_label`` (``None`` when not set)."""
+    primary: str
+    """The headline key: ``eval.primary``, else the dataset metric's own headline."""
+
+    @classmethod
+    def resolve(cls, eval_cfg: Any, label_names: Sequence[str], official_keys: Sequence[str],
+                official_primary: str, *, regression: bool, task: str) -> MetricChoice:
+        """Check ``eval_cfg`` (an :class:`~fedtune.config.EvalConfig`) against the task; raise ConfigError."""
+        from fedtune.errors import ConfigError
+
+        names = tuple(eval_cfg.metrics)
+        if regression and (names or eval_cfg.positive_label):
+            raise ConfigError(f"eval.metrics {list(names)} / eval.positive_label: {task} is a regression task (float "
+                              "targets), which has no classes to count right or wrong; its metrics are pearson, spearman")
+        try:
+            if "auroc" in names:
+                check_auroc(len(label_names))
+            positive = resolve_positive_label(eval_cfg.positive_label or None, [str(n) for n in label_names])
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        keys = list(dict.fromkeys([*official_keys, *names]))
+        primary = eval_cfg.primary or official_primary
+        if primary not in keys:
+            raise ConfigError(f"eval.primary = {primary!r} is not a metric this run computes: {', '.join(keys)} "
+                              "(add it to eval.metrics)")
+        return cls(names, positive, primary)
+
+    def compute(self, labels: Any, predictions: Any, *, num_labels: int, scores: Any = None) -> dict[str, float]:
+        """The chosen metrics (see :func:`classification_metrics`); ``scores`` are per-class probabilities."""
+        if not self.names:
+            return {}
+        positive_scores = None
+        if scores is not None and "auroc" in self.names:
+            positive_scores = np.asarray(scores)[:, 1 if self.positive is None else self.positive]
+        return classification_metrics(labels, predictions, self.names, num_labels=num_labels,
+                                      positive=self.positive, scores=positive_scores)

@@ -37,6 +37,20 @@ _PRIMARY = {
 }
 
 
+_KEYS = {
+    "accuracy": ("accuracy",),
+    "matthews": ("matthews_correlation",),
+    "f1_accuracy": ("accuracy", "f1"),
+    "pearson_spearman": ("pearson", "spearman"),
+}
+
+
+def metric_keys(metric: str) -> tuple[str, ...]:
+    """The keys :func:`compute_metrics` returns for ``metric`` (e.g. ``("accuracy", "f1")`` for MRPC)."""
+    _check_metric(metric)
+    return _KEYS[metric]
+
+
 def _check_metric(metric: str) -> None:
     if metric not in _PRIMARY:
         raise ValueError(f"unknown metric {metric!r}; known metrics: {', '.join(METRICS)}")

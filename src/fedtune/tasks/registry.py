@@ -9,6 +9,10 @@ KINDS = ("classification", "multilabel", "qa", "causal_lm", "generative_classifi
 """Task kinds (``data.task``; ``auto`` resolves to one of these)."""
 
 
+_OWN_METRICS = {"multilabel": "micro_f1, macro_f1, per-label F1, with eval.threshold", "qa": "exact_match, f1",
+                "causal_lm": "perplexity, loss"}
+
+
 def task_kind(exp: Experiment) -> str:
     """``data.task``, with ``auto`` resolved from the dataset name."""
     from fedtune.tasks.causal_lm_task import CODE_ALPACA
@@ -32,11 +36,14 @@ def build_task(exp: Experiment, tokenizer) -> Task:
     """Load and encode the task ``exp`` describes (data errors name the file, column or value)."""
     kind = task_kind(exp)
     d, e = exp.data, exp.eval
+    if (e.metrics or e.positive_label or e.primary) and kind not in ("classification", "generative_classification"):
+        raise ConfigError(f"eval.metrics / eval.positive_label / eval.primary choose single-label classification "
+                          f"metrics; a {kind} task reports its own ({_OWN_METRICS[kind]})")
     if kind == "classification":
         from fedtune.tasks.classification_task import ClassificationTask
         from fedtune.tasks.data import load_task_data
 
-        return ClassificationTask(load_task_data(d, seed=exp.seed), tokenizer, d.max_length)
+        return ClassificationTask(load_task_data(d, seed=exp.seed), tokenizer, d.max_length, e)
     if kind == "multilabel":
         from fedtune.tasks.multilabel_task import MultiLabelTask
 

@@ -13,9 +13,9 @@ LoRA base corrections) must agree within 1e-6.
 | qa | extractive QA (stride windows on the nodes) | full fine-tuning | int16+gzip both ways, federated EM/F1 scored on the nodes |
 | multilabel | multi-label | LoRA, fedit | per-client micro F1 scored on the nodes |
 | causal_lm | causal LM (tiny Llama with a chat template; Alpaca and `messages` rows) | LoRA, svd with client ranks 2 and 4 | FedProx term, cosine learning rate across rounds |
-| generative | generative classification as chat instructions (tiny Llama + ChatML), generated answers parsed | LoRA, ffa | federated eval |
+| generative | generative classification as chat instructions (tiny Llama + ChatML), generated answers parsed | LoRA, ffa | federated eval, eval.metrics with eval.primary = macro_f1 |
 | fedsa | classification | LoRA, fedsa (B kept on the nodes) | |
-| fedper | classification | LoRA, FedPer (heads kept on the nodes) | federated evaluation, per-client evaluation, personalization report scored on the nodes |
+| fedper | classification | LoRA, FedPer (heads kept on the nodes) | federated evaluation, per-client evaluation, personalization report scored on the nodes, all by eval.primary = f1 of a positive label |
 | fedex | classification | LoRA, fedex (base corrections) | |
 | flora | classification | LoRA, flora (base corrections, fresh adapters) | |
 | attack | classification | LoRA, median | byzantine client_001 (`[attack]` noise: drawn on its node with the simulation's seed) |
@@ -132,7 +132,8 @@ def _generative(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
             f'data.train_file="{train}"', f'data.eval_file="{evalf}"', 'data.text_column="text"',
             'data.label_column="label"', "data.max_length=128", "data.train_size=48", "data.eval_size=16",
             "eval.generative=true", "eval.max_new_tokens=6", "eval.federated=true",
-            "train.lr=0.003", 'model.lora.aggregation="ffa"', f"data.label_names={LABELS}"]
+            "train.lr=0.003", 'model.lora.aggregation="ffa"', f"data.label_names={LABELS}",
+            'eval.metrics=["macro_f1", "matthews"]', 'eval.primary="macro_f1"']
 
 
 def _classification(rule: str):
@@ -149,7 +150,8 @@ def _classification(rule: str):
 def _fedper(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
     options = [o for o in _classification("fedit")(tmp_path, tiny_model_dir, tiny_csv) if "aggregation" not in o]
     return [*options, 'personalization.method="fedper"', "personalization.holdout=0.25", "eval.federated=true",
-            "eval.per_client=true", 'partition.method="label"', "partition.labels_per_client=2"]
+            "eval.per_client=true", 'partition.method="label"', "partition.labels_per_client=2",
+            'eval.metrics=["f1", "macro_f1"]', 'eval.positive_label="sports"', 'eval.primary="f1"']
 
 
 def _attack(tmp_path, tiny_model_dir, tiny_csv) -> list[str]:
@@ -201,6 +203,8 @@ def test_task_and_lora_rule_parity_on_real_processes(case, shared_federation, tm
     assert result.summary.get("attackers") == sim.summary.get("attackers")
     headline = sim.summary["headline_metric"]
     assert result.final_metrics[headline] == pytest.approx(sim.final_metrics[headline], rel=1e-6, abs=1e-6)
+    assert result.final_metrics.keys() == sim.final_metrics.keys()
+    assert result.summary.get("task_details") == sim.summary.get("task_details")  # per-class report, confusion matrix
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in result.history)
     # Client-side scores (computed on the nodes on Flower) and generated answers' scores agree too.
     scored = [k for k in sim.history[-1] if k.startswith(("eval_fed_", "eval_client_", "eval_gen_"))]

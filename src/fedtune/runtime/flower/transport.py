@@ -65,7 +65,7 @@ def server_task(exp: Experiment, tokenizer) -> Task:
         from fedtune.tasks.classification_task import ClassificationTask
 
         data = load_task_data(dataclasses.replace(d, train_file=d.eval_file, train_size=0), seed=exp.seed)
-        return ClassificationTask(data, tokenizer, d.max_length)
+        return ClassificationTask(data, tokenizer, d.max_length, exp.eval)
     if files and task_kind(exp) == "classification":
         log.warning("data.label_names is empty: the server reads %s only to infer the label names; "
                     "set data.label_names so it needs no training file", d.train_file)

@@ -23,14 +23,15 @@ from fedtune.config.federation import AttackConfig, FederationConfig, PrivacyCon
 from fedtune.config.model import EMBEDDED_MODEL_NAME, FREEZABLE_HEADS, LoraConfig, ModelConfig
 from fedtune.config.runtime import RuntimeConfig, SimulationConfig
 from fedtune.config.schema import _help, _plain, apply_overrides, flatten_table, from_dict, read_toml
+from fedtune.config.tracking import TrackingConfig
 from fedtune.config.training import EvalConfig, PersonalizationConfig, TrainConfig
 from fedtune.errors import ConfigError  # (re-exported: fedtune.config.ConfigError)
 
 __all__ = [
     "AttackConfig", "ConfigError", "DataConfig", "EMBEDDED_MODEL_NAME", "EvalConfig", "Experiment", "FREEZABLE_HEADS",
     "FederationConfig", "LoraConfig", "ModelConfig", "PartitionConfig", "PersonalizationConfig", "PrivacyConfig",
-    "RuntimeConfig", "SimulationConfig", "StrategyConfig", "TrainConfig", "apply_overrides", "default_experiment",
-    "flatten_table", "from_dict", "read_toml",
+    "RuntimeConfig", "SimulationConfig", "StrategyConfig", "TrackingConfig", "TrainConfig", "apply_overrides",
+    "default_experiment", "flatten_table", "from_dict", "read_toml",
 ]
 
 
@@ -57,6 +58,7 @@ class Experiment:
     personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     source_file: ClassVar[str] = ""
     """The TOML file this experiment was read from (set by :meth:`from_toml`; not a setting): the
     ``<file>:`` that prefixes errors found later, e.g. by :func:`fedtune.config.checks.check_experiment`."""

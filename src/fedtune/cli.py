@@ -35,7 +35,9 @@ def _load(args: argparse.Namespace) -> Experiment:
     if getattr(args, "output", None):
         overrides.append(f"output_dir={_toml_str(args.output)}")
     if args.config:
-        return Experiment.from_toml(args.config, overrides)
+        from fedtune.experiment_files import resolve_experiment_file
+
+        return Experiment.from_toml(resolve_experiment_file(args.config), overrides)
     return Experiment.from_overrides(overrides, base=default_experiment())
 
 
@@ -97,7 +99,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from fedtune import sweep as sw
 
     if args.sweep_file:
-        spec = sw.load_sweep(args.sweep_file)
+        from fedtune.experiment_files import resolve_experiment_file
+
+        spec = sw.load_sweep(resolve_experiment_file(args.sweep_file))
     elif args.grid or args.run_set:
         spec = sw.Sweep(base=None, output_dir=Path("runs") / "sweep", source="--grid")
     else:

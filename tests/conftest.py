@@ -27,6 +27,18 @@ SHARED_DATA = Path(os.environ.get("FEDTUNE_DATA_DIR", REPO.parent / "shared" / "
 # the Flower tests hand paths to a SuperLink that runs in another folder)
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """A test that sets torch's thread count (e.g. to compare with 1-thread workers) leaves it as it found it:
+    the tests after it would otherwise all run on one thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-layer BERT (hidden 32) with a word-level tokenizer, saved as an HF folder."""

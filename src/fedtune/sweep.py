@@ -278,7 +278,8 @@ def plan(sweep: Sweep) -> list[SweepRun]:
                 exp = Experiment.from_overrides([*sweep.common, *overrides], base=base_exp)
             out = sweep.output_dir / name
             exp = Experiment.from_overrides(
-                [f"name={toml_literal(f'{base_name or exp.name}-{name}')}", f"output_dir={toml_literal(str(out))}"],
+                [f"name={toml_literal(f'{base_name or exp.name}-{name}')}", f"output_dir={toml_literal(str(out))}",
+                 *tracking_overrides(exp, sweep, name)],
                 base=exp,
             )
         except ConfigError as exc:
@@ -287,6 +288,25 @@ def plan(sweep: Sweep) -> list[SweepRun]:
         runs.append(SweepRun(name=name, overrides=list(overrides), experiment=exp))
     _check_existing_folders(runs)
     return runs
+
+
+def tracking_overrides(exp: Experiment, sweep: Sweep, name: str) -> list[str]:
+    """``[tracking]`` of a sweep's run: its own tracked run, all of them under one experiment named after the sweep.
+
+    MLflow experiment / W&B project ``tracking.experiment`` (the sweep folder's name unless the base sets one),
+    W&B group and MLflow tag ``tracking.group`` the sweep's name, run name the run's name, TensorBoard events
+    in ``<sweep folder>/tensorboard/<run>`` (or ``<base's tensorboard_dir>/<run>``), so ``tensorboard
+    --logdir <sweep folder>/tensorboard`` compares them. Nothing when tracking is off.
+    """
+    tracking = exp.tracking
+    if not tracking.backends:
+        return []
+    sweep_name = sweep.output_dir.name
+    tb_root = Path(tracking.tensorboard_dir) if tracking.tensorboard_dir else sweep.output_dir / "tensorboard"
+    return [f"tracking.experiment={toml_literal(tracking.experiment or sweep_name)}",
+            f"tracking.group={toml_literal(tracking.group or sweep_name)}",
+            f"tracking.run_name={toml_literal(tracking.run_name + '-' + name if tracking.run_name else name)}",
+            f"tracking.tensorboard_dir={toml_literal(str(tb_root / name))}"]
 
 
 def _check_existing_folders(runs: Sequence[SweepRun]) -> None:

@@ -35,6 +35,7 @@ from fedtune.server.loop import Transport, run_rounds
 from fedtune.server.progress import Progress
 from fedtune.strategies.base import Strategy
 from fedtune.tasks.task import EvalContext, Task
+from fedtune.tracking import Trackers, check_installed, open_trackers
 from fedtune.types import BASE_OFFSET, ClientScore, ClientState, ServerState
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ def prepare_server(exp: Experiment, build_task: Callable[[Experiment, Any], Task
     check_precision(exp.train.precision, device)
     check_quantization(exp.model.quantization, device)
     check_output_dir(exp, resume=resume, overwrite=overwrite)
+    check_installed(exp)  # ([tracking]: a tracker library that is missing stops the run here)
     tokenizer = load_tokenizer(exp.model.name, exp.model.gguf_file)
     task = build_task(exp, tokenizer)
     model = build_model(task, exp, device)
@@ -229,7 +231,14 @@ def run_federation(
     ``ckpt`` continues from a checkpoint (its client states go back into ``fed.client_states``).
     Client-side scores (``eval.federated``, ``eval.per_client``, ``[personalization]``) are asked of
     the clients through ``transport.score_round``, so they are computed where the rows are.
+    ``[tracking]``: every round goes to the trackers too; a run that raises ends their runs FAILED.
     """
+    with open_trackers(side.exp, side.out) as trackers:
+        return _run_federation(side, strategy, transport, fed, trackers, quiet=quiet, ckpt=ckpt, summary=summary)
+
+
+def _run_federation(side: ServerSide, strategy: Strategy, transport: Transport, fed: Federation, trackers: Trackers,
+                    *, quiet: bool, ckpt: checkpoint.Checkpoint | None, summary: dict[str, Any] | None) -> RunResult:
     exp, task, model = side.exp, side.task, side.model
     out, ctx, headline = side.out, side.eval_context, side.task.headline
     samples_path = out / "samples.jsonl"
@@ -257,12 +266,13 @@ def run_federation(
     start, previous = strategy.init(initial), []
     if ckpt is not None:  # server state, client states, RNGs and metrics.jsonl back to the checkpoint's round
         start, previous = checkpoint.restore(ckpt, start, fed.client_states, out / "metrics.jsonl")
+        trackers.log_history(previous)  # (a resumed run is a new tracked run: it gets the earlier rounds too)
     resumed_time = ckpt.wall_time if ckpt is not None else 0.0  # (a resumed run continues its clock)
     state, history = run_rounds(
         strategy, transport, list(fed.clients), start,
         rounds=rounds, per_round=fed.per_round, seed=exp.seed, evaluate=evaluate, eval_every=exp.eval.every,
         callbacks=[JsonlWriter(out / "metrics.jsonl"), progress.round_done,
-                   checkpoint.Checkpointer(out, exp, fed.client_states, fed.data_fingerprint)],
+                   checkpoint.Checkpointer(out, exp, fed.client_states, fed.data_fingerprint), trackers],
         on_client_done=progress.client_done, eval_initial=exp.eval.initial and start.round == 0,
         wall_time_offset=resumed_time,
         stop=CommBudget(exp.federation.comm_budget_bytes, exp.federation.budget_action, previous),
@@ -287,15 +297,17 @@ def run_federation(
     summary["bytes_up_total"] = sum(r.get("bytes_up", 0) for r in history)
     summary["bytes_down_total"] = sum(r.get("bytes_down", 0) for r in history)
     summary["clients_per_round"] = fed.per_round
-    return finish_run(side, history, final, summary, quiet, wall_time_offset=resumed_time)
+    return finish_run(side, history, final, summary, quiet, wall_time_offset=resumed_time, trackers=trackers)
 
 
 def finish_run(side: ServerSide, history: list[dict], final: dict[str, float], summary: dict[str, Any],
-               quiet: bool, *, wall_time_offset: float = 0.0) -> RunResult:
+               quiet: bool, *, wall_time_offset: float = 0.0, trackers: Trackers | None = None) -> RunResult:
     """Write ``summary.json`` (final and best metrics, wall time), print the table; the RunResult.
 
     ``wall_time_offset``: the wall time a resumed run had reached at its checkpoint, so the summary
-    counts the whole run, not only the last process.
+    counts the whole run, not only the last process. ``trackers``: the run's trackers, which get the
+    final files and are ended FINISHED; None opens them here (``[tracking]``) and logs ``history`` first
+    (the local baseline, whose rounds ran without them).
     """
     task, headline = side.task, side.task.headline
     summary["final_metrics"] = final
@@ -308,6 +320,12 @@ def finish_run(side: ServerSide, history: list[dict], final: dict[str, float], s
     summary["higher_is_better"] = task.higher_is_better
     summary["wall_time"] = wall_time_offset + time.perf_counter() - side.t_start
     write_summary(side.out / "summary.json", summary)
+    if trackers is None:
+        with open_trackers(side.exp, side.out) as trackers:
+            trackers.log_history(history)
+            trackers.finish(side.out, log_model=side.exp.tracking.log_model)
+    else:
+        trackers.finish(side.out, log_model=side.exp.tracking.log_model)
     if not quiet:
         print_table(history, headline, sys.stdout)
         shown = final.get(headline, final.get(f"{headline}_mean", float("nan")))

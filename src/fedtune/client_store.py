@@ -171,7 +171,7 @@ class ClientStateStore(MutableMapping[str, ClientState]):
             if path.name not in keep and (_FILE_RE.match(path.name) or path.name.endswith(".tmp")):
                 path.unlink(missing_ok=True)
 
-    def restore(self, index: Mapping[str, int], states: Mapping[str, ClientState] = ()) -> None:
+    def restore(self, index: Mapping[str, int], states: Mapping[str, ClientState] | None = None) -> None:
         """Make the store hold exactly a checkpoint's states: ``index`` (files of this folder) plus ``states``.
 
         ``states`` are inline client states of an older checkpoint format. A file ``index`` names that
@@ -186,6 +186,6 @@ class ClientStateStore(MutableMapping[str, ClientState]):
         self._on_disk = dict(index)
         self._committed = dict(index)
         self._next_gen = max(index.values(), default=0) + 1
-        for client_id, state in dict(states).items():
+        for client_id, state in dict(states or {}).items():
             self[client_id] = state
         self.collect(index)  # (files of the killed run's unfinished round)

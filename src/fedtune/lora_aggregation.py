@@ -179,7 +179,19 @@ class _ModuleSums:
 
     def grow(self, rank: int) -> None:
         if self.a is not None and rank > self.a.shape[0]:
-            self.a, self.b = pad_rank(self.a, self.b, rank)
+            self.a, self.b = pad_rank(*self.factors(), rank)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded factor sums ``(a, b)``: both set by the same (first non-stacked) client."""
+        if self.a is None or self.b is None:
+            raise RuntimeError("LoRA aggregation: no factor sums for this module (no client folded in)")
+        return self.a, self.b
+
+    def dense_sum(self) -> torch.Tensor:
+        """The dense sum ``sum w_i s_i B_i A_i`` (set by every client)."""
+        if self.dense is None:
+            raise RuntimeError("LoRA aggregation: no dense sum for this module (no client folded in)")
+        return self.dense
 
 
 class LoraAccumulator:
@@ -252,7 +264,7 @@ class LoraAccumulator:
                         self.shared_a[m.name].shape[0] if self.rule == "ffa" else 0)
             acc.grow(width)
             a_pad, b_pad = pad_rank(a, b, width)
-            if acc.a is None:
+            if acc.a is None or acc.b is None:  # both unset: the first client (they are set together)
                 acc.a, acc.b = weight * a_pad, (weight * ratio) * b_pad
             else:
                 acc.a.add_(a_pad, alpha=weight)
@@ -276,9 +288,11 @@ class LoraAccumulator:
         out = LoraResult(params={n: (v / total).float() for n, v in self._other_sums.items()})
         for m in self.modules:
             acc = self._sums[m.name]
-            target = acc.dense / total
+            target = acc.dense_sum() / total
             out.target[m.name] = target
             if self.rule == "svd":
+                if self.rank is None:  # checked in __init__: svd needs a global rank
+                    raise ValueError("svd aggregation needs a global rank")
                 a, b, kept, energy = _svd_factors(target, self.rank, self.scaling)
                 out.energy[m.name] = (kept, energy)
             elif self.rule == "flora" and not self.merge:
@@ -290,11 +304,12 @@ class LoraAccumulator:
                 b = torch.zeros(target.shape[0], rank, dtype=torch.float64)
                 out.base_delta[m.name] = target.float()
             else:
-                rank = self.rank if self.rank is not None else acc.a.shape[0]
+                sum_a, sum_b = acc.factors()
+                rank = self.rank if self.rank is not None else sum_a.shape[0]
                 if rank < acc.max_rank:
                     raise ValueError(f"{self.rule}: output rank {rank} is below a client's rank {acc.max_rank} "
                                      f"({m.name})")
-                a, b = pad_rank(acc.a / total, acc.b / total, rank)
+                a, b = pad_rank(sum_a / total, sum_b / total, rank)
                 if self.rule == "ffa":
                     a = self.shared_a[m.name].double()
                     b = pad_rank(a, b, a.shape[0])[1]

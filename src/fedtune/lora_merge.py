@@ -20,6 +20,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,6 +29,9 @@ from torch import nn
 from fedtune.artifacts import BASE_OFFSET_FILE
 from fedtune.errors import MergeError  # (re-exported here: raised by this module)
 from fedtune.lora_aggregation import aggregate_lora, lora_modules, module_rank, other_names
+
+if TYPE_CHECKING:
+    from peft import LoraConfig, PeftModel
 
 ADAPTER_CONFIG = "adapter_config.json"
 """peft's adapter configuration file."""
@@ -215,7 +219,9 @@ def warm_start(model: nn.Module, path: str | Path) -> None:
         if own[k].shape != v.shape:
             raise MergeError(f"model.init_adapter = {str(path)!r}: tensor {k} has shape {tuple(v.shape)}, the model's "
                              f"is {tuple(own[k].shape)} (adapter rank {adapter.config.get('r')}; check model.lora.r)")
-    scaling = model.peft_config["default"].lora_alpha / model.peft_config["default"].r
+    peft_model = cast("PeftModel", model)  # (a peft model: get_peft_model_state_dict above reads it as one)
+    lora = cast("LoraConfig", peft_model.peft_config["default"])  # (fedtune's adapters are LoRA)
+    scaling = lora.lora_alpha / lora.r
     if not math.isclose(adapter.scaling, scaling):
         factor = adapter.scaling / scaling  # keep the adapter's update: fold the scaling difference into B
         adapter.tensors = {k: v * factor if ".lora_B." in k else v for k, v in adapter.tensors.items()}

@@ -18,7 +18,7 @@ import numbers
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -32,7 +32,7 @@ JSON_CLIENT_LIMIT = 1000
 _CLIENT_FILE_RE = re.compile(r"^client_(\d{3,})\.json$")
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[numbers.Integral]:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -51,7 +51,7 @@ def client_ids(num_clients: int) -> list[str]:
 
 
 def label_histogram(
-    indices: Sequence[int], labels: Sequence[int] | None, label_names: Sequence[str] | None
+    indices: Sequence[int], labels: Sequence[int] | np.ndarray | None, label_names: Sequence[str] | None
 ) -> dict[str, int]:
     """Count the classes of the rows ``indices``.
 
@@ -128,8 +128,8 @@ def write_manifests(
         raise PartitionError(f"write_manifests: meta keys {clash} clash with computed summary fields")
     checked = [_check_indices(f"write_manifests: shard {i}", shard) for i, shard in enumerate(shards)]
     ids = client_ids(len(checked))
-    labels = None if labels is None else np.asarray(labels)  # (once: converting it per client was quadratic)
-    histograms = {cid: label_histogram(shard, labels, label_names) for cid, shard in zip(ids, checked, strict=True)}
+    label_arr = None if labels is None else np.asarray(labels)  # (once: converting it per client was quadratic)
+    histograms = {cid: label_histogram(shard, label_arr, label_names) for cid, shard in zip(ids, checked, strict=True)}
     summary: dict[str, Any] = {
         "num_clients": len(checked),
         "total_rows": sum(len(s) for s in checked),
@@ -241,10 +241,11 @@ def read_manifests(directory: str | Path) -> tuple[list[list[int]], dict[str, An
     if not isinstance(summary, dict):
         raise PartitionError(f"read_manifests: summary file {summary_path} must hold a JSON object")
     num_clients = summary.get("num_clients")
-    if not _is_int(num_clients) or num_clients < 0:
+    if not _is_int(num_clients) or int(num_clients) < 0:
         raise PartitionError(
             f"read_manifests: summary file {summary_path} has invalid num_clients {num_clients!r}"
         )
+    num_clients = int(num_clients)  # an integral count (checked above)
     shards: list[list[int]] = []
     if summary.get("format") == "parquet":
         path = directory / str(summary.get("clients_file", PARQUET_FILE))

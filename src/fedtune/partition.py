@@ -166,7 +166,7 @@ def _apportion(total: int, weights: np.ndarray) -> np.ndarray:
     return base
 
 
-def _finish(shards: Sequence[np.ndarray]) -> list[list[int]]:
+def _finish(shards: Sequence[np.ndarray] | Sequence[Sequence[int]]) -> list[list[int]]:
     return [sorted(int(i) for i in shard) for shard in shards]
 
 
@@ -382,6 +382,7 @@ def partition_indices(
         )
     rng = np.random.default_rng(int(seed))
 
+    shards: Sequence[np.ndarray] | Sequence[Sequence[int]]  # index arrays, or lists of ints
     if method == "iid":
         shards = _iid(np.arange(n), label_arr, num_clients, rng)
     elif method == "overlap":

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # (torch is not imported for the types alone: configuration commands stay light)
     import torch
 
+    from fedtune.client.kinds import ClientKind  # (kinds imports this module: for the checker only)
+
 TensorDict = dict[str, "torch.Tensor"]
 """Trainable tensors only (LoRA factors, task head, unfrozen layers), by stable name."""
 
@@ -80,10 +82,10 @@ class RoundPlan:
     round: int
     params: TensorDict
     local: LocalTrainConfig
-    # (ClientKind is fedtune.client.kinds.ClientKind; not imported here, so this module imports nothing of fedtune)
-    objective: ClientKind | None = None  # noqa: F821
+    # (ClientKind is imported for the type checker only, so at run time this module imports nothing of fedtune)
+    objective: ClientKind | None = None
     """The client-side half of the strategy that changes local training (FedProx's term, SCAFFOLD's c, ...)."""
-    adapter: ClientKind | None = None  # noqa: F821
+    adapter: ClientKind | None = None
     """The client-side half of a LoRA-aware rule (per-client rank, frozen A, personal B); None otherwise."""
     personal: frozenset[str] = frozenset()
     """Tensors each client keeps to itself (FedPer's head): trained from its own copy, sent as zero change."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import fedtune.strategies  # noqa: F401  (registers the built-in client kinds: prox, scaffold, lora)
 from fedtune.client.kinds import ClientKind, kind_named
@@ -88,7 +88,8 @@ def _decode_scalar(config: Mapping[str, Any], key: str, type_name: str) -> Any:
         expected = _SCALARS[type_name]
         if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
             raise WireError(f"plan key {key!r}: expected {type_name}, got {value!r}")
-        return float(value) if type_name == "float" else value
+        # (a float field holds a float or an int: checked above; isinstance on a tuple of types narrows to object)
+        return float(cast("float | int", value)) if type_name == "float" else value
     if type_name in ("Mapping[str, int]", "Mapping[str, float]"):
         try:
             mapping = json.loads(value)

@@ -191,7 +191,12 @@ def option_table_of(options_cls: type) -> dict[str, OptionField]:
     hints = typing.get_type_hints(options_cls)
     table = {}
     for f in dataclasses.fields(options_cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            raise TypeError(f"{options_cls.__name__}.{f.name}: an option needs a default (or a default_factory)")
         table[f.name] = OptionField(hints[f.name], default, f.metadata["help"])
     return table
 

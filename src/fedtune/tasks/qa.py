@@ -84,14 +84,16 @@ def prepare_train_features(tokenizer, examples: Sequence[QAExample], max_length:
         seq_ids = enc.sequence_ids(i)
         cls = enc["input_ids"][i].index(tokenizer.cls_token_id) if tokenizer.cls_token_id in enc["input_ids"][i] else 0
         if not ex.answers:
-            starts.append(cls), ends.append(cls)
+            starts.append(cls)
+            ends.append(cls)
             continue
         text, char_start = ex.answers[0]
         char_end = char_start + len(text)
         ctx = [j for j, s in enumerate(seq_ids) if s == 1]
         first, last = ctx[0], ctx[-1]
         if offsets[first][0] > char_start or offsets[last][1] < char_end:
-            starts.append(cls), ends.append(cls)
+            starts.append(cls)
+            ends.append(cls)
             continue
         s = first
         while s <= last and offsets[s][0] <= char_start:
@@ -99,7 +101,8 @@ def prepare_train_features(tokenizer, examples: Sequence[QAExample], max_length:
         e = last
         while e >= first and offsets[e][1] >= char_end:
             e -= 1
-        starts.append(s - 1), ends.append(e + 1)
+        starts.append(s - 1)
+        ends.append(e + 1)
     return QAFeatures(
         input_ids=list(enc["input_ids"]),
         token_type_ids=list(enc["token_type_ids"]) if "token_type_ids" in enc else None,

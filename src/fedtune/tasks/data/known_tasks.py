@@ -45,6 +45,7 @@ def _glue(
     def at(file: str) -> _LocalSplit:
         return _LocalSplit(file, local.header, local.text, local.pair, local.label)
 
+    hub_evals: tuple[str, ...]
     if mnli:
         hub_evals = ("validation_matched", "validation_mismatched")
         local_evals = {

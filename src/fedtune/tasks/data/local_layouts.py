@@ -56,8 +56,8 @@ def _read_local_split(spec: _TaskSpec, folder: Path, split: _LocalSplit) -> Text
         header = [h.strip() for h in lines[0][1]]
         lines = lines[1:]
 
-        def col(name: str | int | None) -> int | None:
-            if name is None or isinstance(name, int):
+        def col(name: str | int) -> int:
+            if isinstance(name, int):
                 return name
             if name not in header:
                 raise DataError(
@@ -68,9 +68,14 @@ def _read_local_split(spec: _TaskSpec, folder: Path, split: _LocalSplit) -> Text
 
         width = len(header)
     else:
-        col = lambda name: name  # noqa: E731
+        def col(name: str | int) -> int:
+            if isinstance(name, str):  # a layout bug: without a header the columns are indices
+                raise DataError(f"{path}: column {name!r} named, but the file has no header")
+            return name
+
         width = len(lines[0][1]) if lines else 0
-    text_i, pair_i, label_i = col(split.text), col(split.pair), col(split.label)
+    text_i, label_i = col(split.text), col(split.label)
+    pair_i = None if split.pair is None else col(split.pair)
     if not lines:
         raise DataError(f"{path}: no rows (empty split)")
     label_col = split.label if isinstance(split.label, str) else f"column {split.label + 1}"
@@ -85,7 +90,7 @@ def _read_local_split(spec: _TaskSpec, folder: Path, split: _LocalSplit) -> Text
                 f"{path}, line {lineno}: expected {width} tab-separated fields, found {len(fields)}"
             )
         texts.append(fields[text_i])
-        if pairs is not None:
+        if pairs is not None and pair_i is not None:  # (both or neither)
             pairs.append(fields[pair_i])
         raw = fields[label_i].strip()
         if spec.label_kind == "float":

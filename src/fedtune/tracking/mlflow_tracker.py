@@ -22,6 +22,8 @@ MAX_VALUE = 6000
 """Longest param value MLflow stores (longer ones are cut)."""
 BATCH = 100
 """Params per ``log_batch`` call (MLflow's limit)."""
+EXPERIMENT_KIND = "custom_model_development"
+"""The ``mlflow.experimentKind`` tag of the experiments fedtune creates: model training (the UI's training view)."""
 
 
 def tracking_uri(exp, out_dir: Path) -> str:
@@ -55,7 +57,8 @@ class MlflowTracker:
         if found is not None:
             self.experiment_id = found.experiment_id
         else:
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location(uri))
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=artifact_location(uri),
+                                                               tags={"mlflow.experimentKind": EXPERIMENT_KIND})
         self.run_id = self.client.create_run(self.experiment_id, run_name=run_name, tags=dict(tags or {})).info.run_id
 
     def log_params(self, flat: Mapping[str, Any]) -> None:

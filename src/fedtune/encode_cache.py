@@ -103,6 +103,14 @@ def cache_key(encoder: str, tokenizer, options: dict, inputs: str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def token_list(lists: TokenLists, name: str) -> Sequence[list[int]]:
+    """The rows ``lists[name]``, which the encoder always fills (a ValueError if they are None)."""
+    rows = lists[name]
+    if rows is None:
+        raise ValueError(f"encoded rows: {name!r} is missing (the encoder always fills it)")
+    return rows
+
+
 def cached_token_lists(encoder: str, tokenizer, options: dict, inputs: str,
                        compute: Callable[[], TokenLists]) -> TokenLists:
     """``compute()`` (named lists of token-id rows, a list may be None), read from the cache when enabled."""

@@ -124,8 +124,8 @@ def load_instructions(path: str | Path) -> list[Instruction]:
 class EncodedLM:
     """Token ids and labels (-100 where no loss is taken), unpadded."""
 
-    input_ids: list[list[int]]
-    labels: list[list[int]]
+    input_ids: Sequence[list[int]]  # lists of lists, or a compact TokenRows (read from the encoding cache)
+    labels: Sequence[list[int]]
 
     def __len__(self) -> int:
         return len(self.input_ids)

@@ -103,6 +103,13 @@ def _lm_rows(enc: EncodedLM, classes: Sequence[int] | None = None) -> EncodedDat
     return EncodedDataset(enc.input_ids, None, labels, token_labels=enc.labels)
 
 
+def _token_labels(rows: EncodedDataset) -> Sequence[list[int]]:
+    """The per-token targets of LM rows (:func:`_lm_rows` always sets them)."""
+    if rows.token_labels is None:
+        raise ValueError("causal LM rows without per-token labels (token_labels)")
+    return rows.token_labels
+
+
 def _with_answers(enc: EncodedLM, split: str, max_length: int) -> EncodedLM:
     """The rows that keep answer tokens after truncation (a row without any has nothing to learn or score)."""
     keep = [i for i, labels in enumerate(enc.labels) if any(t != IGNORE_INDEX for t in labels)]
@@ -151,7 +158,7 @@ class CausalLMTask(Task):
         lists = encode_cache.cached_token_lists(
             "causal_lm", self.tokenizer, {"format": self.format.name, "max_length": max_length},
             encode_cache.inputs_digest([ex.messages() for ex in examples]), compute)
-        return EncodedLM(lists["input_ids"], lists["labels"])
+        return EncodedLM(encode_cache.token_list(lists, "input_ids"), encode_cache.token_list(lists, "labels"))
 
     @property
     def units(self) -> PartitionUnits:
@@ -172,7 +179,7 @@ class CausalLMTask(Task):
 
     def score_rows(self, model: nn.Module, rows: EncodedDataset, ctx: EvalContext) -> float:
         """Response perplexity on some training rows (a client's own; per-client and federated evaluation)."""
-        data = EncodedLM(list(rows.input_ids), list(rows.token_labels))
+        data = EncodedLM(list(rows.input_ids), list(_token_labels(rows)))
         return perplexity(model, data, pad_id=ctx.pad_id, batch_size=ctx.batch_size, device=ctx.device)["perplexity"]
 
     @torch.inference_mode()
@@ -206,12 +213,13 @@ class GenerativeClassificationTask(Task):
     kind = "generative_classification"
 
     def __init__(self, data: TaskData, data_cfg: DataConfig, eval_cfg: EvalConfig, tokenizer) -> None:
-        if data.is_regression:
+        if data.label_names is None:  # (a regression task)
             raise DataError(f"{data.name}: generative classification needs class labels, not a regression target")
+        self.label_names: list[str] = data.label_names
         self.data, self.name = data, data.name
         self.tokenizer = tokenizer
         try:
-            self.prompts = LabelPrompts(tokenizer, data.label_names, template=data_cfg.prompt_template,
+            self.prompts = LabelPrompts(tokenizer, self.label_names, template=data_cfg.prompt_template,
                                         prompt_format=data_cfg.prompt_format, max_length=data_cfg.max_length)
         except PromptFormatError as exc:
             raise DataError(f"{data.name}: {exc}") from None
@@ -221,7 +229,7 @@ class GenerativeClassificationTask(Task):
         self.primary = self.choice.primary
         self._reports: dict[str, dict] = {}
         self.generative, self.max_new_tokens, self.samples = eval_cfg.generative, eval_cfg.max_new_tokens, eval_cfg.samples
-        self.train = _lm_rows(self._encode(data.train), data.train.labels)
+        self.train = _lm_rows(self._encode(data.train), data.class_ids(data.train))
         self._answers: list[dict] = []
         first = next(iter(data.evals))
         self.headline = f"{first}_{self.primary}" if len(data.evals) > 1 else self.primary
@@ -248,12 +256,12 @@ class GenerativeClassificationTask(Task):
                    "max_length": self.prompts.max_length, "label_names": self.prompts.label_names}
         lists = encode_cache.cached_token_lists("generative_classification", self.tokenizer, options,
                                                 encode_cache.inputs_digest(ds.texts, ds.text_pairs, ds.labels), compute)
-        return EncodedLM(lists["input_ids"], lists["labels"])
+        return EncodedLM(encode_cache.token_list(lists, "input_ids"), encode_cache.token_list(lists, "labels"))
 
     @property
     def units(self) -> PartitionUnits:
         """The partitioning units of the training split (see :meth:`Task.units`)."""
-        return PartitionUnits(len(self.train), list(self.data.train.labels), None, self.data.label_names)
+        return PartitionUnits(len(self.train), list(self.data.class_ids(self.data.train)), None, self.data.label_names)
 
     def build_model(self, cfg: ModelConfig, seed: int) -> nn.Module:
         """This task's model for ``cfg`` (see :meth:`Task.build_model`)."""
@@ -266,11 +274,11 @@ class GenerativeClassificationTask(Task):
             scores = score_candidate_ids(model, prompts, self.prompts.candidates, pad_id=ctx.pad_id, device=ctx.device)
         preds = scores.argmax(-1).tolist()
         m = compute_metrics(self.metric, preds, gold)
-        m.update(self.choice.compute(gold, preds, num_labels=len(self.data.label_names),
+        m.update(self.choice.compute(gold, preds, num_labels=len(self.label_names),
                                      scores=scores.float().softmax(-1).cpu().numpy()))
         if report_as:
-            self._reports[report_as] = {"labels": list(self.data.label_names),
-                                        **per_class_report(gold, preds, self.data.label_names)}
+            self._reports[report_as] = {"labels": list(self.label_names),
+                                        **per_class_report(gold, preds, self.label_names)}
         return m
 
     def details(self) -> dict:
@@ -284,7 +292,7 @@ class GenerativeClassificationTask(Task):
         (the tokens before the first one with a loss) is scored against every label's answer.
         """
         prompts = [ids[: next(k for k, t in enumerate(labels) if t != IGNORE_INDEX)]
-                   for ids, labels in zip(rows.input_ids, rows.token_labels, strict=True)]
+                   for ids, labels in zip(rows.input_ids, _token_labels(rows), strict=True)]
         return self._constrained(model, prompts, ctx, rows.labels.tolist())[self.primary]
 
     def answer(self, model: nn.Module, prompts: list[list[int]], ctx: EvalContext) -> list[str]:
@@ -297,11 +305,11 @@ class GenerativeClassificationTask(Task):
     def _generated(self, model: nn.Module, split: str, gold: list[int], ctx: EvalContext) -> dict[str, float]:
         answers = self.answer(model, self._eval_prompts[split], ctx)
         parsed = [self.prompts.parse(a) for a in answers]
-        n = len(self.data.label_names)
+        n = len(self.label_names)
         preds = [p if p is not None else (g + 1) % n for p, g in zip(parsed, gold, strict=True)]  # unparsed: wrong
         if not self._answers:
-            self._answers = [{"split": split, "answer": a, "parsed": None if p is None else self.data.label_names[p],
-                              "reference": self.data.label_names[g]} for a, p, g in zip(answers, parsed, gold, strict=True)]
+            self._answers = [{"split": split, "answer": a, "parsed": None if p is None else self.label_names[p],
+                              "reference": self.label_names[g]} for a, p, g in zip(answers, parsed, gold, strict=True)]
         m = {f"gen_{k}": v for k, v in compute_metrics(self.metric, preds, gold).items()}
         m["gen_unparsed"] = sum(p is None for p in parsed) / len(parsed)
         return m
@@ -312,7 +320,7 @@ class GenerativeClassificationTask(Task):
         result: dict[str, float] = {}
         self._answers, self._reports = [], {}
         for split, ds in self.data.evals.items():
-            gold = list(ds.labels)
+            gold = list(self.data.class_ids(ds))
             m = self._constrained(model, self._eval_prompts[split], ctx, gold, report_as=split)
             if self.generative:
                 m.update(self._generated(model, split, gold, ctx))

@@ -23,7 +23,7 @@ from fedtune.tasks.task import EvalContext, PartitionUnits, Task
 
 def classification_units(data: TaskData) -> PartitionUnits:
     """Rows as partitioning units, with their class ids (none for regression)."""
-    labels = None if data.is_regression else list(data.train.labels)
+    labels = None if data.is_regression else list(data.class_ids(data.train))
     return PartitionUnits(len(data.train), labels, None, data.label_names)
 
 
@@ -61,7 +61,7 @@ class ClassificationTask(Task):
         lists = encode_cache.cached_token_lists("classification", self.tokenizer, {"max_length": self.max_length},
                                                 encode_cache.inputs_digest(ds.texts, ds.text_pairs), compute)
         dtype = torch.float32 if self.data.is_regression else torch.long
-        return EncodedDataset(lists["input_ids"], lists["token_type_ids"], torch.as_tensor(list(ds.labels), dtype=dtype))
+        return EncodedDataset(encode_cache.token_list(lists, "input_ids"), lists["token_type_ids"], torch.as_tensor(list(ds.labels), dtype=dtype))
 
     @property
     def units(self) -> PartitionUnits:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 from fedtune.batching import bounded_text
 from fedtune.tasks.causal_lm import IGNORE_INDEX, Instruction, _ids, candidate_ids
-from fedtune.tasks.prompt_format import PromptFormat, PromptFormatError
+from fedtune.tasks.prompt_format import PromptFormat, PromptFormatError, PromptFormatName
 
 PLAIN_TEMPLATE = "{text}\nLabel:"
 """The prompt of a base model when ``data.prompt_template`` is empty."""
@@ -47,7 +47,8 @@ def default_template(chat: bool) -> str:
 class LabelPrompts:
     """One tokenizer's rendering of classification rows: prompt ids, answer tokens, candidates, parsing."""
 
-    def __init__(self, tokenizer, label_names: Sequence[str], *, template: str = "", prompt_format: str = "auto",
+    def __init__(self, tokenizer, label_names: Sequence[str], *, template: str = "",
+                 prompt_format: PromptFormatName = "auto",
                  max_length: int) -> None:
         self.tokenizer, self.label_names, self.max_length = tokenizer, list(label_names), max_length
         self.format = PromptFormat(tokenizer, prompt_format)
@@ -119,6 +120,8 @@ class LabelPrompts:
     def _tail(self, label: int | None) -> tuple[list[int], list[int]]:
         """The tokens after the prompt for ``label``: the answer and its end (EOS, or the chat end-of-turn)."""
         if not self.chat:
+            if label is None:  # (only a chat template renders an empty answer: _candidates asks for it there)
+                raise ValueError("a plain prompt format has no empty answer (its answers end with EOS)")
             ids = candidate_ids(self.tokenizer, [" " + self.label_names[label]])[0] + [self.tokenizer.eos_token_id]
             return ids, list(ids)
         answer = "" if label is None else self.label_names[label]

@@ -7,8 +7,18 @@ probability is at least the threshold. Computed with scikit-learn (zero_division
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypedDict
 
 import numpy as np
+
+
+class MultilabelScores(TypedDict):
+    """What :func:`multilabel_scores` returns (a plain dict at run time)."""
+
+    micro_f1: float
+    macro_f1: float
+    subset_accuracy: float
+    per_label_f1: list[float]
 
 
 def _check(probs: np.ndarray, targets: np.ndarray) -> None:
@@ -20,7 +30,7 @@ def _check(probs: np.ndarray, targets: np.ndarray) -> None:
         raise ValueError("multi-label targets must be 0/1")
 
 
-def multilabel_scores(probs, targets, threshold: float = 0.5) -> dict[str, float | list[float]]:
+def multilabel_scores(probs, targets, threshold: float = 0.5) -> MultilabelScores:
     """micro_f1, macro_f1, subset_accuracy (all labels right) and per_label_f1 at ``threshold``."""
     probs, targets = np.asarray(probs, dtype=float), np.asarray(targets).astype(int)
     _check(probs, targets)

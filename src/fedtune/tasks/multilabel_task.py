@@ -228,9 +228,10 @@ class MultiLabelTask(Task):
         self._details = {"threshold": threshold, "label_names": self.label_names}
         for split, (probs, loss, targets) in scored.items():
             s = multilabel_scores(probs, targets, threshold)
-            self._details[f"{split}_per_label_f1"] = dict(zip(self.label_names, s.pop("per_label_f1"), strict=True))
-            s["loss"] = loss
-            result.update({(f"{split}_{k}" if multi else k): v for k, v in s.items() if not math.isnan(v)})
+            self._details[f"{split}_per_label_f1"] = dict(zip(self.label_names, s["per_label_f1"], strict=True))
+            scalars = {"micro_f1": s["micro_f1"], "macro_f1": s["macro_f1"], "subset_accuracy": s["subset_accuracy"],
+                       "loss": loss}
+            result.update({(f"{split}_{k}" if multi else k): v for k, v in scalars.items() if not math.isnan(v)})
         return result
 
     def eval_inputs(self) -> EncodedDataset:

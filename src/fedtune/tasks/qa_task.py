@@ -97,6 +97,8 @@ class QATask(Task):
         self.name = "squad" if not data_cfg.train_file else "files"
         self.n_best, self.max_answer_length = eval_cfg.n_best, eval_cfg.max_answer_length
         feats = prepare_train_features(tokenizer, self.train_examples, data_cfg.max_length, data_cfg.doc_stride)
+        if feats.start_positions is None or feats.end_positions is None:  # (training features always have them)
+            raise ValueError("qa: training features without answer positions")
         self.train = EncodedDataset(
             feats.input_ids, feats.token_type_ids,
             torch.tensor(list(zip(feats.start_positions, feats.end_positions, strict=True)), dtype=torch.long),

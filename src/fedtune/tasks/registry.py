@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fedtune.config import ConfigError, Experiment
 from fedtune.tasks.task import Task
 
@@ -13,7 +15,11 @@ _OWN_METRICS = {"multilabel": "micro_f1, macro_f1, per-label F1, with eval.thres
                 "causal_lm": "perplexity, loss"}
 
 
-def task_kind(exp: Experiment) -> str:
+TaskKind = Literal["classification", "multilabel", "qa", "causal_lm", "generative_classification"]
+"""What ``data.task`` resolves to (``auto`` resolved)."""
+
+
+def task_kind(exp: Experiment) -> TaskKind:
     """``data.task``, with ``auto`` resolved from the dataset name."""
     from fedtune.tasks.causal_lm_task import CODE_ALPACA
     from fedtune.tasks.multilabel_task import GOEMOTIONS

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from fedtune.errors import DataError  # noqa: F401  (re-exported: the data modules import it from here)
 from fedtune.tasks.metrics import METRICS
@@ -66,3 +67,9 @@ class TaskData:
     def num_labels(self) -> int:
         """Number of classes; 1 for regression."""
         return 1 if self.label_names is None else len(self.label_names)
+
+    def class_ids(self, ds: TextDataset) -> list[int]:
+        """``ds.labels`` (the list itself) as class ids; a ValueError for a regression task (float targets)."""
+        if self.label_names is None:
+            raise ValueError(f"task {self.name!r} is a regression: its labels are float targets, not class ids")
+        return cast("list[int]", ds.labels)  # (a task with label names has class-id labels)

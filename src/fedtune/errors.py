@@ -47,6 +47,6 @@ SERVER_FAILED = "fedtune ServerApp failed: "
 """The marker of the ServerApp's last log line when it raises (``fedtune run`` reads the reason after it)."""
 
 
-def one_line(text: str) -> str:
-    """``text`` with every run of whitespace (newlines included) collapsed to one space: an error for one log line."""
+def one_line(text: object) -> str:
+    """``str(text)`` (a message, or an exception) with every run of whitespace (newlines included) collapsed to one space: an error for one log line."""
     return " ".join(str(text).split())

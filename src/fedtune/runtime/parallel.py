@@ -29,6 +29,7 @@ import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +104,8 @@ def _layout(model: nn.Module) -> tuple[_Layout | None, str]:
                 return None, f"{name}: LoRA variants (DoRA, lora_bias, ...) are not batched"
             if mod.merged or mod.disable_adapters:
                 return None, f"{name}: adapter merged or disabled"
-            site = _LoraSite(mod, f"{name}.lora_A.{_ADAPTER}.weight", f"{name}.lora_B.{_ADAPTER}.weight",
+            # (a peft LoraLayer is a mixin of the nn.Module named_modules yielded: the module itself)
+            site = _LoraSite(cast(nn.Module, mod), f"{name}.lora_A.{_ADAPTER}.weight", f"{name}.lora_B.{_ADAPTER}.weight",
                              float(mod.scaling[_ADAPTER]), mod.lora_dropout[_ADAPTER])
             layout.lora.append(site)
             covered.update((site.a, site.b))
@@ -164,13 +166,16 @@ class _Router:
 
 
 def _lora_forward(site: _LoraSite, stacks: Mapping[str, torch.Tensor], router: _Router):
-    base = site.module.base_layer
+    base = cast(nn.Module, site.module.base_layer)  # peft's LoRA layer holds the wrapped Linear as a submodule
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = base(x, *args, **kwargs)
         out_dtype = result.dtype
-        a = stacks[site.a].index_select(0, router.index)  # (G, r, in)
-        b = stacks[site.b].index_select(0, router.index)  # (G, out, r)
+        index = router.index
+        if index is None:
+            raise RuntimeError("batched LoRA forward before the batch's client slots were set (_Router.set)")
+        a = stacks[site.a].index_select(0, index)  # (G, r, in)
+        b = stacks[site.b].index_select(0, index)  # (G, out, r)
         h = site.dropout(x.to(a.dtype))
         shape = h.shape
         h = h.reshape(router.groups, -1, shape[-1])  # (G, rows*T, in): rows of a group are contiguous
@@ -370,6 +375,8 @@ def _train_group(model, layout: _Layout, datas, plan: RoundPlan, client_ids, *, 
                     if sparse is not None:  # logits only where the loss is taken; the mean over the client's tokens
                         mine = (sparse[2] >= a) & (sparse[2] < b)
                         losses.append(F.cross_entropy(sparse[0][mine].float(), sparse[1][mine]))
+                    elif logits is None:  # (computed above whenever sparse is None)
+                        raise RuntimeError("batched training: the model's logits are missing")
                     elif causal:  # next-token loss, mean over the client's own (non-ignored) tokens
                         losses.append(F.cross_entropy(logits[a:b, :-1].reshape(-1, logits.shape[-1]).float(),
                                                       labels[a:b, 1:].reshape(-1), ignore_index=IGNORE_INDEX))
@@ -422,7 +429,10 @@ def _batchable(data: EncodedDataset) -> bool:
 def _collate_group(datas, parts, pad_id: int, pad_to: int, pad_multiple: int = 1,
                    pad_limit: int = 0) -> dict[str, torch.Tensor]:
     """The clients' batches concatenated (in slot order) and padded to one width."""
-    rows, types, labels, token_labels = [], [], [], []
+    rows: list[list[int]] = []
+    types: list[list[int]] = []
+    labels: list[torch.Tensor] = []
+    token_labels: list[list[int]] = []
     for i, idx in parts:
         d = datas[i]
         rows.extend(d.input_ids[j] for j in idx)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Generator, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -17,6 +18,9 @@ from fedtune.client import local_train
 from fedtune.client.evaluate import HELD_OUT, ScoreRequest, client_scores
 from fedtune.payload import CommStats
 from fedtune.types import ClientScore, ClientState, ClientUpdate, RoundPlan
+
+if TYPE_CHECKING:
+    from fedtune.runtime.workers import WorkerPool
 
 
 @dataclass(frozen=True)
@@ -73,7 +77,7 @@ class SimulationTransport:
         self.client_states: MutableMapping[str, ClientState] = client_states if client_states is not None else {}
         """Each client's persistent state (kept here because in a simulation the client is us): a dict, or a
         :class:`fedtune.client_store.ClientStateStore` that keeps most of it on disk."""
-        self.workers = None
+        self.workers: WorkerPool | None = None
         """The worker processes training the clients (:meth:`use_workers`), or None: this process trains them."""
         self.task = None
         self.held_out: Mapping[str, EncodedDataset] = {}
@@ -109,6 +113,8 @@ class SimulationTransport:
         results = self.workers.run(jobs) if self.workers is not None else self._run_here(jobs)
         with contextlib.closing(results):  # (an abandoned round closes the workers' side at once)
             for job, updates, states in results:
+                if job.server_plan is None:  # (only the copy sent to a worker process drops it)
+                    raise RuntimeError("a training job reached the uplink without the round's server plan")
                 for update, state in zip(updates, states, strict=True):
                     stats.bytes_down += job.down
                     yield self.upload(update, state, stats, job.server_plan)
@@ -129,7 +135,8 @@ class SimulationTransport:
         return [local_train(self.model, self.client_data[cid], job.plan, cid, pad_id=self.pad_id,
                             seed=client_seed(self.seed, job.plan.round, cid), device=self.device, state=state)]
 
-    def _run_here(self, jobs: Iterable[TrainJob]) -> Iterator[tuple[TrainJob, list[ClientUpdate], list[ClientState]]]:
+    def _run_here(self, jobs: Iterable[TrainJob]
+                  ) -> Generator[tuple[TrainJob, list[ClientUpdate], list[ClientState]], None, None]:
         for job in jobs:
             states = [self.client_states.setdefault(cid, {}) for cid in job.clients]
             yield job, self.train_job(job, states), states

@@ -33,13 +33,17 @@ import multiprocessing as mp
 import pickle
 import signal
 import traceback
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from multiprocessing.connection import Connection, wait
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from fedtune.errors import ConfigError
 from fedtune.types import ClientState, ClientUpdate
+
+if TYPE_CHECKING:
+    from fedtune.runtime.simulation import TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +101,7 @@ class WorkerPool:
         ctx = mp.get_context("fork")
         self._conns: list[Connection] = []
         self._procs: list = []
-        self._busy: dict[int, tuple[int, object]] = {}
+        self._busy: dict[int, tuple[int, TrainJob]] = {}
         """Worker -> (index, job) it is training (while a :meth:`run` is under way)."""
         self._broken = ""
         """Why the pool refuses work (a worker died), or empty."""
@@ -119,7 +123,8 @@ class WorkerPool:
         """How many worker processes the pool has."""
         return len(self._procs)
 
-    def run(self, jobs: Iterable) -> Iterator[tuple[object, list[ClientUpdate], list[ClientState]]]:
+    def run(self, jobs: Iterable[TrainJob]
+            ) -> Generator[tuple[TrainJob, list[ClientUpdate], list[ClientState]], None, None]:
         """Train ``jobs`` (drawn only as workers free up) on the workers; yield ``(job, updates, states)`` in order.
 
         Each job's clients' states are read from the transport's ``client_states`` when it is sent
@@ -132,7 +137,7 @@ class WorkerPool:
         store = self.transport.client_states
         source = enumerate(jobs)
         exhausted = False
-        done: dict[int, tuple[object, list[ClientUpdate], list[ClientState]]] = {}
+        done: dict[int, tuple[TrainJob, list[ClientUpdate], list[ClientState]]] = {}
         window = 2 * self.size
         next_out = 0
         try:
@@ -170,10 +175,11 @@ class WorkerPool:
             self._broken = f"simulation worker {w} is gone (exit code {self._procs[w].exitcode}): {exc}"
             raise RuntimeError(self._broken) from None
 
-    def _replies(self) -> Iterator[tuple[int, object, tuple]]:
+    def _replies(self) -> Iterator[tuple[int, TrainJob, tuple]]:
         """``(job index, job, reply)`` of busy workers, as soon as one or more are ready (each worker is then free)."""
         by_conn = {self._conns[w]: w for w in self._busy}
-        for conn in wait(list(by_conn)):
+        for ready in wait(list(by_conn)):
+            conn = cast(Connection, ready)  # wait() returns the objects it was given: our Connections
             w = by_conn[conn]
             i, job = self._busy.pop(w)
             try:

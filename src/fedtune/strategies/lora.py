@@ -231,7 +231,7 @@ class LoraAggregation:
     def init(self, params: TensorDict) -> ServerState:
         """Round 0: the initial tensors (and an empty base correction for fedex / flora)."""
         self.modules(params)
-        buffers = {BASE_OFFSET: {}} if self.changes_base else {}
+        buffers: dict[str, TensorDict] = {BASE_OFFSET: {}} if self.changes_base else {}
         return ServerState(round=0, params={k: v.detach().clone() for k, v in params.items()}, buffers=buffers)
 
     def configure(self, rnd: int, state: ServerState, clients: Sequence[str]) -> RoundPlan:

@@ -16,9 +16,13 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtune.config import Experiment
 from fedtune.errors import SERVER_FAILED, FlowerRunError
+
+if TYPE_CHECKING:
+    from flwr.common import ConfigRecordValues
 
 APP_MODULE = "fedtune_app"
 """Module (inside the app folder) binding the ServerApp and ClientApp to the app's experiment."""
@@ -202,9 +206,12 @@ def submit(exp: Experiment, *, timeout: float | None = None, resume: bool = Fals
             cmd += ["--run-config", "resume=true"]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, errors="replace")
         failure: list[str] = []
+        stdout = proc.stdout
+        if stdout is None:  # (stdout=PIPE: always a stream)
+            raise RuntimeError("flwr run: no pipe to its output")
 
         def pump() -> None:  # echo the streamed log; remember the ServerApp's error
-            for line in proc.stdout:
+            for line in stdout:
                 sys.stdout.write(line)
                 sys.stdout.flush()
                 if SERVER_FAILED in line:
@@ -322,7 +329,7 @@ def _simulate(exp: Experiment, *, quiet: bool, resume: bool = False):
     results: list = []
     server = make_server_app(fixed(exp), on_result=results.append, quiet=quiet, resume=resume)
     client = make_client_app(fixed(exp), manifest_dir=out / "partition")
-    backend = {
+    backend: dict[str, dict[str, ConfigRecordValues]] = {
         "client_resources": {"num_cpus": exp.runtime.cpus_per_client, "num_gpus": 0.0},
         "init_args": {"logging_level": "error", "log_to_driver": True},
     }

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -43,6 +44,9 @@ from fedtune.client.evaluate import ScoreRequest
 from fedtune.codecs import Codec, CodecError
 from fedtune.types import ClientScore, ClientState, RoundPlan, TensorDict
 from fedtune.wire import WireError, plan_config, plan_from_config, plan_tensors
+
+if TYPE_CHECKING:
+    from flwr.common import ConfigRecordValues
 
 SCHEMA = 3
 """Version of this layout; a peer speaking another version is refused with a clear error."""
@@ -175,7 +179,7 @@ def _decode_task(record: ConfigRecord, name: str) -> TaskInfo:
     names = record.get("task.label_names", [])
     if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
         raise MessageError(f"record {name!r} key 'task.label_names': expected a list of strings, got {names!r}")
-    return TaskInfo(label_names=None if regression else tuple(names))
+    return TaskInfo(label_names=None if regression else tuple(cast("list[str]", names)))  # (strings: checked above)
 
 
 def _encode_channel(channel: Channel) -> dict:
@@ -270,7 +274,7 @@ def decode_train_request(content: RecordDict) -> TrainRequest:
 
 def encode_update(update: EncodedUpdate) -> RecordDict:
     """RecordDict of a train reply carrying ``update`` (already encoded by :meth:`Channel.encode_update`)."""
-    config = {
+    config: dict[str, ConfigRecordValues] = {
         "schema": SCHEMA,
         "client_id": update.client_id,
         "num_examples": int(update.num_examples),
@@ -300,7 +304,12 @@ def read_timing(content: RecordDict) -> dict[str, float]:
         return {}
     if not isinstance(rec, MetricRecord):
         raise MessageError(f"record {_TIMING!r}: expected a MetricRecord, got {type(rec).__name__}")
-    return {k: float(v) for k, v in rec.items()}
+    timing: dict[str, float] = {}
+    for k, v in rec.items():
+        if not isinstance(v, (int, float)):  # (a MetricRecord may hold lists: a phase is one number of seconds)
+            raise MessageError(f"record {_TIMING!r} key {k!r}: expected seconds, got {v!r}")
+        timing[k] = float(v)
+    return timing
 
 
 def decode_update(content: RecordDict) -> EncodedUpdate:

@@ -170,9 +170,10 @@ class NodeData:
         if self.train_file:
             indices = list(range(task.units.count))
         else:
-            indices = _manifest(self.manifest, self.client_id).get("indices")
-            if not isinstance(indices, list):
+            listed = _manifest(self.manifest, self.client_id).get("indices")
+            if not isinstance(listed, list):
                 raise NodeConfigError(f"manifest {self.manifest}: no 'indices' list")
+            indices = listed
             bad = [i for i in indices if not isinstance(i, int) or not 0 <= i < task.units.count]
             if bad:
                 raise NodeConfigError(f"manifest {self.manifest} does not fit this node's training set: unit "

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
-from flwr.common import Code, FitIns, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import Code, FitIns, FitRes, Parameters, Scalar, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.compat.common.recorddict_compat import fitres_to_recorddict
 from flwr.server.client_manager import SimpleClientManager
@@ -209,7 +209,7 @@ def encode_reply(update: ClientUpdate, names: Iterable[str]) -> RecordDict:
     for k in names:
         t = update.delta[k].detach().to(torch.float32).cpu()
         arrays.append(t.numpy())
-    metrics = {k: float(v) for k, v in update.metrics.items()}
+    metrics: dict[str, Scalar] = {k: float(v) for k, v in update.metrics.items()}
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), update.num_examples, metrics)
     return fitres_to_recorddict(fitres, keep_input=False)
 

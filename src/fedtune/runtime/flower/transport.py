@@ -200,20 +200,21 @@ class FlowerTransport:
             self._note_timing("train", plan.round, clients[i], i, reply)
             arrived[i] = self._decode(plan, clients[i], reply, stats)
             while next_up in arrived:
-                update = arrived.pop(next_up)
+                decoded = arrived.pop(next_up)
                 next_up += 1
-                if update is not None:
+                if decoded is not None:
                     answered += 1
-                    yield update
+                    yield decoded
         for i in self.missing:
             self._fail(plan.round, clients[i], "timeout", stats)
         for i, cid in enumerate(clients):
             if i not in contents:
                 self._fail(plan.round, cid, "offline", stats)
         for i in sorted(arrived):  # replies queued behind a client that never answered
-            if arrived[i] is not None:
+            queued = arrived[i]
+            if queued is not None:
                 answered += 1
-                yield arrived[i]
+                yield queued
         self._check_quorum(plan.round, answered, len(clients), need)
 
     def score_round(self, plan: RoundPlan, clients: Sequence[str], request: ScoreRequest,
@@ -384,7 +385,7 @@ class FlowerTransport:
         once: the first reply wins and the key's other messages are forgotten. Keys without a reply by
         the deadline are left in ``self.missing`` (and logged).
         """
-        self.missing: list = []
+        self.missing = []
         pending = dict(zip(self.grid.push_messages(out), keys, strict=True))
         start = time.monotonic()
         sent = dict.fromkeys(keys, start)

@@ -123,7 +123,7 @@ class Channel:
 
         delta, decoded, left_out = encode(update.delta, residual_key())
         metrics = dict(update.metrics)
-        if decoded is not None:  # (the delta's only: extras are not scored)
+        if decoded is not None and left_out is not None:  # (the delta's only: extras are not scored; both or neither)
             metrics[UPLINK_ERROR] = relative_error(decoded, left_out)
         return EncodedUpdate(
             client_id=update.client_id,
@@ -180,6 +180,8 @@ def wire_update(update: ClientUpdate, plan: RoundPlan | None) -> ClientUpdate:
 
 def server_update(update: ClientUpdate, plan: RoundPlan | None) -> ClientUpdate:
     """Inverse of :func:`wire_update` on the server: tensors at the global shapes of ``plan.params``."""
+    if plan is None:  # (no plan, no adapter kinds: nothing to expand, as in _reshape)
+        return update
     return _reshape(update, plan, lambda kind, t: kind.expand(t, update.client_id, plan.params), reverse=True)
 
 

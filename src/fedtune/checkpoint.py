@@ -104,7 +104,10 @@ def _key(*path: str) -> str:
 def capture_rng() -> dict[str, Any]:
     """The global RNG states (Python, NumPy, torch)."""
     version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = np.random.get_state(legacy=True)  # (the default; numpy's stub types the no-argument call as a dict)
+    if not isinstance(state, tuple):  # legacy=True is a dict only for a non-MT19937 bit generator
+        raise RuntimeError(f"capture_rng: numpy's global generator is not MT19937 ({state.get('bit_generator')})")
+    kind, keys, pos, has_gauss, cached = state
     return {"python": [version, list(internal), gauss],
             "numpy": (kind, keys.copy(), int(pos), int(has_gauss), float(cached)),
             "torch": torch.get_rng_state().clone()}
@@ -277,7 +280,7 @@ class Checkpointer:
             rng=capture_rng(), wall_time=float(record.get("wall_time", 0.0)),
             data_fingerprint=self.data_fingerprint, client_store=index,
         ))
-        if store is not None:
+        if store is not None and index is not None:  # (index is the store's: both or neither)
             store.collect(index)  # the previous round's files are superseded only now
 
 

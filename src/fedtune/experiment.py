@@ -9,6 +9,7 @@ which the Flower ServerApp calls too.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -60,6 +61,7 @@ def simulation_transport(exp: Experiment, model, client_data, *, pad_id: int, de
     """
     k = exp.simulation.parallel_clients
     channel = Channel.from_config(exp.federation)  # codec_up / codec_down
+    transport: SimulationTransport
     if k > 1:
         transport = ParallelSimulationTransport(model, client_data, pad_id=pad_id, seed=exp.seed, device=device,
                                                 parallel_clients=k, channel=channel, attacks=attacks,
@@ -119,6 +121,7 @@ def run_simulation(exp: Experiment, *, quiet: bool = False, device: torch.device
         return _run_local(side, strategy, shards, ids, quiet)
 
     summary: dict[str, Any] = {}
+    client_data: Mapping[str, EncodedDataset]
     if exp.mode == "centralized":
         pooled = sorted(set().union(*map(set, shards)))
         client_data = {"centralized": train.subset(pooled)}
@@ -132,6 +135,8 @@ def run_simulation(exp: Experiment, *, quiet: bool = False, device: torch.device
         malicious_clients(ids, exp.attack.fraction, exp.attack.clients, exp.seed)  # (unknown ids: an error)
         attacks = {c: a for c in ids if (a := experiment_attacker(exp.attack, c, len(ids), exp.seed))}
         num_labels = len(task.units.label_names or ())
+        if not isinstance(client_data, ClientRows):  # (federated mode: always the clients' shards)
+            raise RuntimeError("attacks need the clients' training rows (ClientRows)")
         client_data.replace({c: poison_rows(client_data[c], a, num_labels) for c, a in attacks.items()})
         summary["attackers"] = list(attacks)
         log.info("attack %s by %d clients: %s", exp.attack.kind, len(attacks), list(attacks))

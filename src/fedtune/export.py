@@ -23,6 +23,7 @@ import time
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -31,6 +32,9 @@ from fedtune.artifacts import INT8_WEIGHTS, ModelMeta, load_for_inference, load_
 from fedtune.batching import collate
 from fedtune.config import Experiment
 from fedtune.tasks.task import EvalContext
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +59,18 @@ def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.name.endswith(weights))
 
 
-def merged_model(run_dir: Path) -> tuple[nn.Module, ModelMeta]:
+def merged_model(run_dir: Path) -> tuple[PreTrainedModel, ModelMeta]:
     """The run's model with any LoRA adapter folded into the base weights."""
     folder = model_folder(run_dir)
     meta = ModelMeta.read(folder)
     model = load_torch_model(folder, meta)
     if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    return model.eval(), meta
+        model = model.merge_and_unload()  # type: ignore[operator]  # peft's method; nn.Module.__getattr__ is typed Tensor | Module
+    # (a trained run's model, full or merged from its adapter: a plain transformers model)
+    return cast("PreTrainedModel", model.eval()), meta
 
 
-def _save(model: nn.Module, tokenizer, meta: ModelMeta, out: Path) -> None:
+def _save(model: PreTrainedModel, tokenizer, meta: ModelMeta, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -82,7 +87,7 @@ def _example_inputs(model: nn.Module, tokenizer, meta: ModelMeta) -> dict[str, t
     return {k: enc[k] for k in names}
 
 
-def export_onnx(model: nn.Module, tokenizer, meta: ModelMeta, out: Path) -> Path:
+def export_onnx(model: PreTrainedModel, tokenizer, meta: ModelMeta, out: Path) -> Path:
     """Write ``out/model.onnx`` (batch and sequence dimensions dynamic) and its tokenizer/meta."""
     out.mkdir(parents=True, exist_ok=True)
     inputs = _example_inputs(model, tokenizer, meta)

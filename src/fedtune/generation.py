@@ -45,7 +45,9 @@ def generate_batches(model: nn.Module, tokenizer, prompts: Sequence[Sequence[int
         sample = temperature > 0
         if sample:
             torch.manual_seed(seed + start)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+        # (generate: transformers' method; nn.Module.__getattr__ is typed Tensor | Module)
+        gen = model.generate(  # type: ignore[operator]
+                             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                              do_sample=sample, temperature=temperature if sample else None,
                              top_p=top_p if sample else None, top_k=None, pad_token_id=pad,
                              eos_token_id=sorted(stops) or None, use_cache=True,

@@ -52,9 +52,10 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
         return False, "Apple MPS (fp32 is the safe choice there)"
     if device.type != "cpu":
         return False, f"{device.type} device"
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None)
-    if all(probe):
-        avx, amx = probe[0](), probe[1]()
+    avx_probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    amx_probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if avx_probe is not None and amx_probe is not None:  # (torch's private probes, when this torch has them)
+        avx, amx = avx_probe(), amx_probe()
     else:
         flags = _cpu_flags()
         avx, amx = "avx512_bf16" in flags, "amx_bf16" in flags

@@ -28,11 +28,13 @@ PLAIN_HEADS = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", 
 
 def _parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """The decoder body and the output projection of a plain-head causal LM (through a peft wrapper)."""
-    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # (get_base_model / get_output_embeddings: peft and transformers methods, checked by hasattr;
+    # nn.Module.__getattr__ is typed Tensor | Module)
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model  # type: ignore[operator]
     config = getattr(hf, "config", None)
     if getattr(config, "model_type", None) not in PLAIN_HEADS or not hasattr(hf, "get_output_embeddings"):
         return None
-    head = hf.get_output_embeddings()
+    head = hf.get_output_embeddings()  # type: ignore[operator]
     body = getattr(hf, getattr(hf, "base_model_prefix", ""), None)
     if head is None or body is None or body is hf:
         return None

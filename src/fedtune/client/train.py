@@ -104,7 +104,7 @@ def local_train(
                       state=state if state is not None else {})
 
 
-def _train(model, data, plan: RoundPlan, client_id, *, pad_id, seed, device, state: ClientState) -> ClientUpdate:
+def _train(model: torch.nn.Module, data, plan: RoundPlan, client_id, *, pad_id, seed, device, state: ClientState) -> ClientUpdate:
     cfg = plan.local.at_round(plan.round)  # (the round's learning rate under a schedule)
     start, personal = prepare_start(model, plan, client_id, state)
     reference = {k: v.to(device) for k, v in start.items()}

@@ -75,7 +75,7 @@ class StrategyConfig:
     def __eq__(self, other: object) -> bool:
         return isinstance(other, StrategyConfig) and self.to_table() == other.to_table()
 
-    __hash__ = None  # type: ignore[assignment]  (mutable, as the other sections)
+    __hash__ = None  # type: ignore[assignment]  # unhashable: mutable, as the other sections (typeshed types __hash__ as a method)
 
     def __repr__(self) -> str:
         return "StrategyConfig(" + ", ".join(f"{k}={v!r}" for k, v in self.to_table().items()) + ")"

@@ -7,7 +7,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from fedtune.channel import UPLINK_ERROR
 from fedtune.divergence import Divergence
@@ -100,6 +100,7 @@ def run_rounds(
     state = initial
     history: list[dict] = []
     start = time.perf_counter() - wall_time_offset
+    record: dict[str, Any]  # a round's record: numbers, and lists / strings for failures and stops
     if eval_initial and evaluate is not None:
         record = {"round": initial.round, "clients": 0, **{f"eval_{k}": v for k, v in evaluate(state).items()}}
         record["eval_time"] = record["wall_time"] = time.perf_counter() - start
@@ -122,7 +123,7 @@ def run_rounds(
         valid = tap.tap_accepted(accepted_updates(tap.tap(stream), state.params, reject))
         state, agg_metrics = strategy.aggregate(rnd, state, valid)
         train_time = time.perf_counter() - t0
-        record: dict = {
+        record = {
             "round": rnd,
             "clients": len(sampled),
             "clients_aggregated": len(tap.rows) - len(tap.rejected),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 
 class Progress:
@@ -10,7 +11,9 @@ class Progress:
 
     def __init__(self, quiet: bool, total_rounds: int, per_round: int, desc: str = "rounds") -> None:
         self.enabled = not quiet and sys.stderr.isatty()
-        self.rounds = self.clients = None
+        # tqdm bars (tqdm ships no type stubs): rounds is set when enabled, clients per round
+        self.rounds: Any | None = None
+        self.clients: Any | None = None
         self.per_round = per_round
         if self.enabled:
             from tqdm.auto import tqdm
@@ -29,7 +32,7 @@ class Progress:
 
     def round_done(self, state, record: dict) -> None:
         """Advance the rounds bar and show the round's loss and eval metrics (a RoundCallback)."""
-        if not self.enabled:
+        if not self.enabled or self.rounds is None:  # (enabled always has a rounds bar)
             return
         if self.clients is not None:
             self.clients.close()
@@ -40,5 +43,5 @@ class Progress:
 
     def close(self) -> None:
         """Close the bars."""
-        if self.enabled:
+        if self.enabled and self.rounds is not None:  # (enabled always has a rounds bar)
             self.rounds.close()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from typing import Any
 
 from fedtune.errors import ConfigError
 from fedtune.types import ClientScore
@@ -77,8 +78,9 @@ def distribution(scores: Sequence[float], higher_is_better: bool = True) -> dict
     return {"mean": sum(ordered) / len(ordered), "worst": ordered[0], "p10": ordered[rank - 1]}
 
 
-def per_client_report(scores: Sequence[ClientScore], higher_is_better: bool = True) -> dict[str, object]:
+def per_client_report(scores: Sequence[ClientScore], higher_is_better: bool = True) -> dict[str, Any]:
     """The distribution of the clients' global and personalized scores on their own held-out rows."""
+    # (a summary.json section: "global" / "personalized" are distributions, "per_client" maps clients to scores)
     ordered = sorted(scores, key=lambda s: s.client_id)
     return {
         "global": distribution([s.scores["global"] for s in ordered], higher_is_better),

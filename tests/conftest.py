@@ -27,6 +27,28 @@ SHARED_DATA = Path(os.environ.get("FEDTUNE_DATA_DIR", REPO.parent / "shared" / "
 # the Flower tests hand paths to a SuperLink that runs in another folder)
 
 
+_FLOWER_MARKS = ("flower_processes", "flwr", "flower-simulation", "runtime.mode")
+
+
+def _xdist_group(path: Path, cache: dict[Path, str]) -> str:
+    """One group per test module; every module that starts Flower or Ray processes in the one group ``flower``."""
+    if path not in cache:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        flower = "runtime/flower/" in path.as_posix() or any(mark in text for mark in _FLOWER_MARKS)
+        cache[path] = "flower" if flower else path.relative_to(REPO).as_posix()
+    return cache[path]
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``-n 2 --dist loadgroup``): a module's tests share one worker (and its module
+    fixtures), and the modules running Flower or Ray share one worker, so no two federations compete."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    cache: dict[Path, str] = {}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(_xdist_group(Path(str(item.fspath)), cache)))
+
+
 @pytest.fixture(autouse=True)
 def _torch_threads_restored():
     """A test that sets torch's thread count (e.g. to compare with 1-thread workers) leaves it as it found it:

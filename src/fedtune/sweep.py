@@ -364,10 +364,13 @@ def run_sweep(
     """
     stream = stream or sys.stdout
     if runner is None:
-        from fedtune.experiment import run_experiment as runner
+        from fedtune.experiment import run_experiment
+
+        runner = run_experiment
+    run_one: Runner = runner
     runs = plan(sweep)
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
-    records = [
+    records: list[dict[str, Any]] = [
         {"name": r.name, "overrides": r.overrides, "output_dir": str(r.output_dir),
          "status": "finished" if r.finished else "pending", "reused": r.finished}
         for r in runs
@@ -386,7 +389,7 @@ def run_sweep(
         write_sweep_json(sweep, records)
         t0 = time.perf_counter()
         try:
-            result = runner(run.experiment, quiet=quiet)
+            result = run_one(run.experiment, quiet=quiet)
         except Exception as exc:  # noqa: BLE001 - one broken run must not stop the sweep
             rec.update(status="failed", error=f"{type(exc).__name__}: {exc}")
             log.debug("run %s failed:\n%s", run.name, traceback.format_exc())
@@ -412,11 +415,13 @@ def run_sweep(
 
 
 def _headline(result: Any) -> tuple[str, float] | None:
-    summary = getattr(result, "summary", None) or {}
+    summary: dict[str, Any] = getattr(result, "summary", None) or {}
     key = summary.get("headline_metric")
+    if not isinstance(key, str) or not key:
+        return None
     final = summary.get("final_metrics") or {}
-    value = final.get(key, final.get(f"{key}_mean")) if key else None
-    return (key, value) if isinstance(value, (int, float)) else None
+    value = final.get(key, final.get(f"{key}_mean"))
+    return (key, float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def write_sweep_json(sweep: Sweep, records: list[dict[str, Any]]) -> Path:

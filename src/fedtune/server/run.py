@@ -263,7 +263,8 @@ def _run_federation(side: ServerSide, strategy: Strategy, transport: Transport, 
 
     rounds = exp.federation.rounds
     progress = Progress(quiet, rounds, fed.per_round)
-    start, previous = strategy.init(initial), []
+    previous: list[dict] = []
+    start = strategy.init(initial)
     if ckpt is not None:  # server state, client states, RNGs and metrics.jsonl back to the checkpoint's round
         start, previous = checkpoint.restore(ckpt, start, fed.client_states, out / "metrics.jsonl")
         trackers.log_history(previous)  # (a resumed run is a new tracked run: it gets the earlier rounds too)

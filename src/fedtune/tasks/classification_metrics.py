@@ -24,8 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 CLASSIFICATION_METRICS: tuple[str, ...] = (
     "accuracy", "macro_f1", "micro_f1", "f1", "precision", "recall", "matthews", "auroc",
 )
@@ -74,6 +72,7 @@ def classification_metrics(labels: Any, predictions: Any, names: Sequence[str], 
     ``positive`` is the class id for ``f1``/``precision``/``recall`` (required for them); ``scores`` are
     the positive-class probabilities (or logits) per row, required for ``auroc`` on a binary task.
     """
+    import numpy as np
     from sklearn import metrics as skm
 
     check_metric_names(names)
@@ -165,6 +164,8 @@ class MetricChoice:
         """The chosen metrics (see :func:`classification_metrics`); ``scores`` are per-class probabilities."""
         if not self.names:
             return {}
+        import numpy as np
+
         positive_scores = None
         if scores is not None and "auroc" in self.names:
             positive_scores = np.asarray(scores)[:, 1 if self.positive is None else self.positive]

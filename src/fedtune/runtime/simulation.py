@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import zlib
 from collections.abc import Generator, Iterable, Iterator, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,25 +16,11 @@ from fedtune.channel import Channel
 from fedtune.client import local_train
 from fedtune.client.evaluate import HELD_OUT, ScoreRequest, client_scores
 from fedtune.payload import CommStats
+from fedtune.runtime.train_job import TrainJob
 from fedtune.types import ClientScore, ClientState, ClientUpdate, RoundPlan
 
 if TYPE_CHECKING:
     from fedtune.runtime.workers import WorkerPool
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """A unit of client work: ``clients`` trained from ``plan`` (as they decode it), ``batched`` together or alone.
-
-    ``server_plan`` is the plan the server reads their updates back against (the round's full plan;
-    None in the copy a worker process gets), ``down`` the downlink bytes counted per client.
-    """
-
-    plan: RoundPlan
-    server_plan: RoundPlan | None
-    clients: tuple[str, ...]
-    down: int
-    batched: bool = False
 
 
 def client_seed(seed: int, rnd: int, client_id: str) -> int:

@@ -43,7 +43,7 @@ from fedtune.errors import ConfigError
 from fedtune.types import ClientState, ClientUpdate
 
 if TYPE_CHECKING:
-    from fedtune.runtime.simulation import TrainJob
+    from fedtune.runtime.train_job import TrainJob
 
 log = logging.getLogger(__name__)
 

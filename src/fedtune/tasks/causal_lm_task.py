@@ -277,8 +277,7 @@ class GenerativeClassificationTask(Task):
         m.update(self.choice.compute(gold, preds, num_labels=len(self.label_names),
                                      scores=scores.float().softmax(-1).cpu().numpy()))
         if report_as:
-            self._reports[report_as] = {"labels": list(self.label_names),
-                                        **per_class_report(gold, preds, self.label_names)}
+            self._reports[report_as] = per_class_report(gold, preds, self.label_names)
         return m
 
     def details(self) -> dict:

@@ -107,8 +107,8 @@ def classification_metrics(labels: Any, predictions: Any, names: Sequence[str], 
 def per_class_report(labels: Any, predictions: Any, label_names: Sequence[str]) -> dict[str, Any]:
     """Per-class precision, recall, F1 and support plus the confusion matrix (rows: true, columns: predicted).
 
-    Returns ``{"per_class": {name: {"precision", "recall", "f1", "support"}}, "confusion_matrix": [[int]]}``,
-    JSON-ready for summary.json.
+    Returns ``{"labels": [name], "per_class": {name: {"precision", "recall", "f1", "support"}},
+    "confusion_matrix": [[int]]}``, JSON-ready for summary.json.
     """
     from sklearn import metrics as skm
 
@@ -119,7 +119,8 @@ def per_class_report(labels: Any, predictions: Any, label_names: Sequence[str]) 
         for i, name in enumerate(label_names)
     }
     cm = skm.confusion_matrix(labels, predictions, labels=ids)
-    return {"per_class": per_class, "confusion_matrix": cm.astype(int).tolist()}
+    return {"labels": [str(n) for n in label_names], "per_class": per_class,
+            "confusion_matrix": cm.astype(int).tolist()}
 
 
 @dataclass(frozen=True)

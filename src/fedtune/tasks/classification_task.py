@@ -110,5 +110,5 @@ class ClassificationTask(Task):
         result["loss"] = loss
         if report_as:
             names = self.data.label_names or [str(i) for i in range(self.data.num_labels)]
-            self._reports[report_as] = {"labels": list(names), **per_class_report(labels, preds, names)}
+            self._reports[report_as] = per_class_report(labels, preds, names)
         return result
